@@ -146,7 +146,7 @@ def parse_url(url: str | URL) -> URL:
         parsed = make_url(url.strip())
     except (ArgumentError, ValueError):
         raise ConfigurationError(
-            f"malformed database URL {redact(url)!r}: expected "
+            "malformed database URL (not shown: it may hold a password): expected "
             "postgresql://USER:PASSWORD@HOST:PORT/DATABASE; a password holding any of "
             "@ : / ? # must be percent-encoded (labkit.build_url does it)") from None
     if parsed.port is not None and not 0 < parsed.port < 65536:

@@ -147,7 +147,9 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = _URL_PASSWORD.sub(lambda m: m.group("head") + "***", text)
+    # "PASSWORD" is the placeholder in labkit's own hints, not a secret.
+    text = _URL_PASSWORD.sub(
+        lambda m: m.group(0) if m.group("pw") == "PASSWORD" else m.group("head") + "***", text)
     return _KV_PASSWORD.sub(lambda m: m.group("head") + "***", text)
 
 

@@ -126,7 +126,7 @@ class PoolMetrics:
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
         self._count(CHECKINS)
 
-    def _on_reset(self, dbapi_conn: Any, record: Any, *args: Any) -> None:
+    def _on_reset(self, dbapi_conn: Any, record: Any, reset_state: Any) -> None:
         self._count(RESETS)
 
     def _on_invalidate(self, dbapi_conn: Any, record: Any, exc: Any) -> None:

@@ -1,0 +1,111 @@
+"""``python -m labkit``: db status, health --json; never a password in the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit.config import url_as_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "labkit", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_health_json_ok_on_the_server_under_test(db_url, password):
+    proc = run_cli("health", "--json", "--url", url_as_text(db_url))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    assert {"ok", "latency_ms", "server_version", "error"} <= set(report)
+    assert password not in proc.stdout + proc.stderr
+
+
+def test_health_reads_database_url_from_the_environment(db_url, password):
+    proc = run_cli("health", env={"DATABASE_URL": url_as_text(db_url)})
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("ok: PostgreSQL")
+    assert password not in proc.stdout + proc.stderr
+
+
+def test_health_on_a_stopped_server_exits_1_within_3_seconds(stopped_server_url):
+    start = time.monotonic()
+    proc = run_cli("health", "--json", "--timeout", "2", "--url", url_as_text(stopped_server_url))
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["error"] == "DatabaseUnavailableError"
+    assert elapsed < 3 + 1.0  # interpreter start-up included; the probe itself is bounded
+    assert stopped_server_url.password not in proc.stdout + proc.stderr
+
+
+def test_health_on_a_hung_server_answers_within_its_timeout(hung_port):
+    start = time.monotonic()
+    proc = run_cli("health", "--json", "--timeout", "1",
+                   "--url", f"postgresql://u:hunter2@127.0.0.1:{hung_port}/d")
+    assert time.monotonic() - start < 1 + 2.0
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "HealthCheckTimeoutError"
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:hunter2@127.0.0.1:99999/d",
+    "definitely not a url hunter2",
+    "postgresql+nodriver://u:hunter2@127.0.0.1/d",
+])
+def test_health_with_bad_urls_explains_without_the_password(url):
+    proc = run_cli("health", "--json", "--url", url)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["error"] == "ConfigurationError"
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_health_with_wrong_password_says_authentication(db_url):
+    if not db_url.password:
+        pytest.skip("the server under test uses no password")
+    proc = run_cli("health", "--json", "--url", url_as_text(db_url.set(password="Wr0ng!pw")))
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "AuthenticationError"
+    assert "Wr0ng!pw" not in proc.stdout + proc.stderr
+
+
+def test_db_commands_on_a_private_server(tmp_path):
+    env = {"LABKIT_HOME": str(tmp_path / "home")}
+    assert run_cli("db", "status", env=env).returncode == 1
+    up = run_cli("db", "up", env=env)
+    assert up.returncode == 0, up.stderr
+    last_line = up.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("postgresql://postgres:***@127.0.0.1:")
+    try:
+        assert run_cli("db", "status", env=env).returncode == 0
+        again = run_cli("db", "up", env=env)  # reuses the running server
+        assert again.stdout.strip().splitlines()[-1] == last_line
+        revealed = run_cli("db", "url", "--reveal", env=env).stdout.strip()
+        password = revealed.split(":")[2].split("@")[0]
+        assert len(password) > 10
+        healthy = run_cli("health", "--json", env=env)
+        assert json.loads(healthy.stdout)["ok"] is True
+        for proc in (up, again, healthy):
+            assert password not in proc.stdout + proc.stderr
+    finally:
+        assert run_cli("db", "down", env=env).returncode == 0
+    start = time.monotonic()
+    down = run_cli("health", "--json", "--timeout", "2", env=env)
+    assert down.returncode == 1 and time.monotonic() - start < 3 + 1.0
+    assert json.loads(down.stdout)["error"] == "DatabaseUnavailableError"
+    assert run_cli("db", "status", env=env).returncode == 1
+    run_cli("db", "down", "--destroy", env=env)

@@ -1,0 +1,220 @@
+"""Session scope, dependency and manager, sync and async, against the real server.
+
+Every effect is observed through a second engine (``observer``), as another client
+of the database would see it.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import text
+
+from labkit import (
+    AsyncSessionManager,
+    LabkitError,
+    PoolMetrics,
+    SessionManager,
+    async_session_scope,
+    create_async_sessionmaker,
+    create_sessionmaker,
+    get_async_db,
+    get_db,
+    session_scope,
+)
+from tests.conftest import count_rows
+
+
+class Boom(Exception):
+    pass
+
+
+def insert(table: str, id_: int) -> text:
+    return text(f"INSERT INTO {table} (id, note) VALUES ({id_}, 'n{id_}')")
+
+
+# --- sync ------------------------------------------------------------------------
+
+def test_commit_persists_for_another_connection(engine, observer, table):
+    factory = create_sessionmaker(engine)
+    with session_scope(factory) as session:
+        session.execute(insert(table, 1))
+        assert count_rows(observer, table) == 0  # not committed yet: invisible to others
+    assert count_rows(observer, table) == 1
+
+
+def test_rollback_on_error_leaves_no_row(engine, observer, table):
+    factory = create_sessionmaker(engine)
+    with pytest.raises(Boom):
+        with session_scope(factory) as session:
+            session.execute(insert(table, 1))
+            raise Boom
+    assert count_rows(observer, table) == 0
+
+
+def test_session_is_closed_and_connection_returned_even_on_error(engine, table):
+    metrics = PoolMetrics.attach(engine)
+    factory = create_sessionmaker(engine)
+    for fail in (False, True):
+        with pytest.raises(Boom) if fail else _nothing():
+            with session_scope(factory) as session:
+                session.execute(insert(table, 10 + fail))
+                assert engine.pool.checkedout() == 1
+                if fail:
+                    raise Boom
+        assert engine.pool.checkedout() == 0
+    snap = metrics.snapshot()
+    assert snap["checkouts"] == snap["checkins"] == 2
+    assert snap["in_use"] == 0
+
+
+def test_savepoint_rollback_keeps_the_outer_work(engine, observer, table):
+    factory = create_sessionmaker(engine)
+    with session_scope(factory) as session:
+        session.execute(insert(table, 1))
+        with pytest.raises(Boom):
+            with session.begin_nested():
+                session.execute(insert(table, 2))
+                raise Boom
+        session.execute(insert(table, 3))
+    with observer.connect() as conn:
+        ids = conn.execute(text(f"SELECT id FROM {table} ORDER BY id")).scalars().all()
+    assert ids == [1, 3]
+
+
+def test_sessions_do_not_autoflush_or_expire_on_commit(engine):
+    factory = create_sessionmaker(engine)
+    session = factory()
+    assert session.autoflush is False
+    assert session.expire_on_commit is False
+    session.close()
+
+
+def test_get_db_commits_after_the_handler_and_rolls_back_when_it_raises(
+        settings, observer, table):
+    manager = SessionManager()
+    manager.init(settings)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(db=manager)))
+    try:
+        dependency = get_db(request)
+        session = next(dependency)
+        session.execute(insert(table, 1))
+        with pytest.raises(StopIteration):
+            next(dependency)  # the handler returned: the framework resumes the generator
+        assert count_rows(observer, table) == 1
+
+        dependency = get_db(request)
+        session = next(dependency)
+        session.execute(insert(table, 2))
+        with pytest.raises(Boom):
+            dependency.throw(Boom())  # the handler raised: the framework throws it in
+        assert count_rows(observer, table) == 1
+        assert manager.engine.pool.checkedout() == 0
+    finally:
+        manager.close()
+
+
+def test_session_manager_lifespan(settings, observer, table):
+    manager = SessionManager()
+    with pytest.raises(LabkitError, match="not initialised"):
+        manager.session()
+    manager.init(settings)
+    with manager.session() as session:
+        session.execute(insert(table, 1))
+    with manager.connect() as conn:
+        conn.execute(insert(table, 2))
+    assert count_rows(observer, table) == 2
+    with pytest.raises(LabkitError, match="twice"):
+        manager.init(settings)
+    manager.close()
+    manager.close()  # idempotent
+    with pytest.raises(LabkitError, match="not initialised"):
+        _ = manager.engine
+
+
+# --- async -----------------------------------------------------------------------
+
+async def test_async_commit_persists_for_another_connection(async_engine, observer, table):
+    factory = create_async_sessionmaker(async_engine)
+    async with async_session_scope(factory) as session:
+        await session.execute(insert(table, 1))
+        assert count_rows(observer, table) == 0
+    assert count_rows(observer, table) == 1
+
+
+async def test_async_rollback_on_error_leaves_no_row(async_engine, observer, table):
+    factory = create_async_sessionmaker(async_engine)
+    with pytest.raises(Boom):
+        async with async_session_scope(factory) as session:
+            await session.execute(insert(table, 1))
+            raise Boom
+    assert count_rows(observer, table) == 0
+
+
+async def test_async_session_is_closed_and_connection_returned_even_on_error(
+        async_engine, table):
+    factory = create_async_sessionmaker(async_engine)
+    pool = async_engine.sync_engine.pool
+    with pytest.raises(Boom):
+        async with async_session_scope(factory) as session:
+            await session.execute(insert(table, 1))
+            assert pool.checkedout() == 1
+            raise Boom
+    assert pool.checkedout() == 0
+
+
+async def test_async_savepoint_rollback_keeps_the_outer_work(async_engine, observer, table):
+    factory = create_async_sessionmaker(async_engine)
+    async with async_session_scope(factory) as session:
+        await session.execute(insert(table, 1))
+        with pytest.raises(Boom):
+            async with session.begin_nested():
+                await session.execute(insert(table, 2))
+                raise Boom
+        await session.execute(insert(table, 3))
+    with observer.connect() as conn:
+        ids = conn.execute(text(f"SELECT id FROM {table} ORDER BY id")).scalars().all()
+    assert ids == [1, 3]
+
+
+async def test_async_get_db_commits_after_the_handler(settings, observer, table):
+    manager = AsyncSessionManager()
+    manager.init(settings)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(db=manager)))
+    try:
+        dependency = get_async_db(request)
+        session = await dependency.__anext__()
+        await session.execute(insert(table, 1))
+        with pytest.raises(StopAsyncIteration):
+            await dependency.__anext__()
+        assert count_rows(observer, table) == 1
+        dependency = get_async_db(request)
+        session = await dependency.__anext__()
+        await session.execute(insert(table, 2))
+        with pytest.raises(Boom):
+            await dependency.athrow(Boom())
+        assert count_rows(observer, table) == 1
+    finally:
+        await manager.close()
+
+
+async def test_async_session_manager_lifespan(settings, observer, table):
+    manager = AsyncSessionManager()
+    manager.init(settings)
+    async with manager.session() as session:
+        await session.execute(insert(table, 1))
+    async with manager.connect() as conn:
+        await conn.execute(insert(table, 2))
+    await manager.close()
+    assert count_rows(observer, table) == 2
+    with pytest.raises(LabkitError, match="not initialised"):
+        _ = manager.engine
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
