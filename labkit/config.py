@@ -243,7 +243,8 @@ class Settings:
 
     ``url`` is a SQLAlchemy ``URL``; its ``str`` and this object's ``repr`` mask the
     password. ``connect_timeout`` is in seconds, ``statement_timeout_ms`` in
-    milliseconds (``None``: the server's default).
+    milliseconds (``None``: the server's default). ``application_name`` is what the
+    server shows in ``pg_stat_activity``.
     """
 
     url: URL
@@ -252,6 +253,7 @@ class Settings:
     echo: bool = False
     connect_timeout: float = 5.0
     statement_timeout_ms: int | None = None
+    application_name: str = "labkit"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", parse_url(self.url))
@@ -266,7 +268,8 @@ class Settings:
     def __repr__(self) -> str:
         return (f"Settings(url={mask_url(self.url)!r}, environment={self.environment.value!r}, "
                 f"pool={self.pool!r}, echo={self.echo}, connect_timeout={self.connect_timeout}, "
-                f"statement_timeout_ms={self.statement_timeout_ms})")
+                f"statement_timeout_ms={self.statement_timeout_ms}, "
+                f"application_name={self.application_name!r})")
 
     __str__ = __repr__
 

@@ -23,16 +23,12 @@ from labkit.config import PoolProfile, Settings, mask_url
 from labkit.errors import ConfigurationError
 
 __all__ = [
-    "APPLICATION_NAME",
     "async_dispose_engine",
     "create_async_engine",
     "create_engine",
     "dispose_engine",
     "engine_kwargs",
 ]
-
-APPLICATION_NAME = "labkit"
-
 
 def _pool_kwargs(profile: PoolProfile, url: URL, *, is_async: bool) -> dict[str, Any]:
     if url.get_backend_name() == "sqlite":
@@ -65,14 +61,14 @@ def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, 
     if url.get_backend_name() == "sqlite":
         return {}
     if is_async:
-        server_settings = {"application_name": APPLICATION_NAME}
+        server_settings = {"application_name": settings.application_name}
         if settings.statement_timeout_ms is not None:
             server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
         return {"timeout": settings.connect_timeout, "server_settings": server_settings}
     args: dict[str, Any] = {
         # libpq takes whole seconds and treats values below 2 as 2.
         "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
-        "application_name": APPLICATION_NAME,
+        "application_name": settings.application_name,
     }
     if settings.statement_timeout_ms is not None:
         args["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
