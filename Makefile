@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help install lab test test-fast db-up db-down docs site bench clean
+.PHONY: help install browser lab test test-fast notebooks db-up db-down docs site bench clean
 
 help:
 	@echo "make lab    install, start the database, open JupyterLab on notebooks/"
@@ -23,6 +23,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
+# The site's browser check drives Debian's chromium; as root it is installed here.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+
 db-up: install
 	@if [ -z "$$DATABASE_URL" ]; then $(PY) -m labkit db up; else echo "using DATABASE_URL"; fi
 
@@ -32,8 +39,18 @@ db-down: install
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-test: install
+test: install browser
 	$(PY) -m pytest
+
+# Execute the notebooks once; executed copies go to build/notebooks/ for the site.
+notebooks: install
+	$(PY) -m pytest -q -m notebook tests/test_notebooks.py
+
+site: notebooks
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs: notebooks
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not notebook and not reliability"
