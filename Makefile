@@ -6,13 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help install browser lab test test-fast notebooks db-up db-down docs site bench clean
+.PHONY: help install browser lab test test-fast notebooks db-up db-down docs site clean
 
 help:
 	@echo "make lab    install, start the database, open JupyterLab on notebooks/"
 	@echo "make test   install, then the whole suite (unit, integration, notebooks, docs)"
 	@echo "make docs   execute the notebooks and serve the site on http://127.0.0.1:8000"
-	@echo "make bench  benchmarks to build/bench/ (JSON + PNG)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
