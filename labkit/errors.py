@@ -227,6 +227,9 @@ def _classify(exc: BaseException) -> type[DatabaseError]:
             return _SQLSTATE_CLASS[code[:2]]
     orig = getattr(exc, "orig", None) or exc
     text = str(exc).lower()
+    if _raised_while_connecting(exc) and isinstance(
+            orig, (asyncio.TimeoutError, TimeoutError, socket.timeout, OSError)):
+        return DatabaseUnavailableError
     if "password authentication failed" in text or "no password supplied" in text:
         return AuthenticationError
     if "too many clients" in text:
@@ -258,6 +261,19 @@ def _classify(exc: BaseException) -> type[DatabaseError]:
                         sa_exc.InvalidRequestError)):
         return ProgrammingError
     return DatabaseError
+
+
+def _raised_while_connecting(exc: BaseException) -> bool:
+    """True when the traceback passes through the opening of a new connection."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__connect" and "pool" in code.co_filename:
+            return True  # SQLAlchemy's _ConnectionRecord.__connect
+        if code.co_filename.endswith(("connect_utils.py",)) and "asyncpg" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _driver_message(exc: BaseException) -> str:
