@@ -109,3 +109,54 @@ def test_db_commands_on_a_private_server(tmp_path):
     assert json.loads(down.stdout)["error"] == "DatabaseUnavailableError"
     assert run_cli("db", "status", env=env).returncode == 1
     run_cli("db", "down", "--destroy", env=env)
+
+
+SPECIAL = "p@ss:w/rd?#%&= '\"x"
+
+
+@pytest.fixture
+def special_role(throwaway_server):
+    """A role on the throwaway server whose password holds every URL-special character."""
+    from sqlalchemy import text
+
+    from labkit import TEST_POOL, Settings, create_engine
+
+    admin = create_engine(Settings(url=throwaway_server.info().url()), pool=TEST_POOL)
+    with admin.begin() as conn:
+        conn.execute(text("DROP ROLE IF EXISTS labkit_special"))
+        quoted = SPECIAL.replace("'", "''")
+        conn.execute(text(f"CREATE ROLE labkit_special LOGIN PASSWORD '{quoted}'"))
+    yield throwaway_server.info()
+    with admin.begin() as conn:
+        conn.execute(text("DROP ROLE IF EXISTS labkit_special"))
+    admin.dispose()
+
+
+def test_special_characters_in_password_work_when_built_with_build_url(special_role):
+    from labkit import build_url
+
+    url = build_url(user="labkit_special", password=SPECIAL, host=special_role.host,
+                    port=special_role.port, database=special_role.database)
+    proc = run_cli("health", "--json", "--url", url_as_text(url))
+    assert proc.returncode == 0, proc.stdout
+    assert json.loads(proc.stdout)["ok"] is True
+    assert SPECIAL not in proc.stdout + proc.stderr
+
+    wrong = build_url(user="labkit_special", password=SPECIAL + "!", host=special_role.host,
+                      port=special_role.port, database=special_role.database)
+    proc = run_cli("health", "--json", "--url", url_as_text(wrong))
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "AuthenticationError"
+    assert "p@ss" not in proc.stdout + proc.stderr
+
+
+def test_special_characters_pasted_unencoded_are_refused_without_leaking(special_role):
+    raw = (f"postgresql://labkit_special:{SPECIAL}@{special_role.host}:{special_role.port}"
+           f"/{special_role.database}")
+    proc = run_cli("health", "--json", "--url", raw)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["error"] in {"ConfigurationError", "AuthenticationError",
+                               "DatabaseUnavailableError"}
+    for fragment in ("p@ss", "w/rd", "%&="):
+        assert fragment not in proc.stdout + proc.stderr
