@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help install browser lab test test-fast notebooks db-up db-down docs site clean
+.PHONY: help install system-tools lab test test-fast notebooks db-up db-down docs site compose-up compose-down clean
 
 help:
 	@echo "make lab    install, start the database, open JupyterLab on notebooks/"
@@ -22,15 +22,28 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
-# The site's browser check drives Debian's chromium; as root it is installed here.
-browser:
-	@command -v chromium >/dev/null || { \
+# The tests drive Debian's chromium (site check) and docker-compose (compose file
+# validation; no Docker engine needed); as root they are installed here.
+SYSTEM_TOOLS := chromium docker-compose
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium is missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+	    echo "installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing — sudo apt-get install$$missing" >&2; exit 1; fi; fi
 
+# DATABASE_URL (environment or .env) if set, else the local server, started once.
 db-up: install
-	@if [ -z "$$DATABASE_URL" ]; then $(PY) -m labkit db up; else echo "using DATABASE_URL"; fi
+	@$(PY) -c "from labkit.lab import database_url; print('database:', database_url())"
+	@$(PY) -m labkit health --timeout 5
+
+compose-up:
+	@test -f .env || { cp .env.example .env && chmod 600 .env && echo "created .env from .env.example: set a password"; }
+	docker compose up -d --wait
+
+compose-down:
+	docker compose down
 
 db-down: install
 	$(PY) -m labkit db down
@@ -38,7 +51,7 @@ db-down: install
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-test: install browser
+test: install system-tools
 	$(PY) -m pytest
 
 # Execute the notebooks once; executed copies go to build/notebooks/ for the site.

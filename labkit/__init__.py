@@ -16,6 +16,7 @@ from labkit.config import (
     mask_url,
     parse_url,
     pool_profile_for,
+    read_env_file,
     to_async_url,
     to_sync_url,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "mask_url",
     "parse_url",
     "pool_profile_for",
+    "read_env_file",
     "redact",
     "retry",
     "run_in_transaction",

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the password too, e.g. for export DATABASE_URL=...")
 
     health = sub.add_parser("health", help="check that a database answers")
-    health.add_argument("--url", help="database URL (default: DATABASE_URL, else local server)")
+    health.add_argument("--url", help="database URL (default: DATABASE_URL from the "
+                        "environment or .env, else the local server)")
     health.add_argument("--timeout", type=float, default=5.0,
                         help="give up after this many seconds (default 5)")
     health.add_argument("--json", action="store_true", help="print one JSON object")
@@ -82,9 +83,12 @@ def _db(action: str, args: argparse.Namespace) -> int:
 def _health_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url
-    if os.environ.get("DATABASE_URL", "").strip():
-        return os.environ["DATABASE_URL"]
+    from labkit.lab.database import environment
     from labkit.lab.server import ClusterError, default_server
+
+    env = environment()
+    if env.get("DATABASE_URL", "").strip():
+        return env["DATABASE_URL"]
 
     try:
         return url_as_text(default_server().info().url())

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import os
+import stat
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,10 +49,13 @@ __all__ = [
     "mask_url",
     "parse_url",
     "pool_profile_for",
+    "read_env_file",
     "to_async_url",
     "to_sync_url",
     "url_as_text",
 ]
+
+logger = logging.getLogger("labkit")
 
 SYNC_DRIVER = "psycopg2"
 ASYNC_DRIVER = "asyncpg"
@@ -213,6 +219,42 @@ def url_as_text(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# --- .env files -------------------------------------------------------------------------
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines from a ``.env`` file (``#`` comments, optional quotes).
+
+    Logs a warning when the file is readable or writable by group or others: it usually
+    holds the database password, so it should be ``chmod 600``. A missing file reads as
+    empty.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return {}
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("%s is accessible to other users (mode %o); it may hold a password: "
+                       "chmod 600 %s", path, stat.S_IMODE(mode), path)
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigurationError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
 # --- settings -------------------------------------------------------------------------
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -292,14 +334,18 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *,
+                 env_file: str | Path | None = None,
                  default_url: str | URL | None = None) -> Settings:
         """Read settings from ``env`` (``os.environ`` when ``None``).
 
-        ``default_url`` is used when ``DATABASE_URL`` is not set, except in production,
-        where a missing ``DATABASE_URL`` is a :class:`ConfigurationError`: a service
-        must never fall back to a default database.
+        ``env_file`` (e.g. ``".env"``) supplies values the environment does not set;
+        the environment wins. ``default_url`` is used when ``DATABASE_URL`` is not set,
+        except in production, where a missing ``DATABASE_URL`` is a
+        :class:`ConfigurationError`: a service must never fall back to a default database.
         """
         env = os.environ if env is None else env
+        if env_file is not None:
+            env = {**read_env_file(env_file), **env}
         raw_env = env.get("ENVIRONMENT", "development").strip().lower() or "development"
         try:
             environment = Environment(raw_env)

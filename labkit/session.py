@@ -20,6 +20,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+try:  # Only for FastAPI: it injects the request into a parameter annotated as Request.
+    from starlette.requests import Request
+except ImportError:  # the core works without it
+    Request = Any  # type: ignore[misc,assignment]
+
 from labkit.config import Settings
 from labkit.engine import create_async_engine, create_engine
 from labkit.errors import LabkitError
@@ -93,7 +98,7 @@ async def async_session_scope(factory: async_sessionmaker[AsyncSession]
             await asyncio.shield(session.close())
 
 
-def get_db(request: Any) -> Iterator[Session]:
+def get_db(request: Request) -> Iterator[Session]:
     """Request dependency: one session per request, committed when the handler returns.
 
     Reads the :class:`SessionManager` from ``request.app.state.db`` (set it in the
@@ -109,7 +114,7 @@ def get_db(request: Any) -> Iterator[Session]:
         yield session
 
 
-async def get_async_db(request: Any) -> AsyncIterator[AsyncSession]:
+async def get_async_db(request: Request) -> AsyncIterator[AsyncSession]:
     """Async twin of :func:`get_db`; reads ``request.app.state.db`` (an AsyncSessionManager)."""
     manager: AsyncSessionManager = request.app.state.db
     async with manager.session() as session:

@@ -180,3 +180,35 @@ def test_settings_in_logs_do_not_show_the_password(caplog):
     with caplog.at_level(logging.INFO, logger="labkit"):
         logging.getLogger("labkit").info("using %s", settings)
     assert "s3cr3t" not in caplog.text
+
+
+def test_env_file_supplies_database_url_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("# comment\nDATABASE_URL='postgresql://u:fromfile@h/d'\n"
+                        "export DB_POOL_SIZE=3  # inline comment\n")
+    env_file.chmod(0o600)
+    settings = Settings.from_env({}, env_file=env_file)
+    assert settings.url.password == "fromfile" and settings.pool.pool_size == 3
+    settings = Settings.from_env({"DB_POOL_SIZE": "9"}, env_file=env_file)
+    assert settings.pool.pool_size == 9
+
+
+def test_env_file_readable_by_others_is_warned_about(tmp_path, caplog):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://u:hunter2@h/d\n")
+    env_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="labkit"):
+        Settings.from_env({}, env_file=env_file)
+    assert "chmod 600" in caplog.text and "hunter2" not in caplog.text
+    caplog.clear()
+    env_file.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="labkit"):
+        Settings.from_env({}, env_file=env_file)
+    assert "chmod 600" not in caplog.text
+
+
+def test_malformed_env_file_line_is_reported(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("this is not a setting\n")
+    with pytest.raises(ConfigurationError, match=r"\.env:1: expected KEY=VALUE"):
+        Settings.from_env({}, env_file=env_file)
