@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help install system-tools lab test test-fast notebooks db-up db-down docs site compose-up compose-down clean
+.PHONY: help install system-tools lab test test-fast notebooks db-up db-down docs site bench compose-up compose-down clean
 
 help:
 	@echo "make lab    install, start the database, open JupyterLab on notebooks/"
 	@echo "make test   install, then the whole suite (unit, integration, notebooks, docs)"
 	@echo "make docs   execute the notebooks and serve the site on http://127.0.0.1:8000"
+	@echo "make bench  benchmarks to build/bench/ (JSON + PNG)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ system-tools:
 db-up: install
 	@$(PY) -c "from labkit.lab import database_url; print('database:', database_url())"
 	@$(PY) -m labkit health --timeout 5
+
+bench: install
+	$(PY) benchmarks/run.py
 
 compose-up:
 	@test -f .env || { cp .env.example .env && chmod 600 .env && echo "created .env from .env.example: set a password"; }

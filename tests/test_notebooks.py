@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXECUTED = ROOT / "build" / "notebooks"
 # Charts each notebook must draw at least (the issue for each notebook says how many).
-MIN_CHARTS = {"02_pool_behaviour": 3, "03_commit_semantics": 3}
+MIN_CHARTS = {"02_pool_behaviour": 3, "03_commit_semantics": 3, "04_failure_cases": 5,
+              "05_async_vs_sync": 2, "06_pool_sizing": 3}
 
 
 def test_notebooks_are_found():
