@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,7 +240,7 @@ class LocalServer:
         user = self._run_as()
         # pg_ctl start leaves the server holding stdout open; files, not pipes, keep
         # subprocess from waiting for the server to exit.
-        with open(os.devnull, "rb") as stdin, _tempfile() as out:
+        with open(os.devnull, "rb") as stdin, tempfile.TemporaryFile() as out:
             try:
                 proc = subprocess.run(
                     cmd,
@@ -438,14 +439,6 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     return env
-
-
-@contextlib.contextmanager
-def _tempfile() -> Iterator[object]:
-    import tempfile
-
-    with tempfile.TemporaryFile() as fh:
-        yield fh
 
 
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
