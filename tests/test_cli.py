@@ -61,6 +61,16 @@ def test_health_on_a_hung_server_answers_within_its_timeout(hung_port):
     assert "hunter2" not in proc.stdout + proc.stderr
 
 
+def test_health_on_an_unresolvable_host_is_unavailable_within_its_timeout():
+    start = time.monotonic()
+    proc = run_cli("health", "--json", "--timeout", "2",
+                   "--url", "postgresql://u:hunter2@nonexistent.invalid:5432/d")
+    assert time.monotonic() - start < 2 + 2.0
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"] == "DatabaseUnavailableError"
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("url", [
     "postgresql://u:hunter2@127.0.0.1:99999/d",
     "definitely not a url hunter2",

@@ -14,6 +14,7 @@ still resumes a paused server or starts a stopped one::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -44,12 +45,19 @@ def throwaway_server(*, settings: dict[str, str] | None = None,
     """Start a private PostgreSQL for destructive experiments; destroy it on exit."""
     root = Path(tempfile.mkdtemp(prefix=prefix)) / "server"
     server = LocalServer(root, settings=settings)
+
+    def clean_up() -> None:
+        server.destroy()
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+    # A notebook may never reach its last cell: clean up when the kernel exits, too.
+    atexit.register(clean_up)
     try:
         server.ensure_running()
         yield server
     finally:
-        server.destroy()
-        shutil.rmtree(root.parent, ignore_errors=True)
+        clean_up()
+        atexit.unregister(clean_up)
 
 
 def restart(server: LocalServer, mode: str = "fast") -> float:
