@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import Integer, String, select, text
 from sqlalchemy.engine import URL
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from labkit import (
     DEVELOPMENT_POOL,
@@ -56,8 +56,10 @@ __all__ = [
     "run_async_client",
     "run_pgbench",
     "run_sync_client",
-    "seed",
+    "iter_plan",
     "overheads",
+    "progress",
+    "seed",
 ]
 
 ROWS = 10_000
@@ -131,37 +133,36 @@ def _psycopg2_worker(url: URL) -> Callable[[], Callable[[int], None]]:
     return make
 
 
-def _sync_clients(url: URL, concurrency: int) -> dict[str, tuple[Callable[[], Any], Any]]:
-    settings = Settings(url=url, application_name="labkit-bench")
-    engine = create_engine(settings, pool=_bench_pool(concurrency))
+def _sync_client(url: URL, client: str,
+                 concurrency: int) -> tuple[Callable[[], Callable[[int], None]], Any]:
+    """Return (a factory of per-worker operations, the engine to dispose or None)."""
+    if client == "psycopg2 raw (threads)":
+        return _psycopg2_worker(url), None
+    engine = create_engine(Settings(url=url, application_name="labkit-bench"),
+                           pool=_bench_pool(concurrency))
     factory = create_sessionmaker(engine)
     stmt = text(SELECT_SQL)
     orm_stmt = select(BenchItem)
 
-    def core() -> Callable[[int], None]:
-        def op(key: int) -> None:
-            with engine.begin() as conn:
-                conn.execute(stmt, {"id": key}).first()
-        return op
+    def core(key: int) -> None:
+        with engine.begin() as conn:
+            conn.execute(stmt, {"id": key}).first()
 
-    def orm() -> Callable[[int], None]:
-        def op(key: int) -> None:
-            with factory.begin() as session:
-                session.scalars(orm_stmt.where(BenchItem.id == key)).first()
-        return op
+    def orm(key: int) -> None:
+        with factory.begin() as session:
+            session.scalars(orm_stmt.where(BenchItem.id == key)).first()
 
-    def labkit_scope() -> Callable[[int], None]:
-        def op(key: int) -> None:
-            with session_scope(factory) as session:
-                session.scalars(orm_stmt.where(BenchItem.id == key)).first()
-        return op
+    def labkit_scope(key: int) -> None:
+        with session_scope(factory) as session:
+            session.scalars(orm_stmt.where(BenchItem.id == key)).first()
 
-    return {
-        "psycopg2 raw (threads)": (_psycopg2_worker(url), None),
-        "SQLAlchemy Core (sync)": (core, engine),
-        "SQLAlchemy ORM session (sync)": (orm, engine),
-        "labkit session_scope (sync)": (labkit_scope, engine),
-    }
+    ops = {"SQLAlchemy Core (sync)": core, "SQLAlchemy ORM session (sync)": orm,
+           "labkit session_scope (sync)": labkit_scope}
+    if client not in ops:
+        engine.dispose()
+        raise ValueError(f"unknown sync client {client!r}")
+    op = ops[client]
+    return (lambda: op), engine
 
 
 SYNC_CLIENTS = ["psycopg2 raw (threads)", "SQLAlchemy Core (sync)",
@@ -170,7 +171,7 @@ SYNC_CLIENTS = ["psycopg2 raw (threads)", "SQLAlchemy Core (sync)",
 
 def run_sync_client(url: URL, client: str, concurrency: int, duration: float) -> dict[str, Any]:
     """Run one sync client from ``concurrency`` threads for ``duration`` seconds."""
-    make, engine = _sync_clients(url, concurrency)[client]
+    make, engine = _sync_client(url, client, concurrency)
     ops = [make() for _ in range(concurrency)]
     for op in ops:  # warm: open the connections before timing
         op(1)

@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy.engine import URL
 
@@ -188,13 +188,13 @@ class LocalServer:
         return self._bin
 
     # -- state -----------------------------------------------------------------
-    def _read_state(self) -> dict[str, object]:
+    def _read_state(self) -> dict[str, Any]:
         try:
             return dict(json.loads(self.state_file.read_text()))
         except FileNotFoundError:
             return {}
 
-    def _write_state(self, state: dict[str, object]) -> None:
+    def _write_state(self, state: dict[str, Any]) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
