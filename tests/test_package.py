@@ -32,3 +32,10 @@ def test_importing_the_core_has_no_side_effects_and_needs_no_lab_packages():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_package_is_type_clean():
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports",
+                           "--cache-dir", str(ROOT / ".mypy_cache"), "labkit"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -86,7 +86,7 @@ def seed(url: URL, rows: int = ROWS) -> None:
         with engine.begin() as conn:
             conn.execute(text(f"CREATE TABLE IF NOT EXISTS {TABLE} "
                               "(id int PRIMARY KEY, name varchar(40) NOT NULL)"))
-            have = conn.execute(text(f"SELECT count(*) FROM {TABLE}")).scalar_one()
+            have: int = conn.execute(text(f"SELECT count(*) FROM {TABLE}")).scalar_one()
             if have != rows:
                 conn.execute(text(f"TRUNCATE {TABLE}"))
                 conn.execute(text(f"INSERT INTO {TABLE} SELECT g, 'item ' || g "

@@ -101,7 +101,7 @@ def paused_backend(pid: int) -> Iterator[None]:
 def terminate_backends(admin: Engine, application_name: str) -> int:
     """Kill every backend of ``application_name`` (``pg_terminate_backend``); return count."""
     with admin.connect() as conn:
-        killed = conn.execute(text(
+        killed: int = conn.execute(text(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name = :app AND pid <> pg_backend_pid()"),
             {"app": application_name}).scalar_one()

@@ -32,8 +32,8 @@ _ACTIVITY = text(
 def server_connections(observer: Engine, application_name: str) -> dict[str, int]:
     """Count the server's backends for ``application_name`` by state (active, idle, ...)."""
     with observer.connect() as conn:
-        rows = conn.execute(_ACTIVITY, {"app": application_name}).all()
-    return {str(state): int(n) for state, n in rows}
+        rows = conn.execute(_ACTIVITY, {"app": application_name}).mappings().all()
+    return {str(row["state"]): int(row["n"]) for row in rows}
 
 
 class Sampler:
