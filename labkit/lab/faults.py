@@ -121,9 +121,7 @@ def connections_exhausted(server: LocalServer, *, leave: int = 0) -> Iterator[in
     try:
         while True:
             try:
-                held.append(psycopg2.connect(host=info.host, port=info.port, user=info.user,
-                                             password=info.password, dbname=info.database,
-                                             application_name="labkit-hog", connect_timeout=5))
+                held.append(info.connect(application_name="labkit-hog"))
             except psycopg2.OperationalError as exc:
                 if "too many clients" not in str(exc) and "remaining connection slots" not in str(exc):
                     raise

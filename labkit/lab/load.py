@@ -107,6 +107,13 @@ class LoadResult:
                 f"p99 {s['p99_ms']} ms, errors {dict(self.errors)}>")
 
 
+def _record(worker: int, t0: float, start: float, wait: float, end: float,
+            error: BaseException | None = None) -> OpRecord:
+    """One operation's record; a failure keeps its labkit error class name."""
+    return OpRecord(worker, start - t0, end - t0, wait * 1000.0, error is None,
+                    None if error is None else type(translate_error(error)).__name__)
+
+
 def _check_budget(duration: float | None, count: int | None) -> None:
     if (duration is None) == (count is None):
         raise ValueError("give exactly one of duration (seconds) or count (ops per worker)")
@@ -155,12 +162,9 @@ def run_sync_load(engine: Engine, work: Callable[[Connection], Any], *, workers:
                     wait = clock() - start
                     with conn.begin():
                         work(conn)
-                rec = OpRecord(n, start - t0, clock() - t0, wait * 1000.0, True)
+                rec = _record(n, t0, start, wait, clock())
             except Exception as exc:  # noqa: BLE001 - recorded for the chart
-                if wait == 0.0:
-                    wait = clock() - start
-                rec = OpRecord(n, start - t0, clock() - t0, wait * 1000.0, False,
-                               type(translate_error(exc)).__name__)
+                rec = _record(n, t0, start, wait or clock() - start, clock(), exc)
             with lock:
                 ops.append(rec)
             done += 1
@@ -202,12 +206,9 @@ async def run_async_load(engine: AsyncEngine, work: Callable[[AsyncConnection], 
                     wait = clock() - start
                     async with conn.begin():
                         await work(conn)
-                rec = OpRecord(n, start - t0, clock() - t0, wait * 1000.0, True)
+                rec = _record(n, t0, start, wait, clock())
             except Exception as exc:  # noqa: BLE001 - recorded for the chart
-                if wait == 0.0:
-                    wait = clock() - start
-                rec = OpRecord(n, start - t0, clock() - t0, wait * 1000.0, False,
-                               type(translate_error(exc)).__name__)
+                rec = _record(n, t0, start, wait or clock() - start, clock(), exc)
             ops.append(rec)
             done += 1
             if meter:

@@ -98,6 +98,14 @@ class ServerInfo:
             f"password='***', database={self.database!r})"
         )
 
+    def connect(self, *, dbname: str | None = None, **options: object) -> Any:
+        """Open a raw psycopg2 connection (``dbname`` defaults to :attr:`database`)."""
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user,
+                                password=self.password, dbname=dbname or self.database,
+                                **{"connect_timeout": 5, **options})
+
     def url(self, drivername: str = "postgresql") -> URL:
         """Return the connection URL (a SQLAlchemy ``URL``, whose ``str`` masks the password)."""
         return URL.create(
@@ -331,8 +339,7 @@ class LocalServer:
                    "-o", options, "-w", "-t", str(int(timeout))], timeout=timeout + 10)
         self._wait_ready(timeout)
         info = self.info()
-        if not _database_exists(info):
-            _create_database(info)
+        _ensure_database(info)
         logger.info("local PostgreSQL running on %s:%d", HOST, port)
         return info
 
@@ -388,10 +395,7 @@ class LocalServer:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
-                                        password=info.password, dbname="postgres",
-                                        connect_timeout=2)
-                conn.close()
+                info.connect(dbname="postgres", connect_timeout=2).close()
                 return
             except psycopg2.OperationalError as exc:
                 last = exc
@@ -456,27 +460,14 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
-def _database_exists(info: ServerInfo) -> bool:
-    import psycopg2
-
-    conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
-                            password=info.password, dbname="postgres", connect_timeout=5)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.database,))
-            return cur.fetchone() is not None
-    finally:
-        conn.close()
-
-
-def _create_database(info: ServerInfo) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(host=info.host, port=info.port, user=info.user,
-                            password=info.password, dbname="postgres", connect_timeout=5)
+def _ensure_database(info: ServerInfo) -> None:
+    """Create the kit's database on first start (CREATE DATABASE needs autocommit)."""
+    conn = info.connect(dbname="postgres")
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{info.database}"')
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (info.database,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{info.database}"')
     finally:
         conn.close()
