@@ -13,10 +13,13 @@ The tree::
         │   ├── TooManyConnectionsError    the server's max_connections is reached
         │   ├── SerializationError         serialization failure or deadlock; retry
         │   └── HealthCheckTimeoutError    the health probe did not answer in time
+        │   └── LockNotAvailableError      lock_timeout or NOWAIT: another transaction holds it
+        ├── CommitOutcomeUnknownError  the connection died while COMMIT was in flight
         ├── AuthenticationError     wrong user or password (retrying cannot help)
         ├── IntegrityError          a constraint rejected the data
         ├── DataError               a value is invalid for its type
         ├── ProgrammingError        the SQL is wrong: syntax, missing table, bad column
+        ├── ServerError             the server failed on its side: disk full, out of memory, I/O
         └── RetryExhaustedError     retries used up their budget; ``last_error`` says why
 
 :func:`translate_error` maps SQLAlchemy, psycopg2 and asyncpg exceptions onto this tree
@@ -34,6 +37,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 
 __all__ = [
     "AuthenticationError",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectionLostError",
     "DataError",
@@ -42,11 +46,13 @@ __all__ = [
     "HealthCheckTimeoutError",
     "IntegrityError",
     "LabkitError",
+    "LockNotAvailableError",
     "PoolTimeoutError",
     "ProgrammingError",
     "QueryTimeoutError",
     "RetryExhaustedError",
     "SerializationError",
+    "ServerError",
     "TooManyConnectionsError",
     "TransientError",
     "is_database_error",
@@ -100,6 +106,24 @@ class SerializationError(TransientError):
 
 class HealthCheckTimeoutError(TransientError):
     """The health probe did not answer within its timeout."""
+
+
+class LockNotAvailableError(TransientError):
+    """A lock could not be taken in time (``lock_timeout``, ``NOWAIT``): another transaction holds it."""
+
+
+class CommitOutcomeUnknownError(DatabaseError):
+    """The connection was lost while ``COMMIT`` was in flight: the outcome is unknown.
+
+    The server may have committed the transaction and lost only its answer, or not. It
+    is not a :class:`TransientError`: running the work again could store it twice.
+    Retry only work that is idempotent (an idempotency key, ``ON CONFLICT DO NOTHING``),
+    and say so: ``run_in_transaction(..., idempotent=True)``.
+    """
+
+
+class ServerError(DatabaseError):
+    """The server failed on its side: disk full, out of memory, an I/O or internal error."""
 
 
 class AuthenticationError(DatabaseError):
