@@ -1,9 +1,18 @@
 """Command line: ``python -m labkit db up|down|status|url`` and ``python -m labkit health``.
 
 ``db up`` prints the connection URL (password masked) on its last line; ``db url
---reveal`` prints it with the password, for ``export DATABASE_URL=...``. ``health``
-checks ``--url``, else ``DATABASE_URL``, else the local server (without starting it),
-and exits 0 when healthy, 1 when not, 2 on a usage or configuration error.
+--reveal`` prints it with the password, for ``export DATABASE_URL=...``. The ``db``
+commands drive the local server of ``labkit.lab``; in a copied core without ``lab/``
+they say so and exit 2.
+
+``health`` checks ``--url``, else ``DATABASE_URL`` from the environment or from the
+``.env`` file of the current directory (the environment wins), else the local server
+(without starting it, and only when ``labkit.lab`` is there). With
+``ENVIRONMENT=production`` it never falls back to the local server: a missing
+``DATABASE_URL`` is a configuration error. It exits 0 when healthy, 1 when not, 2 on a
+usage or configuration error (with ``--json``, the report names ``ConfigurationError``).
+The health check needs only the core, so it works in a copy of ``labkit/`` without
+``lab/``.
 """
 
 from __future__ import annotations
@@ -11,16 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 
-from labkit.config import Settings, TEST_POOL, mask_url, parse_url, url_as_text
+from sqlalchemy.engine import URL
+
+from labkit.config import TEST_POOL, Settings, mask_url, parse_url, url_as_text
 from labkit.errors import ConfigurationError, LabkitError, redact
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
+
+# Read by `health`, under the environment, like Settings.from_env(env_file=ENV_FILE).
+ENV_FILE = ".env"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="check that a database answers")
     health.add_argument("--url", help="database URL (default: DATABASE_URL from the "
-                        "environment or .env, else the local server)")
+                        "environment or ./.env, else the local server; never the local "
+                        "server with ENVIRONMENT=production)")
     health.add_argument("--timeout", type=float, default=5.0,
                         help="give up after this many seconds (default 5)")
     health.add_argument("--json", action="store_true", help="print one JSON object")
@@ -48,7 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _db(action: str, args: argparse.Namespace) -> int:
-    from labkit.lab.server import ClusterError, default_server
+    try:
+        from labkit.lab.server import ClusterError, default_server
+    except ImportError as exc:
+        print(f"error: the db commands drive the local server of labkit.lab, which cannot "
+              f"be imported here ({exc}); copies of the core without lab/ have only "
+              "`health`", file=sys.stderr)
+        return EXIT_USAGE
 
     server = default_server()
     try:
@@ -80,47 +102,56 @@ def _db(action: str, args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
-def _health_url(args: argparse.Namespace) -> str:
-    if args.url:
-        return args.url
-    from labkit.lab.database import environment
-    from labkit.lab.server import ClusterError, default_server
-
-    env = environment()
-    if env.get("DATABASE_URL", "").strip():
-        return env["DATABASE_URL"]
-
+def _local_server_url() -> URL:
+    """The running local server's URL; only called outside production."""
     try:
-        return url_as_text(default_server().info().url())
+        from labkit.lab.server import ClusterError, default_server
+    except ImportError:
+        raise ConfigurationError(
+            "no database to check: DATABASE_URL is not set (environment or .env) and "
+            "there is no local server here (labkit.lab cannot be imported: a copied core "
+            "has none); pass --url or set DATABASE_URL") from None
+    try:
+        return default_server().info().url()
     except ClusterError:
         raise ConfigurationError(
             "no database to check: pass --url, set DATABASE_URL, or run "
             "`python -m labkit db up`") from None
 
 
+def _health_url(args: argparse.Namespace) -> URL:
+    if args.url:
+        return parse_url(args.url)
+    # The production guard lives in Settings.from_env: with ENVIRONMENT=production the
+    # local server is never asked for.
+    return Settings.from_env(env_file=ENV_FILE, default_url=_local_server_url).url
+
+
 def _health(args: argparse.Namespace) -> int:
     from labkit.engine import create_engine
     from labkit.health import HealthReport, health_check
 
-    if args.timeout <= 0:
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
         print("error: --timeout must be > 0 seconds", file=sys.stderr)
         return EXIT_USAGE
-    secrets: list[str | None] = []
     try:
-        raw = _health_url(args)
-        url = parse_url(raw)
-        secrets.append(url.password)  # type: ignore[arg-type]
+        url = _health_url(args)
         settings = Settings(url=url, pool=TEST_POOL,
                             connect_timeout=max(1.0, min(args.timeout, 5.0)))
         engine = create_engine(settings)
     except ConfigurationError as exc:
-        report = HealthReport(ok=False, latency_ms=0.0, error=type(exc).__name__,
-                              message=redact(str(exc), secrets), timeout_s=args.timeout)
-    else:
-        try:
-            report = health_check(engine, timeout=args.timeout)
-        finally:
-            engine.dispose()
+        # Messages built by labkit never hold the password; redact() is a second net.
+        message = redact(str(exc))
+        if args.json:
+            print(json.dumps(HealthReport(ok=False, latency_ms=0.0, error=type(exc).__name__,
+                                          message=message, timeout_s=args.timeout).to_dict(),
+                             sort_keys=True))
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = health_check(engine, timeout=args.timeout)
+    finally:
+        engine.dispose()
     if args.json:
         print(json.dumps(report.to_dict(), sort_keys=True))
     elif report.ok:

@@ -19,7 +19,14 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-from labkit.config import PoolProfile, Settings, mask_url
+from labkit.config import (
+    ASYNC_DRIVER,
+    PoolProfile,
+    Settings,
+    _server_settings_from_options,
+    mask_url,
+)
+from labkit.deadline import bound_pre_ping, bound_statements
 from labkit.errors import ConfigurationError
 
 __all__ = [
@@ -58,26 +65,52 @@ def _sqlite_pool_kwargs(url: URL) -> dict[str, Any]:
 
 
 def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, Any]:
+    """Driver arguments from the settings, merged with the URL's ``options``.
+
+    A ``connect_args`` value replaces the URL parameter of the same name, so the URL's
+    ``options`` (``-c search_path=...``) are carried over here, not lost: psycopg2
+    gets them joined with the statement timeout; asyncpg, which has no ``options``,
+    gets them as ``server_settings``. The settings come last and win.
+    """
     if url.get_backend_name() == "sqlite":
         return {}
+    url_options = url.query.get("options")
+    url_options = url_options if isinstance(url_options, str) else None
     if is_async:
-        server_settings = {"application_name": settings.application_name}
+        server_settings = (_server_settings_from_options(url_options)
+                           if url_options is not None else {})
+        server_settings["application_name"] = settings.application_name
         if settings.statement_timeout_ms is not None:
             server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
-        return {"timeout": settings.connect_timeout, "server_settings": server_settings}
+        args_async: dict[str, Any] = {"timeout": settings.connect_timeout,
+                                      "server_settings": server_settings}
+        if settings.effective_command_timeout is not None:
+            # asyncpg's own client-side deadline for every statement.
+            args_async["command_timeout"] = settings.effective_command_timeout
+        return args_async
     args: dict[str, Any] = {
         # libpq takes whole seconds and treats values below 2 as 2.
         "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
         "application_name": settings.application_name,
     }
+    options = [url_options] if url_options else []
     if settings.statement_timeout_ms is not None:
-        args["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
+        # PostgreSQL applies '-c' switches in order: the last statement_timeout wins.
+        options.append(f"-c statement_timeout={settings.statement_timeout_ms}")
+    if options:
+        args["options"] = " ".join(options)
     return args
 
 
 def engine_kwargs(settings: Settings, *, is_async: bool = False,
                   pool: PoolProfile | None = None) -> dict[str, Any]:
-    """Return the keyword arguments labkit passes to SQLAlchemy's ``create_engine``."""
+    """Return the keyword arguments labkit passes to SQLAlchemy's ``create_engine``.
+
+    ``connect_args`` hold the connect timeout, ``application_name``, the statement
+    timeout and the URL's ``options``: for psycopg2 as one ``options`` string, for
+    asyncpg as ``server_settings`` (so the ``options`` parameter must then leave the
+    URL, as ``create_async_engine`` does).
+    """
     url = settings.async_url if is_async else settings.sync_url
     kwargs = _pool_kwargs(pool or settings.pool, url, is_async=is_async)
     connect_args = {**_connect_args(settings, url, is_async=is_async),
@@ -86,9 +119,22 @@ def engine_kwargs(settings: Settings, *, is_async: bool = False,
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Lay ``overrides`` over labkit's engine arguments.
+
+    ``connect_args`` merge key by key, and so do asyncpg's ``server_settings``; a
+    psycopg2 ``options`` string is joined after labkit's, so that its ``-c`` settings
+    win without dropping the others (``search_path``, the statement timeout).
+    """
     merged = {**base, **overrides}
     if "connect_args" in overrides:
-        merged["connect_args"] = {**base.get("connect_args", {}), **overrides["connect_args"]}
+        base_args = base.get("connect_args", {})
+        extra = dict(overrides["connect_args"])
+        if "server_settings" in extra and "server_settings" in base_args:
+            extra["server_settings"] = {**base_args["server_settings"],
+                                        **extra["server_settings"]}
+        if extra.get("options") and base_args.get("options"):
+            extra["options"] = f"{base_args['options']} {extra['options']}"
+        merged["connect_args"] = {**base_args, **extra}
     if merged.get("poolclass") in (sa_pool.NullPool, sa_pool.StaticPool):
         for key in ("pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"):
             merged.pop(key, None)
@@ -101,10 +147,19 @@ def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
 
     ``pool`` replaces the profile; ``overrides`` go to SQLAlchemy's ``create_engine``
     last (e.g. ``pool_reset_on_return=None``). No connection is opened here.
+
+    Bounded however the server is broken: the pre-ping fails within ``connect_timeout``
+    (``labkit.deadline.bound_pre_ping``), and with a ``command_timeout`` (set, or derived
+    from ``statement_timeout``) every statement, COMMIT and ROLLBACK gets a client-side
+    deadline (``labkit.deadline.bound_statements``).
     """
     url = settings.sync_url
     kwargs = _merge(engine_kwargs(settings, pool=pool), overrides)
-    return _build(sqlalchemy.create_engine, url, kwargs)
+    engine: Engine = _build(sqlalchemy.create_engine, url, kwargs)
+    bound_pre_ping(engine, settings.connect_timeout)
+    if settings.effective_command_timeout is not None and url.get_backend_name() != "sqlite":
+        bound_statements(engine, settings.effective_command_timeout)
+    return engine
 
 
 def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
@@ -115,10 +170,15 @@ def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
     """
     url = settings.async_url
     kwargs = _merge(engine_kwargs(settings, is_async=True, pool=pool), overrides)
-    return _build(sa_create_async_engine, url, kwargs)
+    engine: AsyncEngine = _build(sa_create_async_engine, url, kwargs)
+    bound_pre_ping(engine.sync_engine, settings.connect_timeout)
+    return engine
 
 
 def _build(factory: Any, url: URL, kwargs: dict[str, Any]) -> Any:
+    if url.get_driver_name() == ASYNC_DRIVER and "options" in url.query:
+        # engine_kwargs carried them over as server_settings; asyncpg has no 'options'.
+        url = url.difference_update_query(["options"])
     try:
         return factory(url, **kwargs)
     except sa_exc.NoSuchModuleError as exc:
@@ -134,14 +194,27 @@ def _build(factory: Any, url: URL, kwargs: dict[str, Any]) -> Any:
 
 
 def dispose_engine(engine: Engine) -> None:
-    """Close every pooled connection; connections checked out are closed on return.
+    """Close every idle pooled connection and give the engine a new, empty pool.
 
-    Call it at shutdown so the server sees clean disconnects rather than dropped
-    sockets. The engine stays usable: it opens new connections on demand.
+    Call it at shutdown, after every session and connection is returned, so the server
+    sees clean disconnects rather than dropped sockets. The engine stays usable: it
+    opens new connections on demand.
+
+    A connection checked out while ``dispose`` runs is *not* closed, neither then nor
+    when it is returned (SQLAlchemy 2.1): it goes back into the discarded pool, stays
+    open and idle on the server, and is closed only when the garbage collector frees
+    that pool (measured: its backend stays in ``pg_stat_activity`` after the return
+    and leaves it after ``gc.collect()``). It never enters the new pool.
     """
     engine.dispose()
 
 
 async def async_dispose_engine(engine: AsyncEngine) -> None:
-    """Async twin of :func:`dispose_engine`; await it before the event loop closes."""
+    """Async twin of ``dispose_engine``; await it before the event loop closes.
+
+    The same caveat holds: an asyncpg connection checked out during ``dispose`` stays
+    open after it is returned, until the garbage collector frees the discarded pool, and
+    is then dropped without a clean goodbye (asyncpg warns "unclosed connection").
+    Return every ``AsyncSession`` / connection first.
+    """
     await engine.dispose()

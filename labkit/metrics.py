@@ -6,26 +6,32 @@ in ``pool.connect()``: zero-ish when a connection is idle in the pool, the time 
 one when the pool grows, and up to ``pool_timeout`` when the pool is exhausted.
 
 Listeners are registered on the ``Engine`` (for an ``AsyncEngine``, on its
-``sync_engine``) so they survive ``dispose()``, which replaces the pool.
+``sync_engine``) so they survive ``dispose()``, which replaces the pool. Any number of
+collectors can watch one engine; each counts everything, and detaching one leaves the
+others untouched.
 
-Example::
-
+Example:
+    ```python
     metrics = PoolMetrics.attach(engine)
     ...
     metrics.snapshot()  # {'checkouts': 120, 'in_use': 3, 'checkout_wait_ms_max': 4.1, ...}
+    metrics.detach()
+    ```
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import Pool, PoolProxiedConnection, PoolResetState, QueuePool
+from sqlalchemy.pool.base import ResetStyle
 
 __all__ = [
     "CHECKINS",
@@ -49,7 +55,7 @@ CONNECTS = "connects"                      # new DBAPI connections opened
 CLOSES = "closes"                          # DBAPI connections closed
 CHECKOUTS = "checkouts"                    # connections handed out by the pool
 CHECKINS = "checkins"                      # connections returned to the pool
-RESETS = "resets"                          # rollbacks on return (reset-on-return)
+RESETS = "resets"                          # rollbacks/commits run by reset-on-return
 INVALIDATIONS = "invalidations"            # connections discarded as broken
 CHECKOUT_ERRORS = "checkout_errors"        # pool timeouts and failed connects
 CHECKOUT_WAIT_MS_TOTAL = "checkout_wait_ms_total"
@@ -64,7 +70,25 @@ _COUNTERS = (CONNECTS, CLOSES, CHECKOUTS, CHECKINS, RESETS, INVALIDATIONS, CHECK
 
 
 class PoolMetrics:
-    """Collect one engine's pool events; thread-safe, cheap enough to leave on."""
+    """Collect one engine's pool events; thread-safe, cheap enough to leave on.
+
+    Counters (keys are the module's constants):
+
+    - ``connects`` / ``closes``: DBAPI connections opened / closed.
+    - ``checkouts`` / ``checkins``: connections lent out by the pool / given back.
+    - ``resets``: returned connections on which the pool's reset-on-return ran a
+      ``rollback()`` (or, with ``pool_reset_on_return="commit"``, a ``commit()``).
+      Always 0 with ``pool_reset_on_return=None``. A SQLAlchemy ``Connection`` closed
+      inside a transaction rolls it back itself, and SQLAlchemy then skips the pool's
+      rollback, so such a return is not counted; a raw DBAPI connection
+      (``engine.raw_connection()``) returned mid-transaction relies on this reset alone.
+      psycopg2 and asyncpg send nothing to the server for a rollback with no
+      transaction open, so a count here is not always a round trip.
+    - ``invalidations``: connections discarded as broken.
+    - ``checkout_errors``: checkouts that raised (pool timeout, failed connect).
+
+    Use ``attach`` to create one; several collectors on the same engine are independent.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -77,10 +101,16 @@ class PoolMetrics:
 
     @classmethod
     def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
-        """Start collecting metrics for ``engine``; returns the collector.
+        """Start collecting metrics for ``engine`` and return the collector.
 
-        ``keep_waits=True`` also keeps every checkout wait (ms) for distributions
-        (see :meth:`waits_ms`); leave it off in long-running services.
+        Args:
+            engine: A sync ``Engine`` or an ``AsyncEngine`` (its ``sync_engine`` is used).
+            keep_waits: Also keep every checkout wait (ms) for distributions (see
+                ``waits_ms``); leave it off in long-running services.
+
+        Returns:
+            A collector that counts from now on, independent of any other collector on
+            the same engine.
         """
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         metrics = cls(sync_engine)
@@ -89,26 +119,25 @@ class PoolMetrics:
         return metrics
 
     # -- events --------------------------------------------------------------------
+    def _listeners(self) -> tuple[tuple[str, Any], ...]:
+        return (("connect", self._on_connect), ("close", self._on_close),
+                ("checkout", self._on_checkout), ("checkin", self._on_checkin),
+                ("reset", self._on_reset), ("invalidate", self._on_invalidate))
+
     def _listen(self) -> None:
-        engine = self.engine
-        event.listen(engine, "connect", self._on_connect)
-        event.listen(engine, "close", self._on_close)
-        event.listen(engine, "checkout", self._on_checkout)
-        event.listen(engine, "checkin", self._on_checkin)
-        event.listen(engine, "reset", self._on_reset)
-        event.listen(engine, "invalidate", self._on_invalidate)
-        event.listen(engine, "engine_disposed", self._on_disposed)
-        self._time_pool(engine.pool)
+        for name, fn in self._listeners():
+            event.listen(self.engine, name, fn)
+        _CheckoutTimer.register(self.engine, self)
 
     def detach(self) -> None:
-        """Stop collecting (removes the listeners)."""
-        for name, fn in (("connect", self._on_connect), ("close", self._on_close),
-                         ("checkout", self._on_checkout), ("checkin", self._on_checkin),
-                         ("reset", self._on_reset), ("invalidate", self._on_invalidate),
-                         ("engine_disposed", self._on_disposed)):
+        """Stop collecting; other collectors on the same engine keep counting.
+
+        Calling it twice is harmless. The counters keep their values.
+        """
+        for name, fn in self._listeners():
             if event.contains(self.engine, name, fn):
                 event.remove(self.engine, name, fn)
-        self.engine.pool.__dict__.pop("connect", None)
+        _CheckoutTimer.unregister(self.engine, self)
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -126,39 +155,17 @@ class PoolMetrics:
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
         self._count(CHECKINS)
 
-    def _on_reset(self, dbapi_conn: Any, record: Any, reset_state: Any) -> None:
-        self._count(RESETS)
+    def _on_reset(self, dbapi_conn: Any, record: Any, reset_state: PoolResetState) -> None:
+        if _pool_will_reset(self.engine.pool, reset_state):
+            self._count(RESETS)
 
     def _on_invalidate(self, dbapi_conn: Any, record: Any, exc: Any) -> None:
         self._count(INVALIDATIONS)
 
-    def _on_disposed(self, engine: Engine) -> None:
-        # dispose() replaced the pool; time checkouts on the new one.
-        self._time_pool(engine.pool)
-
-    def _time_pool(self, pool: Pool) -> None:
-        # SQLAlchemy has no "checkout requested" event, so the wait is measured
-        # around this pool instance's connect(): an instance attribute, not a
-        # patch of the class, so other engines are untouched.
-        if "connect" in pool.__dict__:
-            return
-        original = pool.connect
-        clock = time.perf_counter
-
-        def connect() -> Any:
-            start = clock()
-            try:
-                return original()
-            except BaseException:
-                self._count(CHECKOUT_ERRORS)
-                raise
-            finally:
-                self._record_wait((clock() - start) * 1000.0)
-
-        pool.connect = connect  # type: ignore[method-assign]
-
-    def _record_wait(self, ms: float) -> None:
+    def _record_checkout(self, ms: float, *, failed: bool) -> None:
         with self._lock:
+            if failed:
+                self._counts[CHECKOUT_ERRORS] += 1
             self._wait_total += ms
             if ms > self._wait_max:
                 self._wait_max = ms
@@ -186,7 +193,7 @@ class PoolMetrics:
         return data
 
     def pop_stats(self) -> dict[str, Any]:
-        """Return :meth:`snapshot` and reset the counters (gauges are not reset)."""
+        """Return ``snapshot()`` and reset the counters (gauges are not reset)."""
         data = self.snapshot()
         self.reset()
         return data
@@ -200,6 +207,137 @@ class PoolMetrics:
             self._waits_ms.clear()
 
     def waits_ms(self) -> list[float]:
-        """Every checkout wait since the last reset, in ms (needs ``keep_waits=True``)."""
+        """Return every checkout wait since the last reset, in ms (needs ``keep_waits=True``)."""
         with self._lock:
             return list(self._waits_ms)
+
+
+def _pool_will_reset(pool: Pool, state: PoolResetState) -> bool:
+    """Tell whether the pool is about to roll back (or commit) a returned connection.
+
+    The ``reset`` event fires before SQLAlchemy decides; this mirrors that decision in
+    SQLAlchemy 2.x (``_ConnectionFairy._reset``): nothing when the connection cannot be
+    touched (``asyncio_safe`` false: an async connection being garbage collected), a
+    commit for ``"commit"``, and a rollback for ``"rollback"`` unless the ``Connection``
+    already rolled back inline (``transaction_was_reset``). SQLAlchemy keeps the setting
+    only in the pool's private ``_reset_on_return``; every pool made by ``recreate()``
+    (that is, by ``dispose()``) carries the same value.
+    """
+    if not state.asyncio_safe:
+        return False
+    style = getattr(pool, "_reset_on_return", None)
+    if style is ResetStyle.reset_commit:
+        return True
+    return style is ResetStyle.reset_rollback and not state.transaction_was_reset
+
+
+class _TimedConnect:
+    """Stand-in for one pool's ``connect()`` that reports each wait to a timer."""
+
+    __slots__ = ("timer", "original", "had_own")
+
+    def __init__(self, timer: _CheckoutTimer, original: Any, *, had_own: bool) -> None:
+        self.timer: _CheckoutTimer | None = timer
+        self.original = original
+        self.had_own = had_own  # the pool already had an instance-level connect()
+
+    def __call__(self) -> PoolProxiedConnection:
+        timer = self.timer
+        targets = timer.targets if timer is not None else ()
+        if not targets:
+            return self.original()
+        start = time.perf_counter()
+        failed = False
+        try:
+            return self.original()
+        except BaseException:
+            # CancelledError and KeyboardInterrupt too: the caller got no connection.
+            failed = True
+            raise
+        finally:
+            ms = (time.perf_counter() - start) * 1000.0
+            for ref in targets:
+                metrics = ref()
+                if metrics is not None:
+                    metrics._record_checkout(ms, failed=failed)
+
+
+class _CheckoutTimer:
+    """Time ``connect()`` on one engine's pool and fan each wait out to its collectors.
+
+    SQLAlchemy has no "checkout requested" event, so the wait is measured around the
+    pool instance's ``connect()``: an instance attribute, not a patch of the class, so
+    other engines are untouched. There is one timer per engine, shared by all its
+    collectors (held by weak reference): installed with the first collector, moved to
+    the new pool when ``dispose()`` replaces it, removed with the last collector.
+
+    The timer holds no reference to its engine (the registry's weak key would never
+    die otherwise); the engine is passed in by the callers and by ``engine_disposed``.
+    """
+
+    def __init__(self) -> None:
+        # Replaced, never mutated, so that the checkout path reads it without a lock.
+        self.targets: tuple[weakref.ref[PoolMetrics], ...] = ()
+        self._installed: tuple[weakref.ref[Pool], _TimedConnect] | None = None
+
+    @classmethod
+    def register(cls, engine: Engine, metrics: PoolMetrics) -> None:
+        with _TIMERS_LOCK:
+            timer = _TIMERS.get(engine)
+            if timer is None:
+                timer = _TIMERS[engine] = cls()
+                event.listen(engine, "engine_disposed", timer._on_disposed)
+            alive = tuple(ref for ref in timer.targets if ref() is not None)
+            timer.targets = (*alive, weakref.ref(metrics))
+            timer._install(engine.pool)
+
+    @classmethod
+    def unregister(cls, engine: Engine, metrics: PoolMetrics) -> None:
+        with _TIMERS_LOCK:
+            timer = _TIMERS.get(engine)
+            if timer is None:
+                return
+            timer.targets = tuple(ref for ref in timer.targets
+                                  if ref() is not None and ref() is not metrics)
+            if timer.targets:
+                return
+            timer._uninstall()
+            if event.contains(engine, "engine_disposed", timer._on_disposed):
+                event.remove(engine, "engine_disposed", timer._on_disposed)
+            del _TIMERS[engine]
+
+    def _on_disposed(self, engine: Engine) -> None:
+        # dispose() replaced the pool: time checkouts on the new one.
+        with _TIMERS_LOCK:
+            if self.targets:
+                self._install(engine.pool)
+
+    def _install(self, pool: Pool) -> None:
+        if self._installed is not None:
+            pool_ref, _ = self._installed
+            if pool_ref() is pool:
+                return
+            self._uninstall()
+        had_own = "connect" in pool.__dict__
+        wrapper = _TimedConnect(self, pool.connect, had_own=had_own)
+        pool.connect = wrapper  # type: ignore[method-assign]
+        self._installed = (weakref.ref(pool), wrapper)
+
+    def _uninstall(self) -> None:
+        if self._installed is None:
+            return
+        pool_ref, wrapper = self._installed
+        self._installed = None
+        wrapper.timer = None  # a pass-through from now on, wherever it still sits
+        pool = pool_ref()
+        if pool is None or pool.__dict__.get("connect") is not wrapper:
+            return  # gone, or someone wrapped it again: leave their chain intact
+        if wrapper.had_own:
+            pool.connect = wrapper.original  # type: ignore[method-assign]
+        else:
+            del pool.__dict__["connect"]
+
+
+# One timer per engine, keyed weakly so that an engine nobody uses can go away.
+_TIMERS: weakref.WeakKeyDictionary[Engine, _CheckoutTimer] = weakref.WeakKeyDictionary()
+_TIMERS_LOCK = threading.Lock()

@@ -1,4 +1,7 @@
-"""``python -m labkit``: db status, health --json; never a password in the output."""
+"""``python -m labkit``: db status, health --json; never a password in the output.
+
+Exit codes: 0 healthy, 1 not healthy, 2 usage or configuration error.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ from labkit.config import url_as_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("DATABASE_URL", "ENVIRONMENT")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "labkit", *args], cwd=ROOT, env=full_env,
+    return subprocess.run([sys.executable, "-m", "labkit", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,8 +81,9 @@ def test_health_on_an_unresolvable_host_is_unavailable_within_its_timeout():
     "postgresql+nodriver://u:hunter2@127.0.0.1/d",
 ])
 def test_health_with_bad_urls_explains_without_the_password(url):
+    """A URL that cannot be used is a configuration error: exit 2, as documented."""
     proc = run_cli("health", "--json", "--url", url)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     report = json.loads(proc.stdout)
     assert report["error"] == "ConfigurationError"
     assert "hunter2" not in proc.stdout + proc.stderr
@@ -164,9 +169,95 @@ def test_special_characters_pasted_unencoded_are_refused_without_leaking(special
     raw = (f"postgresql://labkit_special:{SPECIAL}@{special_role.host}:{special_role.port}"
            f"/{special_role.database}")
     proc = run_cli("health", "--json", "--url", raw)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     report = json.loads(proc.stdout)
-    assert report["error"] in {"ConfigurationError", "AuthenticationError",
-                               "DatabaseUnavailableError"}
+    assert report["error"] == "ConfigurationError"
     for fragment in ("p@ss", "w/rd", "%&="):
         assert fragment not in proc.stdout + proc.stderr
+
+
+def test_unencoded_at_in_the_password_is_a_configuration_error_not_a_host_error(db_url):
+    """Pins: ``app:S3cr@tPass@host`` exits 2 with a ``ConfigurationError`` that says to
+    percent-encode; before, it was "could not translate host name" for ``tPass@host``,
+    leaking the end of the password, reported as "Is the server running"."""
+    raw = f"postgresql://app:S3cr@tPass@{db_url.host}:{db_url.port}/{db_url.database}"
+    proc = run_cli("health", "--json", "--url", raw)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["error"] == "ConfigurationError" and "%40" in report["message"]
+    output = proc.stdout + proc.stderr
+    assert "tPass" not in output and "S3cr" not in output
+    assert "server running" not in output
+
+
+# --- production guard ----------------------------------------------------------------
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_health_in_production_without_database_url_is_refused(json_flag):
+    """Pins: ``ENVIRONMENT=production python -m labkit health`` with no DATABASE_URL exits
+    2 naming DATABASE_URL; before, it quietly checked the local server and said ok."""
+    proc = run_cli("health", *json_flag, env={"ENVIRONMENT": "production"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "DATABASE_URL is not set" in proc.stderr and "production" in proc.stderr
+    assert "ok: PostgreSQL" not in proc.stdout
+    if json_flag:
+        report = json.loads(proc.stdout)
+        assert report["ok"] is False and report["error"] == "ConfigurationError"
+        assert "DATABASE_URL" in report["message"]
+
+
+def test_health_in_production_with_database_url_checks_it(db_url, password):
+    proc = run_cli("health", env={"ENVIRONMENT": "production",
+                                  "DATABASE_URL": url_as_text(db_url)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert password not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("helper", ["database_url", "local_settings"])
+def test_make_lab_database_step_refuses_production_without_database_url(tmp_path, helper):
+    """Pins: the first step of ``make lab`` (``labkit.lab.database_url()``), and
+    ``local_settings()``, raise a ``ConfigurationError`` naming DATABASE_URL in
+    production, and start no local server on the way (``LABKIT_HOME`` stays empty)."""
+    home = tmp_path / "home"
+    code = f"from labkit.lab import {helper}; print('database:', {helper}())"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(ENVIRONMENT="production", LABKIT_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "database:" not in proc.stdout
+    assert "ConfigurationError: DATABASE_URL is not set" in proc.stderr
+    assert not home.exists() or not any(home.iterdir()), sorted(home.iterdir())
+
+
+# --- .env ---------------------------------------------------------------------------
+
+def write_env_file(folder: Path, text: str) -> None:
+    (folder / ".env").write_text(text)
+    (folder / ".env").chmod(0o600)
+
+
+def test_health_reads_database_url_from_dotenv_in_the_current_directory(tmp_path,
+                                                                       closed_port):
+    """Pins: ``health`` reads ``./.env`` as the README says (before, it read the
+    repository's .env through labkit.lab, whatever the directory): a DATABASE_URL there
+    pointing at a closed port is what gets checked."""
+    write_env_file(tmp_path, f"DATABASE_URL=postgresql://u:hunter2@127.0.0.1:{closed_port}/d\n")
+    proc = run_cli("health", "--json", "--timeout", "2", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["error"] == "DatabaseUnavailableError"
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_health_prefers_the_environment_over_dotenv(tmp_path, closed_port, db_url):
+    write_env_file(tmp_path, f"DATABASE_URL=postgresql://u:p@127.0.0.1:{closed_port}/d\n")
+    proc = run_cli("health", cwd=tmp_path, env={"DATABASE_URL": url_as_text(db_url)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_production_set_in_dotenv_is_guarded_too(tmp_path):
+    """Pins: ``ENVIRONMENT=production`` from ``./.env`` refuses the local server as well."""
+    write_env_file(tmp_path, "ENVIRONMENT=production\n")
+    proc = run_cli("health", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "DATABASE_URL is not set" in proc.stderr

@@ -1,10 +1,17 @@
-"""Settings, URLs and pool profiles: no database needed."""
+"""Settings, URLs, pool profiles and the engine factory; the last tests use the server."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import time
+import warnings
+from collections.abc import Callable
 
 import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
 
 from labkit import (
     DEVELOPMENT_POOL,
@@ -14,14 +21,17 @@ from labkit import (
     Environment,
     PoolProfile,
     Settings,
+    async_dispose_engine,
     build_url,
     create_async_engine,
     create_engine,
+    dispose_engine,
     mask_url,
     to_async_url,
     to_sync_url,
 )
 from labkit.config import url_as_text
+from labkit.lab import database_url, local_settings
 
 SECRET = "s3cr3t-P@ss:w/rd?#"
 
@@ -212,3 +222,156 @@ def test_malformed_env_file_line_is_reported(tmp_path):
     env_file.write_text("this is not a setting\n")
     with pytest.raises(ConfigurationError, match=r"\.env:1: expected KEY=VALUE"):
         Settings.from_env({}, env_file=env_file)
+
+
+# --- nan, inf and other numbers no timeout can be ------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "Infinity", "1e400"])
+@pytest.mark.parametrize("var", ["DB_CONNECT_TIMEOUT", "DB_POOL_TIMEOUT"])
+def test_non_finite_timeouts_in_the_environment_name_the_variable(var, value):
+    """Pins: ``nan`` / ``inf`` read by ``float()`` are refused by ``from_env``, naming the
+    variable (before, they passed and failed later as a raw ValueError/OverflowError)."""
+    with pytest.raises(ConfigurationError, match=f"{var} must be a finite number"):
+        Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d", var: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e10])
+@pytest.mark.parametrize("field, build", [
+    ("connect_timeout", lambda v: Settings(url="postgresql://u:p@h/d", connect_timeout=v)),
+    ("pool_timeout", lambda v: PoolProfile(pool_timeout=v)),
+    ("pool_timeout", lambda v: DEVELOPMENT_POOL.replace(pool_timeout=v)),
+])
+def test_timeouts_no_layer_can_wait_are_refused_at_construction(
+        field: str, build: Callable[[float], object], value: float):
+    """Pins: ``Settings`` / ``PoolProfile`` refuse ``nan``, ``inf`` and waits beyond what
+    libpq or Python's threads accept, naming the field, before any engine exists."""
+    with pytest.raises(ConfigurationError, match=f"{field} must be > 0"):
+        build(value)
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: PoolProfile(pool_size=2.5), "pool_size must be an integer"),
+    (lambda: PoolProfile(pool_recycle=float("nan")), "pool_recycle must be an integer"),
+    (lambda: Settings(url="postgresql://u:p@h/d", statement_timeout_ms=float("nan")),
+     "statement_timeout_ms must be an integer"),
+    (lambda: Settings(url="postgresql://u:p@h/d", statement_timeout_ms=2**31),
+     "statement_timeout_ms must be >= 0 and <="),
+])
+def test_integer_settings_refuse_what_is_not_an_integer(build, words):
+    """Pins: a float (``nan`` included) where an integer belongs is refused at once."""
+    with pytest.raises(ConfigurationError, match=words):
+        build()
+
+
+def test_finite_timeouts_still_reach_the_engine():
+    """The bounds refuse only the impossible: a large but real timeout is kept."""
+    settings = Settings(url="postgresql://u:p@h/d", connect_timeout=3600.0,
+                        pool=DEVELOPMENT_POOL.replace(pool_timeout=86400.0))
+    assert create_engine(settings).pool.timeout() == 86400.0
+
+
+# --- the production guard -----------------------------------------------------------
+
+def test_default_url_may_be_a_function_called_only_when_needed():
+    """Pins: ``default_url`` may be a function (e.g. starting a local server); it is
+    called only in development/test without ``DATABASE_URL``, never in production."""
+    calls: list[str] = []
+
+    def local() -> str:
+        calls.append("called")
+        return "postgresql://u:p@localhost/d"
+
+    assert Settings.from_env({}, default_url=local).url.host == "localhost"
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d"},
+                             default_url=local).url.host == "h"
+    with pytest.raises(ConfigurationError, match="DATABASE_URL is not set.*production"):
+        Settings.from_env({"ENVIRONMENT": "production"}, default_url=local)
+    assert calls == ["called"]
+
+
+@pytest.mark.parametrize("helper", [database_url, local_settings])
+def test_lab_helpers_refuse_production_without_database_url(helper):
+    """Pins: ``labkit.lab.database_url()`` / ``local_settings()`` (what ``make lab`` and
+    the notebooks call) raise in production instead of using the local server."""
+    with pytest.raises(ConfigurationError, match="DATABASE_URL is not set.*production"):
+        helper({"ENVIRONMENT": "production"})
+
+
+def test_lab_helpers_use_database_url_in_production():
+    env = {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://u:p@db.example/d"}
+    assert database_url(env).host == "db.example"
+    assert local_settings(env).pool == PRODUCTION_POOL
+
+
+# --- dispose ------------------------------------------------------------------------
+
+def backend_alive(observer: Engine, pid: int) -> bool:
+    with observer.connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
+                                 {"p": pid}).scalar_one())
+
+
+def wait_until_gone(observer: Engine, pid: int, timeout: float = 5.0) -> bool:
+    """True once the backend has left ``pg_stat_activity`` (its exit is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while backend_alive(observer, pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_dispose_leaves_a_checked_out_connection_open_after_its_return(db_url: URL,
+                                                                         observer: Engine):
+    """Pins what ``dispose_engine`` really does (SQLAlchemy 2.1), as its docstring now
+    says: idle connections close at once; one checked out during ``dispose`` is not
+    closed when returned, does not enter the new pool, and stays open on the server
+    until the garbage collector frees the discarded pool."""
+    assert dispose_engine.__doc__ and "*not* closed" in dispose_engine.__doc__
+    engine = create_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL)
+    held = engine.connect()
+    held_pid = held.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with engine.connect() as idle:
+        idle_pid = idle.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    gc.disable()  # the cycle collector would otherwise free the old pool at any moment
+    try:
+        dispose_engine(engine)
+        assert wait_until_gone(observer, idle_pid)
+        held.close()  # returned after dispose
+        time.sleep(0.5)
+        assert backend_alive(observer, held_pid)
+        assert engine.pool.checkedin() == 0 and engine.pool.checkedout() == 0
+        with engine.connect() as fresh:  # the new pool opens its own connection
+            assert fresh.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != held_pid
+    finally:
+        gc.enable()
+    del held
+    gc.collect()
+    assert wait_until_gone(observer, held_pid)
+    engine.dispose()
+
+
+async def test_async_dispose_leaves_a_checked_out_connection_open_after_its_return(
+        db_url: URL, observer: Engine):
+    """Pins the async twin: an asyncpg connection checked out during
+    ``async_dispose_engine`` stays open after it is returned, outside the new pool."""
+    assert async_dispose_engine.__doc__ and "stays" in async_dispose_engine.__doc__
+    engine = create_async_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL)
+    held = await engine.connect()
+    held_pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+    gc.disable()
+    try:
+        await async_dispose_engine(engine)
+        await held.close()
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(backend_alive, observer, held_pid)
+        assert engine.sync_engine.pool.checkedin() == 0
+    finally:
+        gc.enable()
+    del held
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # asyncpg: "unclosed connection"
+        gc.collect()
+        await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(wait_until_gone, observer, held_pid)
+    await engine.dispose()

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from labkit import PoolMetrics, PoolTimeoutError, create_engine, translate_error
-from labkit.errors import translating_errors
+from labkit import (
+    PoolMetrics,
+    PoolTimeoutError,
+    create_async_engine,
+    create_engine,
+    translate_error,
+)
+from labkit.errors import async_translating_errors, translating_errors
+from tests.conftest import count_rows
 
 
 def test_counts_checkouts_connects_and_in_use(settings):
@@ -100,3 +107,182 @@ def test_translate_error_keeps_the_original_as_cause(engine):
     assert type(error).__name__ == "ProgrammingError"
     assert error.__cause__ is info.value
     assert "no_such_table" in str(error)
+
+
+# -- several collectors on one engine ------------------------------------------------
+
+TIMEOUT_S = 0.3
+
+
+def _one_connection_engine(settings):
+    return create_engine(settings, pool=settings.pool.replace(
+        pool_size=1, max_overflow=0, pool_timeout=TIMEOUT_S))
+
+
+def _time_out_a_checkout(engine) -> None:
+    with pytest.raises(PoolTimeoutError):
+        with translating_errors():
+            engine.connect()
+
+
+async def _async_time_out_a_checkout(engine) -> None:
+    with pytest.raises(PoolTimeoutError):
+        async with async_translating_errors():
+            await engine.connect()
+
+
+def _assert_saw_timeouts(metrics: PoolMetrics, errors: int) -> None:
+    snap = metrics.snapshot()
+    assert snap["checkout_errors"] == errors
+    waits = metrics.waits_ms()
+    assert len([ms for ms in waits if ms > 100]) == errors, waits  # ~pool_timeout each
+    assert snap["checkout_wait_ms_max"] > 100
+
+
+def test_every_collector_on_one_engine_records_waits_and_errors(settings):
+    """Pins: two ``PoolMetrics`` on one sync engine each record every checkout wait and
+    pool timeout, still do after ``dispose()`` replaced the pool, and detaching one leaves
+    the other timing (it used to be that only the first collector timed checkouts)."""
+    engine = _one_connection_engine(settings)
+    first = PoolMetrics.attach(engine, keep_waits=True)
+    second = PoolMetrics.attach(engine, keep_waits=True)
+    held = engine.connect()
+    _time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 1)
+    _assert_saw_timeouts(second, 1)
+
+    held.close()
+    engine.dispose()                       # a new pool: both must time it
+    held = engine.connect()
+    _time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 2)
+    _assert_saw_timeouts(second, 2)
+
+    first.detach()
+    _time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 2)         # detached: counts no more
+    _assert_saw_timeouts(second, 3)        # still timing
+
+    second.detach()
+    assert "connect" not in engine.pool.__dict__   # the last one removes the hook
+    held.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("detached", ["first", "second"])
+def test_detaching_either_collector_leaves_the_other_timing(settings, detached):
+    """Pins: whichever of two collectors detaches (the one that installed the timing or
+    the later one), the other keeps recording checkout waits and pool timeouts."""
+    engine = _one_connection_engine(settings)
+    collectors = {"first": PoolMetrics.attach(engine, keep_waits=True),
+                  "second": PoolMetrics.attach(engine, keep_waits=True)}
+    collectors.pop(detached).detach()
+    (remaining,) = collectors.values()
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        _time_out_a_checkout(engine)
+    assert remaining.snapshot()["checkouts"] == 1
+    assert remaining.snapshot()["checkout_errors"] == 1
+    waits = remaining.waits_ms()
+    assert len(waits) == 2 and waits[0] < 100 < waits[1], waits  # idle, then timed out
+    engine.dispose()
+
+
+async def test_every_collector_on_one_async_engine_records_waits_and_errors(settings):
+    """Pins: two ``PoolMetrics`` on one async engine each record every checkout wait and
+    pool timeout, still do after ``await engine.dispose()``, and detaching one leaves the
+    other timing."""
+    engine = create_async_engine(settings, pool=settings.pool.replace(
+        pool_size=1, max_overflow=0, pool_timeout=TIMEOUT_S))
+    first = PoolMetrics.attach(engine, keep_waits=True)
+    second = PoolMetrics.attach(engine, keep_waits=True)
+    held = await engine.connect()
+    await _async_time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 1)
+    _assert_saw_timeouts(second, 1)
+
+    await held.close()
+    await engine.dispose()
+    held = await engine.connect()
+    await _async_time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 2)
+    _assert_saw_timeouts(second, 2)
+
+    second.detach()
+    await _async_time_out_a_checkout(engine)
+    _assert_saw_timeouts(first, 3)
+    _assert_saw_timeouts(second, 2)
+
+    first.detach()
+    assert "connect" not in engine.sync_engine.pool.__dict__
+    await held.close()
+    await engine.dispose()
+
+
+# -- resets: what reset-on-return really did ------------------------------------------
+
+def _return_one_raw_and_one_connection(engine, table: str) -> None:
+    """Return two connections mid-transaction: a ``Connection``, then a raw DBAPI one."""
+    conn = engine.connect()
+    conn.execute(text("SELECT 1"))
+    conn.close()                           # the Connection rolls back by itself
+    raw = engine.raw_connection()
+    cursor = raw.cursor()
+    cursor.execute(f"INSERT INTO {table} VALUES (1, 'left uncommitted')")
+    cursor.close()
+    raw.close()                            # back to the pool with the INSERT still open
+
+
+@pytest.mark.parametrize(("reset_on_return", "resets", "rows_inherited"),
+                         [("rollback", 1, 0), (None, 0, 1)])
+def test_resets_count_rollbacks_on_return_not_checkins(settings, table, reset_on_return,
+                                                       resets, rows_inherited):
+    """Pins: ``resets`` counts the rollbacks the pool's reset-on-return performed: one
+    for the raw connection returned mid-transaction, none for a ``Connection`` that
+    rolled back itself, none at all with ``pool_reset_on_return=None`` (it used to equal
+    ``checkins``); and the next checkout sees the uncommitted row exactly when no reset
+    ran."""
+    # No pre-ping: psycopg2's ping refuses to run inside the inherited transaction.
+    engine = create_engine(settings, pool=settings.pool.replace(
+        pool_size=1, max_overflow=0, pool_pre_ping=False), pool_reset_on_return=reset_on_return)
+    metrics = PoolMetrics.attach(engine)
+    _return_one_raw_and_one_connection(engine, table)
+    snap = metrics.snapshot()
+    assert snap["checkins"] == 2
+    assert snap["resets"] == resets
+    with engine.connect() as conn:         # the same (only) pooled connection
+        seen = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+    assert seen == rows_inherited
+    engine.dispose()
+
+
+def test_resets_count_commits_with_commit_on_return(settings, table, observer):
+    """Covers ``pool_reset_on_return="commit"``: every return is a commit, even after the
+    ``Connection`` rolled back, and the raw connection's open INSERT is stored. (Not a
+    regression test: before the fix ``resets`` counted every return, which is also right
+    for this setting.)"""
+    engine = create_engine(settings, pool=settings.pool.replace(
+        pool_size=1, max_overflow=0, pool_pre_ping=False), pool_reset_on_return="commit")
+    metrics = PoolMetrics.attach(engine)
+    _return_one_raw_and_one_connection(engine, table)
+    assert metrics.snapshot()["resets"] == 2
+    assert count_rows(observer, table) == 1
+    engine.dispose()
+
+
+async def test_async_resets_follow_pool_reset_on_return(settings):
+    """Pins: on an async engine, ``resets`` counts the pool's rollback on return with the
+    default setting and stays 0 with ``pool_reset_on_return=None`` (it used to equal
+    ``checkins`` under both)."""
+    counted = {}
+    for setting in ("rollback", None):
+        engine = create_async_engine(settings, pool_reset_on_return=setting)
+        metrics = PoolMetrics.attach(engine)
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            await conn.commit()            # returned with no transaction of its own
+        snap = metrics.snapshot()
+        assert snap["checkins"] == 1
+        counted[setting] = snap["resets"]
+        await engine.dispose()
+    assert counted == {"rollback": 1, None: 0}

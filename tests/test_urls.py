@@ -1,0 +1,260 @@
+"""One DATABASE_URL for both drivers, and passwords that never show: against the real server.
+
+``sslmode`` / ``ssl`` and ``options`` are translated per driver (psycopg2 speaks libpq,
+asyncpg has its own names); a password with an unencoded ``@`` is refused before it can
+leak into a host-name error; a ``?password=`` is masked wherever a URL is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+
+from labkit import (
+    TEST_POOL,
+    ConfigurationError,
+    DatabaseError,
+    Settings,
+    create_async_engine,
+    create_engine,
+    mask_url,
+    parse_url,
+    to_async_url,
+    to_sync_url,
+    translate_error,
+)
+from labkit.config import url_as_text
+from labkit.engine import engine_kwargs
+
+DRIVERS = ["psycopg2", "asyncpg"]
+
+
+def with_query(url: URL, query: str) -> str:
+    """``url`` as text (password included) with ``query`` appended as typed by a user."""
+    raw = url_as_text(url)
+    return f"{raw}{'&' if '?' in raw else '?'}{query}"
+
+
+def scalars(settings: Settings, driver: str, *queries: str, **overrides: Any) -> list[Any]:
+    """Run ``queries`` on one connection through ``driver``; return the first column."""
+    if driver == "psycopg2":
+        engine = create_engine(settings, **overrides)
+        try:
+            with engine.connect() as conn:
+                return [conn.execute(text(q)).scalar_one() for q in queries]
+        finally:
+            engine.dispose()
+
+    async def run() -> list[Any]:
+        async_engine = create_async_engine(settings, **overrides)
+        try:
+            async with async_engine.connect() as conn:
+                return [(await conn.execute(text(q))).scalar_one() for q in queries]
+        finally:
+            await async_engine.dispose()
+
+    return asyncio.run(run())
+
+
+# --- SSL modes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("query", ["sslmode=disable", "sslmode=prefer",
+                                   "ssl=disable", "ssl=prefer"])
+def test_one_url_with_an_ssl_mode_connects_through_both_drivers(db_url, driver, query):
+    """Pins: libpq's ``sslmode`` works with asyncpg and asyncpg's ``ssl`` with psycopg2.
+
+    Before, ``?sslmode=`` reached ``asyncpg.connect()`` as an unexpected keyword
+    argument (TypeError) and ``?ssl=`` was an invalid libpq option for psycopg2.
+    """
+    settings = Settings(url=with_query(db_url, query), pool=TEST_POOL)
+    assert scalars(settings, driver, "SELECT 42") == [42]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("query", ["sslmode=require", "ssl=require"])
+def test_ssl_required_by_a_server_without_ssl_is_a_labkit_error_through_both(
+        db_url, password, driver, query):
+    """Pins: ``sslmode=require`` against a server without TLS fails as a labkit
+    ``DatabaseError`` that names SSL, through both drivers, never a TypeError about
+    an unexpected ``sslmode`` argument."""
+    settings = Settings(url=with_query(db_url, query), pool=TEST_POOL)
+    with pytest.raises(Exception) as info:
+        scalars(settings, driver, "SELECT 1")
+    assert not isinstance(info.value, TypeError)
+    error = translate_error(info.value)
+    assert isinstance(error, DatabaseError), repr(error)
+    assert "SSL" in str(error) and "unexpected keyword" not in str(error)
+    assert not password or password not in str(error)
+
+
+def test_ssl_mode_is_spelled_per_driver():
+    """Pins: ``sslmode`` ↔ ``ssl`` is renamed for the driver; no parameter is left behind."""
+    sync = to_sync_url("postgresql://u:p@h/d?ssl=verify-full")
+    assert dict(sync.query) == {"sslmode": "verify-full"}
+    async_ = to_async_url("postgresql://u:p@h/d?sslmode=require")
+    assert dict(async_.query) == {"ssl": "require"}
+    both = "postgresql://u:p@h/d?sslmode=require&ssl=require"
+    assert dict(to_sync_url(both).query) == {"sslmode": "require"}
+    assert dict(to_async_url(both).query) == {"ssl": "require"}
+
+
+@pytest.mark.parametrize("url, words", [
+    ("postgresql://u:p@h/d?sslmode=require&ssl=disable", "keep one"),
+    ("postgresql://u:p@h/d?ssl=true", "ssl='true' is not an SSL mode"),
+    ("postgresql://u:p@h/d?sslmode=on", "sslmode='on' is not an SSL mode"),
+])
+def test_contradictory_or_unknown_ssl_modes_are_configuration_errors(url, words):
+    """Pins: an SSL mode either driver would misread is refused for both, by name."""
+    for convert in (to_sync_url, to_async_url):
+        with pytest.raises(ConfigurationError, match=words):
+            convert(url)
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("sslrootcert", "PGSSLROOTCERT"),
+    ("sslcert", "PGSSLCERT"),
+    ("sslkey", "PGSSLKEY"),
+    ("connect_timeout", "DB_CONNECT_TIMEOUT"),
+])
+def test_libpq_only_parameters_are_refused_for_asyncpg_with_what_to_do(name, hint):
+    """Pins: a libpq parameter asyncpg has no argument for is a ``ConfigurationError``
+    naming it and the alternative, not a TypeError at the first connect; psycopg2 keeps
+    it."""
+    url = f"postgresql://u:hunter2@h/d?sslmode=verify-full&{name}=v"
+    assert to_sync_url(url).query[name] == "v"
+    with pytest.raises(ConfigurationError, match=name) as info:
+        to_async_url(url)
+    assert hint in str(info.value) and "hunter2" not in str(info.value)
+
+
+# --- options ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_url_options_and_the_statement_timeout_both_reach_the_server(db_url, driver):
+    """Pins: ``DB_STATEMENT_TIMEOUT`` is added to ``options=-csearch_path=...`` from the
+    URL instead of replacing it (psycopg2), and asyncpg, which has no ``options``, gets
+    them as ``server_settings``."""
+    settings = Settings(url=with_query(db_url, "options=-csearch_path%3Dmyschema"),
+                        pool=TEST_POOL, statement_timeout_ms=4321)
+    assert scalars(settings, driver, "SHOW search_path", "SHOW statement_timeout") == [
+        "myschema", "4321ms"]
+
+
+def test_every_options_spelling_gives_both_drivers_the_same_settings(db_url):
+    """Pins: labkit reads ``options`` as PostgreSQL does (``-c a=b``, ``-ca=b``,
+    ``--a-b=c``, backslash-escaped spaces): asyncpg's ``server_settings`` give the same
+    values as the server's own parsing of psycopg2's ``options``."""
+    options = (r'-c search_path="my\ schema",public -clock_timeout=1500 '
+               r'--idle-session-timeout=7s')
+    settings = Settings(url=with_query(db_url, "options=" + quote(options, safe="")),
+                        pool=TEST_POOL, statement_timeout_ms=2500)
+    queries = ("SHOW search_path", "SHOW lock_timeout", "SHOW idle_session_timeout",
+               "SHOW statement_timeout")
+    expected = ['"my schema",public', "1500ms", "7s", "2500ms"]
+    assert scalars(settings, "psycopg2", *queries) == expected
+    assert scalars(settings, "asyncpg", *queries) == expected
+    server_settings = engine_kwargs(settings, is_async=True)["connect_args"]["server_settings"]
+    assert server_settings == {"search_path": '"my schema",public', "lock_timeout": "1500",
+                               "idle_session_timeout": "7s", "application_name": "labkit",
+                               "statement_timeout": "2500"}
+
+
+@pytest.mark.parametrize("driver, connect_args", [
+    ("psycopg2", {"options": "-c lock_timeout=1234"}),
+    ("asyncpg", {"server_settings": {"lock_timeout": "1234"}}),
+])
+def test_connect_args_overrides_add_to_the_url_options_and_timeouts(db_url, driver,
+                                                                     connect_args):
+    """Pins: ``create_engine(settings, connect_args=...)`` merges ``options`` /
+    ``server_settings`` instead of dropping the search path and statement timeout."""
+    settings = Settings(url=with_query(db_url, "options=-csearch_path%3Dmyschema"),
+                        pool=TEST_POOL, statement_timeout_ms=4321)
+    shown = scalars(settings, driver, "SHOW search_path", "SHOW statement_timeout",
+                    "SHOW lock_timeout", connect_args=connect_args)
+    assert shown == ["myschema", "4321ms", "1234ms"]
+
+
+def test_options_asyncpg_cannot_express_are_refused():
+    """Pins: an ``options`` flag other than ``-c name=value`` is a ``ConfigurationError``
+    for asyncpg (it has no ``server_settings`` form), not silently dropped."""
+    with pytest.raises(ConfigurationError, match="only '-c name=value'"):
+        to_async_url("postgresql://u:p@h/d?options=-B%20100")
+    with pytest.raises(ConfigurationError, match="without name=value"):
+        to_async_url("postgresql://u:p@h/d?options=-c")
+
+
+# --- passwords --------------------------------------------------------------------------
+
+UNENCODED = ["postgresql://app:S3cr@tPass@127.0.0.1/x",
+             "postgresql://app:S3cr@tPass@db:5432/x",
+             "postgresql://app:a@b@cPass@db/x"]
+
+
+@pytest.mark.parametrize("raw", UNENCODED)
+def test_unencoded_at_in_the_password_is_refused_without_showing_it(raw):
+    """Pins: a password with a raw ``@`` is a ``ConfigurationError`` that says to
+    percent-encode, shows no part of the password, and is raised for text and for a
+    ``URL`` object alike (before, the rest of the password became the host name)."""
+    for given in (raw, make_url(raw)):
+        with pytest.raises(ConfigurationError, match="percent-encoded as %40") as info:
+            Settings(url=given)
+        assert "S3cr" not in str(info.value) and "Pass" not in str(info.value)
+    assert "Pass" not in mask_url(raw) and "Pass" not in mask_url(make_url(raw))
+
+
+def test_percent_encoded_at_is_fine_and_a_user_with_an_at_still_parses():
+    """Pins: the ``@`` check refuses only a password split at its ``@``."""
+    assert parse_url("postgresql://app:S3cr%40tPass@db/x").password == "S3cr@tPass"
+    azure = parse_url("postgresql://app@server:pw@db/x")
+    assert (azure.username, azure.host) == ("app@server", "db")
+
+
+QUERY_PASSWORD = "postgresql://app@db.example:5432/app?password=hunter2-Zq&sslmode=require"
+
+
+def test_a_query_string_password_is_masked_wherever_the_url_is_shown():
+    """Pins: ``?password=`` is hidden by ``repr(Settings)``, ``str(settings.url)``, the
+    engines' repr and ``mask_url`` (before, all of them showed it in full)."""
+    settings = Settings(url=QUERY_PASSWORD)
+    assert settings.url.password == "hunter2-Zq" and "password" not in settings.url.query
+    engine = create_engine(settings)
+    async_engine = create_async_engine(settings)
+    shown = [repr(settings), str(settings), str(settings.url), repr(settings.url),
+             repr(engine), str(engine.url), repr(async_engine.sync_engine),
+             mask_url(QUERY_PASSWORD), mask_url(make_url(QUERY_PASSWORD))]
+    for text_ in shown:
+        assert "hunter2" not in text_, text_
+    assert "app:***@db.example" in repr(engine)
+    engine.dispose()
+
+
+def test_unknown_driver_error_does_not_show_a_query_string_password():
+    """Pins: the ``ConfigurationError`` for an unknown driver masks a ``?password=``."""
+    with pytest.raises(ConfigurationError, match="unknown PostgreSQL driver") as info:
+        to_sync_url("postgresql+nosuchdriver://app@h/d?password=hunter2-Zq")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_password_given_twice_is_refused_without_showing_either():
+    """Pins: ``USER:PASSWORD@`` and ``?password=`` together are ambiguous: refused."""
+    with pytest.raises(ConfigurationError, match="password twice") as info:
+        parse_url("postgresql://app:first-Xy@h/d?password=second-Zq")
+    assert "first-Xy" not in str(info.value) and "second-Zq" not in str(info.value)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_query_string_password_still_logs_in_through_both_drivers(db_url, driver):
+    """Pins: moving ``?password=`` into the URL's password field keeps it working."""
+    if not db_url.password:
+        pytest.skip("the server under test uses no password")
+    # URL.set(password=None) keeps the password: build the URL without one.
+    bare = URL.create(db_url.drivername, username=db_url.username, host=db_url.host,
+                      port=db_url.port, database=db_url.database, query=db_url.query)
+    raw = with_query(bare, "password=" + quote(str(db_url.password), safe=""))
+    assert scalars(Settings(url=raw, pool=TEST_POOL), driver, "SELECT 7") == [7]
