@@ -314,3 +314,27 @@ async def test_async_statement_on_a_checked_out_connection_is_bounded(throwaway_
         assert isinstance(translate_error(info.value), QueryTimeoutError), repr(info.value)
     finally:
         await engine.dispose()
+
+
+def test_a_commit_cut_by_command_timeout_is_reported_as_outcome_unknown(throwaway_server,
+                                                                        settings_):
+    """Pins: COMMIT is bounded too, and a cut COMMIT is never reported as a plain failure.
+
+    The server froze after receiving COMMIT (or before: the client cannot tell), so the
+    outcome is unknown: ``CommitOutcomeUnknownError``, within ``command_timeout``.
+    """
+    from labkit import CommitOutcomeUnknownError
+
+    engine = create_engine(settings_.replace(command_timeout=1.0))
+    factory = create_sessionmaker(engine)
+    try:
+        with pytest.raises(CommitOutcomeUnknownError):
+            with session_scope(factory) as session:
+                session.execute(text("SELECT 1"))
+                throwaway_server.pause()
+                start = time.monotonic()
+        elapsed = time.monotonic() - start
+    finally:
+        throwaway_server.resume()
+        engine.dispose()
+    assert elapsed < 1.0 + SLACK, f"{elapsed:.2f} s"

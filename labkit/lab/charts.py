@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["bar_chart", "box_chart", "line_chart", "step_chart"]
+__all__ = ["bar_chart", "box_chart", "duration_chart", "line_chart", "outcome_chart", "step_chart"]
 
 _SIZE = (8.0, 4.0)
 
@@ -89,3 +89,81 @@ def box_chart(groups: Mapping[str, Sequence[float]], *, title: str, xlabel: str 
     if log:
         ax.set_yscale("symlog", linthresh=0.1)
     return _finish(fig, ax, title, xlabel, ylabel, legend=False)
+
+
+def duration_chart(values: Mapping[str, float], *, title: str, xlabel: str,
+                   notes: Mapping[str, str] | None = None,
+                   colors: Mapping[str, str] | None = None,
+                   limit: tuple[str, float] | None = None,
+                   cap: float | None = None) -> Figure:
+    """Horizontal bars, one per case, each labelled with its value and a note.
+
+    For "how long until X" comparisons: ``notes`` writes the outcome beside each bar
+    (e.g. ``"QueryTimeoutError"``); ``limit`` draws a labelled vertical line (e.g. the
+    configured timeout); bars that reached ``cap`` are drawn hatched in grey, so "still
+    waiting when we stopped looking" never reads as a measured failure time.
+    """
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(_SIZE[0], 0.9 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        value = float(values[label])
+        capped = cap is not None and value >= cap
+        color = "lightgrey" if capped else (colors or {}).get(label, "tab:blue")
+        ax.barh(y, value, color=color, hatch="//" if capped else None,
+                edgecolor="grey" if capped else color, height=0.6)
+        note = (notes or {}).get(label, "")
+        text = f"still waiting at {cap:g} s (we stopped looking)" if capped else (
+            f"{_fmt_seconds(value)}  {note}".rstrip())
+        ax.annotate(text, (value, y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize="small")
+    ax.set_yticks(ys, labels)
+    if limit is not None:
+        name, at = limit
+        ax.axvline(at, color="tab:red", linestyle="--", linewidth=1)
+        ax.annotate(name, (at, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                    textcoords="offset points", color="tab:red", fontsize="small")
+    right = max([float(v) for v in values.values()] + [limit[1] if limit else 0.0])
+    reached_cap = cap is not None and any(float(v) >= cap for v in values.values())
+    ax.set_xlim(0, right * (2.0 if reached_cap else 1.6) if right > 0 else 1)  # room for labels
+    ax.grid(True, axis="x", alpha=0.3)
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+def _fmt_seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def outcome_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
+                  xlabel: str = "request number") -> Figure:
+    """One row of markers per case: a green dot for success, a red cross for a failure.
+
+    ``rows`` maps a case to its outcomes in order (``None``: succeeded, else the error
+    name, written beside the first failure of a row).
+    """
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(_SIZE[0], 0.9 + 0.55 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        outcomes = list(rows[label])
+        xs = list(range(1, len(outcomes) + 1))
+        ok = [x for x, o in zip(xs, outcomes) if o is None]
+        bad = [(x, o) for x, o in zip(xs, outcomes) if o is not None]
+        ax.scatter(ok, [y] * len(ok), marker="o", s=80, color="tab:green",
+                   label="succeeded" if y == ys[0] else None)
+        ax.scatter([x for x, _ in bad], [y] * len(bad), marker="X", s=110, color="tab:red",
+                   label="failed" if y == ys[0] else None)
+        if bad:
+            ax.annotate(bad[0][1], (bad[0][0], y), xytext=(0, 9), textcoords="offset points",
+                        ha="center", fontsize="small", color="tab:red")
+    longest = max((len(v) for v in rows.values()), default=1)
+    ax.set_xticks(range(1, longest + 1))
+    ax.set_xlim(0.5, longest + 0.5)
+    ax.set_yticks(ys, labels)
+    ax.set_ylim(-0.7, len(labels) - 0.1)
+    ax.grid(True, axis="x", alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", color="tab:green", linestyle="", label="succeeded"),
+               plt.Line2D([], [], marker="X", color="tab:red", linestyle="", label="failed")]
+    ax.legend(handles=handles, loc="upper right", fontsize="small", ncol=2,
+              bbox_to_anchor=(1.0, 1.0))
+    return _finish(fig, ax, title, xlabel, "", legend=False)

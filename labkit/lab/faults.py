@@ -6,7 +6,7 @@ elsewhere) and deletes it afterwards. Each fault is a context manager, so a fail
 still resumes a paused server or starts a stopped one::
 
     with throwaway_server() as server:
-        with paused(server):          # SIGSTOP: a hung server / network partition
+        with paused(server):          # SIGSTOP: a hung server (not a partition)
             ...
         with stopped(server):         # down, then started again on the same port
             ...
@@ -79,7 +79,11 @@ def stopped(server: LocalServer, mode: str = "fast") -> Iterator[None]:
 
 @contextlib.contextmanager
 def paused(server: LocalServer) -> Iterator[None]:
-    """Freeze the whole server (SIGSTOP): TCP still connects, nothing ever answers."""
+    """Freeze the whole server (SIGSTOP): a hung server, not a network partition.
+
+    The kernel still accepts connections and ACKs every byte, so TCP keepalives and
+    ``tcp_user_timeout`` see a healthy connection; only client-side deadlines end the wait.
+    """
     server.pause()
     try:
         yield
