@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help install system-tools lab test test-fast notebooks db-up db-down docs site bench compose-up compose-down clean
+.PHONY: help install system-tools lab test test-fast test-busy notebooks db-up db-down docs site bench compose-up compose-down clean
 
 help:
 	@echo "make lab    install, start the database, open JupyterLab on notebooks/"
@@ -39,8 +39,10 @@ db-up: install
 	@$(PY) -c "from labkit.lab import database_url; print('database:', database_url())"
 	@$(PY) -m labkit health --timeout 5
 
+# Interleaved rounds (every client once per round, random order) with medians, spread and
+# ratio intervals: about 2.5 minutes on 2 cores. BENCH_ARGS=--quick for a tiny run.
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 compose-up:
 	@test -f .env || { cp .env.example .env && chmod 600 .env && echo "created .env from .env.example: set a password"; }
@@ -70,6 +72,11 @@ docs: notebooks
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not notebook and not reliability"
+
+# The notebooks again, with one core kept busy by an unrelated CPU-bound process (a
+# learner's laptop is busy too); executed copies go to build/notebooks-busy/.
+test-busy: install
+	LABKIT_BUSY_CORES=1 $(PY) -m pytest -q -rP -m notebook tests/test_notebooks.py
 
 clean:
 	rm -rf build site .pytest_cache

@@ -1,20 +1,38 @@
-"""`make bench`: the same short read transaction through every layer, as JSON + PNG.
+"""`make bench`: the same short read transaction through every layer, in interleaved rounds.
 
-    python benchmarks/run.py [--concurrency 1,4,8] [--duration 3] [--out build/bench]
+    python benchmarks/run.py [--concurrency 1,4,8] [--rounds 20] [--slice 0.25]
+                             [--seed N] [--quick] [--out build/bench]
 
-Writes ``results.json`` (a list of records: client, concurrency, tps, p50_ms, p99_ms, ...)
-and ``results.png``, and prints a table and the ratios between layers.
+One run per client cannot resolve a few percent on a shared machine: another process
+takes a core for a second and that client's only number is off by 30 %. So every client
+runs at every concurrency once per *round*, for a short slice, in a new random order
+each round; each client's slices are spread over the whole run, and a burst of load
+lands on a few slices of many clients instead of all of one client's.
+
+Reported per client and concurrency: the median throughput of its slices and their
+spread (interquartile range, min-max). Reported per comparison (labkit / SQLAlchemy,
+raw driver / pgbench, ...): the median of the per-round ratios with a distribution-free
+95 % interval for that median (order statistics, the sign-test interval). labkit's two
+ratios are pooled over the concurrencies above 1, where the Python client is CPU-bound
+and a layer's cost shows in full: each round's ratio is then the geometric mean of its
+ratios at those concurrencies. The interval's half-width is the smallest difference the
+run can resolve; it is written to the JSON and onto the chart.
+
+Writes ``results.json``, ``ratios.json`` and ``results.png`` to ``--out``, and prints a
+table, the ratios and the resolution. About 2.5 minutes with the defaults on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import math
 import os
 import platform
 import sys
+import textwrap
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,116 +40,286 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from labkit.lab import database_url, default_server  # noqa: E402
-from labkit.lab import bench  # noqa: E402
+from labkit.lab import bench, database_url, default_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIDENCE = 0.95
+PCT = f"{CONFIDENCE * 100:.0f} %"
+LABKIT_RATIOS = bench.RATIOS[:2]
+
+SHORT = {  # chart labels
+    bench.PGBENCH: "pgbench (C)",
+    "psycopg2 raw (threads)": "psycopg2 raw",
+    "SQLAlchemy Core (sync)": "SQLAlchemy Core",
+    "SQLAlchemy ORM session (sync)": "ORM session (sync)",
+    "labkit session_scope (sync)": "labkit (sync)",
+    "asyncpg raw (pool)": "asyncpg raw",
+    "SQLAlchemy ORM session (async)": "ORM session (async)",
+    "labkit async_session_scope (async)": "labkit (async)",
+}
+COLOURS = {  # one hue per family: C client, sync Python (blues), async Python (greens)
+    bench.PGBENCH: "#444444",
+    "psycopg2 raw (threads)": "#9ecae1",
+    "SQLAlchemy Core (sync)": "#4292c6",
+    "SQLAlchemy ORM session (sync)": "#08519c",
+    "labkit session_scope (sync)": "#e6550d",
+    "asyncpg raw (pool)": "#a1d99b",
+    "SQLAlchemy ORM session (async)": "#238b45",
+    "labkit async_session_scope (async)": "#fd8d3c",
+}
 
 
-def run(concurrencies: list[int], duration: float) -> list[dict[str, Any]]:
+def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
+            overhead_samples: int) -> dict[str, Any]:
+    """Run the interleaved rounds, the pgbench -S reference and the overheads."""
     url = database_url()
     bench.seed(url)
     bin_dir = default_server().bin_dir
-    records: list[dict[str, Any]] = []
-    plan = bench.iter_plan(concurrencies)
-    for i, (client, n) in enumerate(plan, start=1):
-        bench.progress(f"[{i}/{len(plan)}] {client} × {n} for {duration:g} s")
-        if client == "pgbench":
-            rec = bench.run_pgbench(url, bin_dir, n, duration)
-        elif client in bench.SYNC_CLIENTS:
-            rec = bench.run_sync_client(url, client, n, duration)
-        else:
-            rec = asyncio.run(bench.run_async_client(url, client, n, duration))
-        bench.progress(f"      {rec['tps']:9.1f} tps  p50 {rec['p50_ms']:.3f} ms  "
-                       f"p99 {rec['p99_ms']:.3f} ms")
-        records.append(rec)
+    start = time.monotonic()
+    cells_per_round = len(bench.CLIENTS) * len(concurrencies)
+    bench.progress(f"{rounds} rounds × {cells_per_round} slices of {slice_s:g} s "
+                   f"(clients × concurrencies {concurrencies}), random order per round, "
+                   f"after one warm-up round")
+
+    def on_round(number: int, total: int, seconds: float) -> None:
+        bench.progress(f"[{number}/{total}] round done in {seconds:.1f} s "
+                       f"({time.monotonic() - start:.0f} s elapsed)")
+
+    slices = bench.interleaved_rounds(url, clients=bench.CLIENTS, concurrencies=concurrencies,
+                                      rounds=rounds, duration=slice_s, bin_dir=bin_dir,
+                                      seed=seed, on_round=on_round)
     bench.progress("pgbench -S (one autocommit statement, for reference)")
-    records.append(bench.run_pgbench(url, bin_dir, max(concurrencies), duration,
-                                     select_only=True))
+    reference = bench.run_pgbench(url, bin_dir, max(concurrencies), 1.0, select_only=True)
     bench.progress("overheads: health check, pre-ping, NullPool")
-    records.extend(bench.overheads(url))
-    return records
+    overheads = bench.overheads(url, n=overhead_samples)
+    return {"slices": slices, "reference": reference, "overheads": overheads}
 
 
-def peak(records: list[dict[str, Any]], client: str) -> dict[str, Any]:
-    """The record where ``client`` reached its highest throughput."""
-    return max((r for r in records if r["client"] == client), key=lambda r: r["tps"])
+def compare(slices: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
+    """Every ratio at every concurrency, plus labkit's pooled headline ratios."""
+    rows = []
+    pooled_levels = [n for n in concurrencies if n > 1] or concurrencies
+    pooled_slices = [s for s in slices if s["concurrency"] in pooled_levels]
+    for name, numerator, denominator in LABKIT_RATIOS:
+        row = bench.paired_ratio(pooled_slices, numerator, denominator, concurrency=None,
+                                 confidence=CONFIDENCE, name=name)
+        rows.append({**row, "pooled_over": pooled_levels, "headline": True})
+    for name, numerator, denominator in bench.RATIOS:
+        labkit = (name, numerator, denominator) in LABKIT_RATIOS
+        for n in concurrencies:
+            row = bench.paired_ratio(slices, numerator, denominator, concurrency=n,
+                                     confidence=CONFIDENCE, name=name)
+            rows.append({**row, "headline": not labkit and n == max(concurrencies)})
+    return rows
 
 
-def ratios(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The ratios the issue notes quote, each at the concurrency where each client peaks."""
-    python_clients = [c for c in (*bench.SYNC_CLIENTS, *bench.ASYNC_CLIENTS)]
-    best_python = max((peak(records, c) for c in python_clients), key=lambda r: r["tps"])
-    pg = peak(records, "pgbench (C, same transaction)")
-
-    def ratio(a: str, b: str) -> float:
-        return round(peak(records, a)["tps"] / peak(records, b)["tps"], 3)
-
-    return {
-        "labkit async / SQLAlchemy async": ratio("labkit async_session_scope (async)",
-                                                 "SQLAlchemy ORM session (async)"),
-        "labkit sync / SQLAlchemy sync": ratio("labkit session_scope (sync)",
-                                               "SQLAlchemy ORM session (sync)"),
-        f"best Python ({best_python['client']}) / pgbench": round(
-            best_python["tps"] / pg["tps"], 3),
-        "asyncpg raw / SQLAlchemy async": ratio("asyncpg raw (pool)",
-                                                "SQLAlchemy ORM session (async)"),
-    }
+def resolution(ratios: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run can and cannot resolve about labkit's cost over SQLAlchemy."""
+    names = {name for name, _, _ in LABKIT_RATIOS}
+    labkit = [r for r in ratios if r["headline"] and r["name"] in names]
+    worst = max(r["resolves_pct"] for r in labkit)
+    parts = ", ".join(f"{r['name'].split(' / ')[0].removeprefix('labkit ')} "
+                      f"±{r['resolves_pct']:.1f} %" for r in labkit)
+    cannot = (f"; a difference of {math.floor(worst)} % or less is below what it can see"
+              if worst >= 1 else "")
+    statement = (f"This run resolves differences larger than about ±{worst:.1f} % between "
+                 f"labkit and the SQLAlchemy session it wraps ({parts}; "
+                 f"{PCT} intervals){cannot}.")
+    return {"labkit_vs_sqlalchemy_pct": round(worst, 1), "statement": statement,
+            "verdicts": {r["name"]: r["verdict"] for r in labkit}}
 
 
-def chart(records: list[dict[str, Any]], path: Path) -> None:
-    loads = [r for r in records if r.get("kind") != "overhead" and "-S" not in r["client"]]
-    clients = list(dict.fromkeys(r["client"] for r in loads))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for client in clients:
-        rows = sorted((r for r in loads if r["client"] == client), key=lambda r: r["concurrency"])
+# --- chart ---------------------------------------------------------------------------------
+
+def _plain(ax: Axes, axis: str) -> None:
+    """Plain-number tick labels (2,000 rather than 2×10³) on a log axis."""
+    fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(fmt)
+    target.set_minor_formatter(NullFormatter())
+
+
+def _throughput(ax: Axes, summary: list[dict[str, Any]], concurrencies: list[int]) -> None:
+    for client in bench.CLIENTS:
+        rows = [r for r in summary if r["client"] == client]
         xs = [r["concurrency"] for r in rows]
-        left.plot(xs, [r["tps"] for r in rows], marker="o", label=client)
-        right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=client)
-    left.set_title("Throughput: check out, SELECT by primary key, commit")
-    left.set_xlabel("concurrent clients")
-    left.set_ylabel("transactions per second")
-    left.set_yscale("log")
-    right.set_title("p99 latency of the same transaction")
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("p99 latency (ms)")
-    right.set_yscale("log")
-    for ax in (left, right):
+        med = [r["tps"] for r in rows]
+        err = [[m - r["tps_q1"] for m, r in zip(med, rows)],
+               [r["tps_q3"] - m for m, r in zip(med, rows)]]
+        dashed = client.startswith("labkit")
+        ax.errorbar(xs, med, yerr=err, marker="o", markersize=5, capsize=3,
+                    linestyle="--" if dashed else "-", color=COLOURS[client],
+                    label=SHORT[client])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(concurrencies, [str(n) for n in concurrencies])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log")
+    ax.set_yticks([500, 1000, 2000, 5000, 10_000, 20_000, 50_000])
+    _plain(ax, "y")
+    low = min(r["tps_q1"] for r in summary)
+    high = max(r["tps_q3"] for r in summary)
+    ax.set_ylim(low / 1.5, high * 1.5)
+    ax.set_title("Throughput by layer (median of rounds, bars: IQR)")
+    ax.set_xlabel("concurrent workers")
+    ax.set_ylabel("transactions per second (log scale)")
+
+
+def _forest(ax: Axes, rows: list[dict[str, Any]], labels: list[str], *,
+            log: bool) -> None:
+    ys = list(range(len(rows)))[::-1]
+    for y, r in zip(ys, rows):
+        labkit = r["name"].startswith("labkit")
+        colour = "#e6550d" if labkit else "#08519c"
+        ax.errorbar([r["median"]], [y], xerr=[[r["median"] - r["low"]],
+                                             [r["high"] - r["median"]]],
+                    marker="o", markersize=6, capsize=4, color=colour, linestyle="none")
+        ax.annotate(f"{r['median']:.2f}  [{r['low']:.2f}–{r['high']:.2f}]", (r["high"], y),
+                    textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.axvline(1.0, color="grey", linewidth=1)
+    ax.set_yticks(ys, labels, fontsize=9)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    lo = min(min(r["low"] for r in rows), 1.0)
+    hi = max(max(r["high"] for r in rows), 1.0)
+    if log:  # room on the right for the printed interval
+        ax.set_xscale("log")
+        left, right = lo / 1.3, hi * (hi / lo) ** 0.6 * 1.3
+        ax.set_xlim(left, right)
+        ax.set_xticks([t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20)
+                       if left <= t <= right])
+        _plain(ax, "x")
+    else:
+        span = max(hi - lo, 0.1)
+        ax.set_xlim(lo - 0.1 * span, hi + 0.6 * span)
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Throughput by layer, the layer ratios, and labkit's ratios against the claim."""
+    summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
+    concurrencies = meta["concurrency"]
+    fig, (left, middle, right) = plt.subplots(
+        1, 3, figsize=(17, 6.8), layout="constrained",
+        gridspec_kw={"width_ratios": [1.1, 1.0, 1.0]})
+    _throughput(left, summary, concurrencies)
+    fig.legend(*left.get_legend_handles_labels(), loc="outside lower left", ncol=4,
+               fontsize=9, title="throughput panel", title_fontsize=9)
+
+    others = [r for r in ratios if r["headline"] and not r["name"].startswith("labkit")]
+    _forest(middle, others, [r["name"].replace(" / ", "\n/ ") for r in others], log=True)
+    middle.set_title(f"Layer ratios at {max(concurrencies)} workers\n"
+                     f"(median of paired rounds, {PCT} interval)")
+    middle.set_xlabel("throughput ratio (log scale; 1 = equal)")
+
+    labkit = [r for r in ratios if r["name"].startswith("labkit")]
+    labkit.sort(key=lambda r: (r["name"], r["concurrency"] != "pooled", str(r["concurrency"])))
+    labels = [f"{r['name'].split(' / ')[0]}\n"
+              + ("pooled over " + ", ".join(map(str, r["pooled_over"])) + " workers"
+                 if r["concurrency"] == "pooled" else f"{r['concurrency']} workers")
+              for r in labkit]
+    _forest(right, labkit, labels, log=False)
+    right.axvspan(0.97, 1.03, color="#fdae6b", alpha=0.3, linewidth=0)
+    right.annotate("±3 %", (1.0, -0.6), ha="center", va="bottom", fontsize=8,
+                   color="#a63603")
+    right.set_title("labkit / the SQLAlchemy session it wraps\n"
+                    f"(median of paired rounds, {PCT} interval)")
+    right.set_xlabel("throughput ratio (1 = no cost; < 1 = labkit slower)")
+    for ax in (left, middle, right):
         ax.grid(True, alpha=0.3)
-    left.legend(fontsize="small")
-    fig.suptitle(f"labkit benchmark, {os.cpu_count()} cores, PostgreSQL over TCP on 127.0.0.1 "
-                 f"(Python {platform.python_version()})")
-    fig.tight_layout()
+    fig.suptitle(f"labkit benchmark: check out, SELECT by primary key, commit — "
+                 f"{meta['rounds']} interleaved rounds × {meta['slice_s']:g} s slices, "
+                 f"{meta['cores']} cores, PostgreSQL over TCP on 127.0.0.1, "
+                 f"Python {meta['python']}", fontsize=11)
+    fig.text(0.99, 0.01, "\n".join(textwrap.wrap(result["resolution"]["statement"], 80)),
+             ha="right", va="bottom", fontsize=10, color="#a63603")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# --- report --------------------------------------------------------------------------------
+
+def report(result: dict[str, Any]) -> None:
+    print(f"\n{'client':36s} {'conc':>4s} {'tps median':>10s} {'IQR':>15s} "
+          f"{'min–max':>15s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    for r in result["clients"]:
+        print(f"{r['client']:36s} {r['concurrency']:4d} {r['tps']:10.0f} "
+              f"{r['tps_q1']:7.0f}–{r['tps_q3']:<7.0f} {r['tps_min']:7.0f}–{r['tps_max']:<7.0f} "
+              f"{r['p50_ms']:7.3f} {r['p99_ms']:7.3f}")
+    ref = result["reference"]
+    print(f"{ref['client']:36s} {ref['concurrency']:4d} {ref['tps']:10.0f}  (one run)")
+    print(f"\nratios (median of paired rounds, {PCT} interval):")
+    for r in result["ratios"]:
+        where = ("pooled over " + ",".join(map(str, r["pooled_over"]))
+                 if r["concurrency"] == "pooled" else f"at {r['concurrency']}")
+        mark = "*" if r["headline"] else " "
+        print(f" {mark}{r['name']:44s} {where:16s} {r['median']:6.3f} "
+              f"[{r['low']:.3f}–{r['high']:.3f}]  ±{r['resolves_pct']:.1f} %")
+    print("  (* headline)")
+    print("\noverheads (median ms): " + ", ".join(
+        f"{o['client']} {o['p50_ms']:.3f}" for o in result["overheads"]))
+    print("\n" + result["resolution"]["statement"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8",
-                        help="comma-separated client counts (default 1,4,8)")
-    parser.add_argument("--duration", type=float, default=3.0,
-                        help="seconds per client and concurrency (default 3)")
+                        help="comma-separated worker counts (default 1,4,8)")
+    parser.add_argument("--rounds", type=int, default=20, help="recorded rounds (default 20)")
+    parser.add_argument("--slice", type=float, default=0.25, dest="slice_s",
+                        help="seconds per client, concurrency and round (default 0.25)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the random order (default: from the clock, recorded)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run to check the output (2 workers, 6 rounds of 0.1 s)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
     args = parser.parse_args(argv)
-    concurrencies = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    concurrencies = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
+    rounds, slice_s, samples = args.rounds, args.slice_s, 300
+    if args.quick:
+        concurrencies, rounds, slice_s, samples = [2], 6, 0.1, 30
+    seed = args.seed if args.seed is not None else time.time_ns() % 1_000_000
     start = time.monotonic()
-    records = run(concurrencies, args.duration)
+    measured = measure(concurrencies, rounds, slice_s, seed, samples)
+    ratios = compare(measured["slices"], concurrencies)
+    result: dict[str, Any] = {
+        "meta": {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "concurrency": concurrencies, "rounds": rounds, "slice_s": slice_s,
+            "seed": seed, "elapsed_s": None,
+        },
+        "method": {
+            "rounds": "every client at every concurrency once per round, in a new random "
+                      "order each round, after one unrecorded warm-up round",
+            "clients": "per client and concurrency: median throughput of the rounds' "
+                       "slices; spread as interquartile range (tps_q1-tps_q3) and min-max",
+            "ratios": f"median of the per-round ratios of two clients with a distribution-"
+                      f"free {PCT} interval for that median (order statistics, "
+                      "sign test); labkit's headline ratios pool the concurrencies above 1 "
+                      "(geometric mean of each round's ratios)",
+            "resolves_pct": "the interval's wider half in percent of the median: smaller "
+                            "differences are beyond what the run can see",
+        },
+        "resolution": resolution(ratios),
+        "clients": bench.summarize(measured["slices"]),
+        "ratios": ratios,
+        "reference": measured["reference"],
+        "overheads": measured["overheads"],
+        "slices": measured["slices"],
+    }
+    result["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(records, indent=2))
-    chart(records, args.out / "results.png")
-    print(f"\n{'client':40s} {'conc':>4s} {'tps':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
-    for r in records:
-        p99 = f"{r['p99_ms']:9.3f}" if r["p99_ms"] is not None else f"{'-':>9s}"
-        print(f"{r['client']:40s} {r['concurrency']:4d} {r['tps']:10.1f} {r['p50_ms']:9.3f} {p99}")
-    print("\nratios (each client at its peak concurrency):")
-    result_ratios = ratios(records)
-    for name, value in result_ratios.items():
-        print(f"  {name}: {value:.3f}")
-    (args.out / "ratios.json").write_text(json.dumps(result_ratios, indent=2))
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.png'} "
-          f"in {time.monotonic() - start:.0f} s")
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    headline = {r["name"]: {k: r[k] for k in ("concurrency", "median", "low", "high",
+                                              "confidence", "resolves_pct", "verdict")}
+                for r in ratios if r["headline"]}
+    (args.out / "ratios.json").write_text(json.dumps(
+        {"ratios": headline, "resolution": result["resolution"]}, indent=2))
+    chart(result, args.out / "results.png")
+    report(result)
+    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'ratios.json'} and "
+          f"{args.out / 'results.png'} in {time.monotonic() - start:.0f} s")
     return 0
 
 

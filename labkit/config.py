@@ -11,21 +11,19 @@ turn ``options=-c name=value`` into asyncpg ``server_settings``.
 
 Environment variables (all optional except ``DATABASE_URL`` in production):
 
-===========================  ===============================================  ==========
-variable                     meaning                                          unit
-===========================  ===============================================  ==========
-``DATABASE_URL``             ``postgresql://user:password@host:port/db``
-``ENVIRONMENT``              ``development`` | ``production`` | ``test``
-``DB_POOL_SIZE``             connections kept open in the pool
-``DB_MAX_OVERFLOW``          extra connections allowed under burst
-``DB_POOL_TIMEOUT``          wait for a free connection before failing        seconds
-``DB_POOL_RECYCLE``          replace connections older than this (-1: never)  seconds
-``DB_POOL_PRE_PING``         test each connection at checkout                 true/false
-``DB_ECHO``                  log every SQL statement                          true/false
-``DB_CONNECT_TIMEOUT``       give up opening a connection after               seconds
-``DB_STATEMENT_TIMEOUT``     server cancels statements running longer         milliseconds
-``DB_COMMAND_TIMEOUT``       client gives up on an unanswered statement       seconds
-===========================  ===============================================  ==========
+| variable | meaning | unit |
+|---|---|---|
+| ``DATABASE_URL`` | ``postgresql://user:password@host:port/db`` | |
+| ``ENVIRONMENT`` | ``development``, ``production`` or ``test`` | |
+| ``DB_POOL_SIZE`` | connections kept open in the pool | |
+| ``DB_MAX_OVERFLOW`` | extra connections allowed under burst | |
+| ``DB_POOL_TIMEOUT`` | wait for a free connection before failing | seconds |
+| ``DB_POOL_RECYCLE`` | replace connections older than this (-1: never) | seconds |
+| ``DB_POOL_PRE_PING`` | test each connection at checkout | true/false |
+| ``DB_ECHO`` | log every SQL statement | true/false |
+| ``DB_CONNECT_TIMEOUT`` | give up opening a connection after | seconds |
+| ``DB_STATEMENT_TIMEOUT`` | server cancels statements running longer | milliseconds |
+| ``DB_COMMAND_TIMEOUT`` | client gives up on an unanswered statement | seconds |
 """
 
 from __future__ import annotations
@@ -420,8 +418,9 @@ def build_url(*, user: str, password: str | None, host: str, port: int = 5432,
               database: str, driver: str = SYNC_DRIVER) -> URL:
     """Build a PostgreSQL URL from parts; the password may hold any character.
 
-    >>> build_url(user="app", password="p@ss:w/rd", host="db", database="app")
-    postgresql+psycopg2://app:***@db:5432/app
+    Examples:
+        >>> build_url(user="app", password="p@ss:w/rd", host="db", database="app")
+        postgresql+psycopg2://app:***@db:5432/app
     """
     if not 0 < int(port) < 65536:
         raise ConfigurationError(f"port must be between 1 and 65535, got {port}")

@@ -1,10 +1,12 @@
-"""Engine factories, sync (psycopg2) and async (asyncpg), from :class:`Settings`.
+"""Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings].
 
 An engine owns a pool; create one per process at start-up, share it, and dispose of
-it at shutdown. Both factories apply the settings' :class:`PoolProfile`, the connect
-timeout and the statement timeout, and let any value be overridden per call::
+it at shutdown. Both factories apply the settings' [`PoolProfile`][labkit.PoolProfile],
+the connect timeout and the statement timeout, and let any value be overridden per call:
 
-    engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
+```python
+engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
+```
 """
 
 from __future__ import annotations

@@ -1,26 +1,28 @@
 """labkit's exceptions, and the translation of driver errors into them.
 
-The tree::
+The tree:
 
-    LabkitError
-    ├── ConfigurationError          settings or URL are wrong; fix the configuration
-    └── DatabaseError               the database failed an operation
-        ├── TransientError          worth retrying the whole unit of work
-        │   ├── DatabaseUnavailableError   cannot connect: refused, unreachable, starting
-        │   ├── ConnectionLostError        an open connection died (restart, kill, network)
-        │   ├── PoolTimeoutError           no pooled connection free within pool_timeout
-        │   ├── QueryTimeoutError          statement or command timeout
-        │   ├── TooManyConnectionsError    no connection slot left on the server
-        │   ├── SerializationError         serialization failure or deadlock; retry
-        │   ├── LockNotAvailableError      lock_timeout or NOWAIT: another transaction holds it
-        │   └── HealthCheckTimeoutError    the health probe did not answer in time
-        ├── CommitOutcomeUnknownError  the connection died while COMMIT was in flight
-        ├── AuthenticationError     wrong user or password (retrying cannot help)
-        ├── IntegrityError          a constraint rejected the data
-        ├── DataError               a value is invalid for its type
-        ├── ProgrammingError        the SQL is wrong: syntax, missing table, bad column
-        ├── ServerError             the server failed on its side: disk full, out of memory, I/O
-        └── RetryExhaustedError     retries used up their budget; ``last_error`` says why
+```text
+LabkitError
+├── ConfigurationError          settings or URL are wrong; fix the configuration
+└── DatabaseError               the database failed an operation
+    ├── TransientError          worth retrying the whole unit of work
+    │   ├── DatabaseUnavailableError   cannot connect: refused, unreachable, starting
+    │   ├── ConnectionLostError        an open connection died (restart, kill, network)
+    │   ├── PoolTimeoutError           no pooled connection free within pool_timeout
+    │   ├── QueryTimeoutError          statement or command timeout
+    │   ├── TooManyConnectionsError    no connection slot left on the server
+    │   ├── SerializationError         serialization failure or deadlock; retry
+    │   ├── LockNotAvailableError      lock_timeout or NOWAIT: another transaction holds it
+    │   └── HealthCheckTimeoutError    the health probe did not answer in time
+    ├── CommitOutcomeUnknownError  the connection died while COMMIT was in flight
+    ├── AuthenticationError     wrong user or password (retrying cannot help)
+    ├── IntegrityError          a constraint rejected the data
+    ├── DataError               a value is invalid for its type
+    ├── ProgrammingError        the SQL is wrong: syntax, missing table, bad column
+    ├── ServerError             the server failed on its side: disk full, out of memory, I/O
+    └── RetryExhaustedError     retries used up their budget; ``last_error`` says why
+```
 
 Only database errors are translated (``is_database_error``): labkit's, SQLAlchemy's,
 psycopg2's and asyncpg's own exceptions, and a bare ``OSError``, ``TimeoutError`` or
@@ -33,32 +35,33 @@ to classify: it propagates unchanged and is never retried.
 (PostgreSQL's errcodes appendix); an exact code wins over its class (first two
 characters):
 
-    SQLSTATE                             condition                labkit error
-    08000 08003 08006, rest of class 08  connection lost          ConnectionLostError (1)
-    08001 08004                          could not connect        DatabaseUnavailableError
-    08007                                resolution unknown       CommitOutcomeUnknownError
-    08P01                                protocol violation       DatabaseError
-    22, 10                               data exception           DataError
-    23, 40002                            constraint violation     IntegrityError
-    25P03 25P04                          idle/transaction timeout ConnectionLostError
-    rest of 25 (25006: read-only)        transaction state        ProgrammingError (2)
-    28                                   role, password, hba      AuthenticationError
-    3D000                                no such database         ProgrammingError (3)
-    0A 0B 0F 0L 0P 0Z 20 21 24 26 27     the SQL, the schema or   ProgrammingError
-    2B 2D 2F 34 38 39 3B 3F 42 44 54     the privileges are wrong
-    55P03                                lock not available       LockNotAvailableError
-    55006                                object in use            DatabaseError
-    rest of 55                           prerequisite state       ProgrammingError
-    40001 40P01, rest of 40, 72          serialization, deadlock  SerializationError
-    40003                                completion unknown       CommitOutcomeUnknownError
-    53300                                too many connections     TooManyConnectionsError
-    53100 53200 53400, rest of 53        disk full, out of memory ServerError
-    57014                                query canceled           QueryTimeoutError
-    57P01 57P02 57P05                    shutdown, idle session   ConnectionLostError (1)
-    57P03                                cannot connect now       DatabaseUnavailableError
-    57P04, rest of 57                    database dropped         DatabaseError
-    58, XX, F0                           system, internal error   ServerError
-    09, HV, P0, anything else            trigger, FDW, RAISE      DatabaseError
+| SQLSTATE | condition | labkit error |
+|---|---|---|
+| 08000 08003 08006, rest of class 08 | connection lost | `ConnectionLostError` (1) |
+| 08001 08004 | could not connect | `DatabaseUnavailableError` |
+| 08007 | resolution unknown | `CommitOutcomeUnknownError` |
+| 08P01 | protocol violation | `DatabaseError` |
+| 22, 10 | data exception | `DataError` |
+| 23, 40002 | constraint violation | `IntegrityError` |
+| 25P03 25P04 | idle/transaction timeout | `ConnectionLostError` |
+| rest of 25 (25006: read-only) | transaction state | `ProgrammingError` (2) |
+| 28 | role, password, hba | `AuthenticationError` |
+| 3D000 | no such database | `ProgrammingError` (3) |
+| 0A 0B 0F 0L 0P 0Z 20 21 24 26 27 | wrong SQL, schema or privileges | `ProgrammingError` |
+| 2B 2D 2F 34 38 39 3B 3F 42 44 54 | wrong SQL, schema or privileges | `ProgrammingError` |
+| 55P03 | lock not available | `LockNotAvailableError` |
+| 55006 | object in use | `DatabaseError` |
+| rest of 55 | prerequisite state | `ProgrammingError` |
+| 40001 40P01, rest of 40, 72 | serialization, deadlock | `SerializationError` |
+| 40003 | completion unknown | `CommitOutcomeUnknownError` |
+| 53300 | too many connections | `TooManyConnectionsError` |
+| 53100 53200 53400, rest of 53 | disk full, out of memory | `ServerError` |
+| 57014 | query canceled | `QueryTimeoutError` |
+| 57P01 57P02 57P05 | shutdown, idle session | `ConnectionLostError` (1) |
+| 57P03 | cannot connect now | `DatabaseUnavailableError` |
+| 57P04, rest of 57 | database dropped | `DatabaseError` |
+| 58, XX, F0 | system, internal error | `ServerError` |
+| 09, HV, P0, anything else | trigger, FDW, RAISE | `DatabaseError` |
 
 (1) ``DatabaseUnavailableError`` when raised while opening a connection: there was no
 open connection to lose. (2) 25006 happens on a read replica, e.g. after a failover;

@@ -8,7 +8,8 @@ one when the pool grows, and up to ``pool_timeout`` when the pool is exhausted.
 Listeners are registered on the ``Engine`` (for an ``AsyncEngine``, on its
 ``sync_engine``) so they survive ``dispose()``, which replaces the pool. Any number of
 collectors can watch one engine; each counts everything, and detaching one leaves the
-others untouched.
+others untouched: one set of listeners and one checkout timer per engine report every
+event to all of its collectors.
 
 Example:
     ```python
@@ -88,6 +89,8 @@ class PoolMetrics:
     - ``checkout_errors``: checkouts that raised (pool timeout, failed connect).
 
     Use ``attach`` to create one; several collectors on the same engine are independent.
+    The engine holds its collectors only weakly: keep a reference to the collector for as
+    long as you read it.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -103,6 +106,12 @@ class PoolMetrics:
     def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
         """Start collecting metrics for ``engine`` and return the collector.
 
+        The first collector on an engine adds SQLAlchemy listeners to it, and the last
+        one to detach removes them. SQLAlchemy does not allow its listeners to change
+        while other threads run those events, so attach that first collector before
+        the engine serves traffic (and detach the last one after); further collectors
+        attach and detach at any time without touching SQLAlchemy's listeners.
+
         Args:
             engine: A sync ``Engine`` or an ``AsyncEngine`` (its ``sync_engine`` is used).
             keep_waits: Also keep every checkout wait (ms) for distributions (see
@@ -115,52 +124,20 @@ class PoolMetrics:
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         metrics = cls(sync_engine)
         metrics.keep_waits = keep_waits
-        metrics._listen()
+        _EngineHub.register(sync_engine, metrics)
         return metrics
-
-    # -- events --------------------------------------------------------------------
-    def _listeners(self) -> tuple[tuple[str, Any], ...]:
-        return (("connect", self._on_connect), ("close", self._on_close),
-                ("checkout", self._on_checkout), ("checkin", self._on_checkin),
-                ("reset", self._on_reset), ("invalidate", self._on_invalidate))
-
-    def _listen(self) -> None:
-        for name, fn in self._listeners():
-            event.listen(self.engine, name, fn)
-        _CheckoutTimer.register(self.engine, self)
 
     def detach(self) -> None:
         """Stop collecting; other collectors on the same engine keep counting.
 
         Calling it twice is harmless. The counters keep their values.
         """
-        for name, fn in self._listeners():
-            if event.contains(self.engine, name, fn):
-                event.remove(self.engine, name, fn)
-        _CheckoutTimer.unregister(self.engine, self)
+        _EngineHub.unregister(self.engine, self)
 
+    # -- recording (called by the engine's hub) ---------------------------------------
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
-
-    def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
-        self._count(CONNECTS)
-
-    def _on_close(self, dbapi_conn: Any, record: Any) -> None:
-        self._count(CLOSES)
-
-    def _on_checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
-        self._count(CHECKOUTS)
-
-    def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
-        self._count(CHECKINS)
-
-    def _on_reset(self, dbapi_conn: Any, record: Any, reset_state: PoolResetState) -> None:
-        if _pool_will_reset(self.engine.pool, reset_state):
-            self._count(RESETS)
-
-    def _on_invalidate(self, dbapi_conn: Any, record: Any, exc: Any) -> None:
-        self._count(INVALIDATIONS)
 
     def _record_checkout(self, ms: float, *, failed: bool) -> None:
         with self._lock:
@@ -232,19 +209,18 @@ def _pool_will_reset(pool: Pool, state: PoolResetState) -> bool:
 
 
 class _TimedConnect:
-    """Stand-in for one pool's ``connect()`` that reports each wait to a timer."""
+    """Stand-in for one pool's ``connect()`` that reports each wait to a hub."""
 
-    __slots__ = ("timer", "original", "had_own")
+    __slots__ = ("hub", "original", "had_own", "__weakref__")
 
-    def __init__(self, timer: _CheckoutTimer, original: Any, *, had_own: bool) -> None:
-        self.timer: _CheckoutTimer | None = timer
+    def __init__(self, hub: _EngineHub, original: Any, *, had_own: bool) -> None:
+        self.hub: _EngineHub | None = hub
         self.original = original
         self.had_own = had_own  # the pool already had an instance-level connect()
 
     def __call__(self) -> PoolProxiedConnection:
-        timer = self.timer
-        targets = timer.targets if timer is not None else ()
-        if not targets:
+        hub = self.hub
+        if hub is None or not hub.targets:
             return self.original()
         start = time.perf_counter()
         failed = False
@@ -255,89 +231,136 @@ class _TimedConnect:
             failed = True
             raise
         finally:
-            ms = (time.perf_counter() - start) * 1000.0
-            for ref in targets:
-                metrics = ref()
-                if metrics is not None:
-                    metrics._record_checkout(ms, failed=failed)
+            hub.record_checkout((time.perf_counter() - start) * 1000.0, failed=failed)
 
 
-class _CheckoutTimer:
-    """Time ``connect()`` on one engine's pool and fan each wait out to its collectors.
+class _EngineHub:
+    """One engine's pool listeners and checkout timer, fanned out to its collectors.
+
+    SQLAlchemy's listeners are added once, with the first collector, and removed with
+    the last, so that collectors in between come and go without changing SQLAlchemy's
+    listener lists (which must not change while those events run in other threads).
 
     SQLAlchemy has no "checkout requested" event, so the wait is measured around the
     pool instance's ``connect()``: an instance attribute, not a patch of the class, so
-    other engines are untouched. There is one timer per engine, shared by all its
-    collectors (held by weak reference): installed with the first collector, moved to
-    the new pool when ``dispose()`` replaces it, removed with the last collector.
+    other engines are untouched. It is moved to the new pool when ``dispose()``
+    replaces the pool.
 
-    The timer holds no reference to its engine (the registry's weak key would never
-    die otherwise); the engine is passed in by the callers and by ``engine_disposed``.
+    The hub holds everything weakly (collectors, engine, pool, the stand-in
+    ``connect()``): nothing in it may lead back to the engine, or the registry's weak
+    key would never die.
     """
 
-    def __init__(self) -> None:
-        # Replaced, never mutated, so that the checkout path reads it without a lock.
+    def __init__(self, engine: Engine) -> None:
+        self._engine = weakref.ref(engine)
+        # Replaced, never mutated, so that the event paths read it without a lock.
         self.targets: tuple[weakref.ref[PoolMetrics], ...] = ()
-        self._installed: tuple[weakref.ref[Pool], _TimedConnect] | None = None
+        self._installed: tuple[weakref.ref[Pool], weakref.ref[_TimedConnect]] | None = None
 
     @classmethod
     def register(cls, engine: Engine, metrics: PoolMetrics) -> None:
-        with _TIMERS_LOCK:
-            timer = _TIMERS.get(engine)
-            if timer is None:
-                timer = _TIMERS[engine] = cls()
-                event.listen(engine, "engine_disposed", timer._on_disposed)
-            alive = tuple(ref for ref in timer.targets if ref() is not None)
-            timer.targets = (*alive, weakref.ref(metrics))
-            timer._install(engine.pool)
+        with _HUBS_LOCK:
+            hub = _HUBS.get(engine)
+            if hub is None:
+                hub = _HUBS[engine] = cls(engine)
+                for name, fn in hub._listeners():
+                    event.listen(engine, name, fn)
+            alive = tuple(ref for ref in hub.targets if ref() is not None)
+            hub.targets = (*alive, weakref.ref(metrics))
+            hub._install(engine.pool)
 
     @classmethod
     def unregister(cls, engine: Engine, metrics: PoolMetrics) -> None:
-        with _TIMERS_LOCK:
-            timer = _TIMERS.get(engine)
-            if timer is None:
+        with _HUBS_LOCK:
+            hub = _HUBS.get(engine)
+            if hub is None:
                 return
-            timer.targets = tuple(ref for ref in timer.targets
-                                  if ref() is not None and ref() is not metrics)
-            if timer.targets:
+            hub.targets = tuple(ref for ref in hub.targets
+                                if ref() is not None and ref() is not metrics)
+            if hub.targets:
                 return
-            timer._uninstall()
-            if event.contains(engine, "engine_disposed", timer._on_disposed):
-                event.remove(engine, "engine_disposed", timer._on_disposed)
-            del _TIMERS[engine]
+            hub._uninstall()
+            for name, fn in hub._listeners():
+                if event.contains(engine, name, fn):
+                    event.remove(engine, name, fn)
+            del _HUBS[engine]
+
+    def _listeners(self) -> tuple[tuple[str, Any], ...]:
+        return (("connect", self._on_connect), ("close", self._on_close),
+                ("checkout", self._on_checkout), ("checkin", self._on_checkin),
+                ("reset", self._on_reset), ("invalidate", self._on_invalidate),
+                ("engine_disposed", self._on_disposed))
+
+    # -- fan-out ----------------------------------------------------------------------
+    def _fan_out(self, key: str) -> None:
+        for ref in self.targets:
+            metrics = ref()
+            if metrics is not None:
+                metrics._count(key)
+
+    def record_checkout(self, ms: float, *, failed: bool) -> None:
+        for ref in self.targets:
+            metrics = ref()
+            if metrics is not None:
+                metrics._record_checkout(ms, failed=failed)
+
+    def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
+        self._fan_out(CONNECTS)
+
+    def _on_close(self, dbapi_conn: Any, record: Any) -> None:
+        self._fan_out(CLOSES)
+
+    def _on_checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        self._fan_out(CHECKOUTS)
+
+    def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
+        self._fan_out(CHECKINS)
+
+    def _on_reset(self, dbapi_conn: Any, record: Any, reset_state: PoolResetState) -> None:
+        engine = self._engine()
+        if engine is not None and _pool_will_reset(engine.pool, reset_state):
+            self._fan_out(RESETS)
+
+    def _on_invalidate(self, dbapi_conn: Any, record: Any, exc: Any) -> None:
+        self._fan_out(INVALIDATIONS)
 
     def _on_disposed(self, engine: Engine) -> None:
         # dispose() replaced the pool: time checkouts on the new one.
-        with _TIMERS_LOCK:
+        with _HUBS_LOCK:
             if self.targets:
                 self._install(engine.pool)
 
+    # -- the checkout timer -----------------------------------------------------------
     def _install(self, pool: Pool) -> None:
         if self._installed is not None:
-            pool_ref, _ = self._installed
-            if pool_ref() is pool:
+            pool_ref, wrapper_ref = self._installed
+            if pool_ref() is pool and wrapper_ref() is not None:
                 return
             self._uninstall()
         had_own = "connect" in pool.__dict__
         wrapper = _TimedConnect(self, pool.connect, had_own=had_own)
         pool.connect = wrapper  # type: ignore[method-assign]
-        self._installed = (weakref.ref(pool), wrapper)
+        self._installed = (weakref.ref(pool), weakref.ref(wrapper))
 
     def _uninstall(self) -> None:
         if self._installed is None:
             return
-        pool_ref, wrapper = self._installed
+        pool_ref, wrapper_ref = self._installed
         self._installed = None
-        wrapper.timer = None  # a pass-through from now on, wherever it still sits
+        wrapper = wrapper_ref()
+        if wrapper is None:
+            return  # its pool is gone, and the wrapper with it
+        wrapper.hub = None  # a pass-through from now on, wherever it still sits
+        had_own, original = wrapper.had_own, wrapper.original
         pool = pool_ref()
         if pool is None or pool.__dict__.get("connect") is not wrapper:
             return  # gone, or someone wrapped it again: leave their chain intact
-        if wrapper.had_own:
-            pool.connect = wrapper.original  # type: ignore[method-assign]
+        if had_own:
+            pool.connect = original  # type: ignore[method-assign]
         else:
             del pool.__dict__["connect"]
 
 
-# One timer per engine, keyed weakly so that an engine nobody uses can go away.
-_TIMERS: weakref.WeakKeyDictionary[Engine, _CheckoutTimer] = weakref.WeakKeyDictionary()
-_TIMERS_LOCK = threading.Lock()
+# One hub per engine, keyed weakly so that an engine nobody uses can go away.
+_HUBS: weakref.WeakKeyDictionary[Engine, _EngineHub] = weakref.WeakKeyDictionary()
+_HUBS_LOCK = threading.Lock()

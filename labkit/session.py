@@ -62,7 +62,7 @@ def create_sessionmaker(engine: Engine, **options: Any) -> sessionmaker[Session]
 
 def create_async_sessionmaker(engine: AsyncEngine,
                               **options: Any) -> async_sessionmaker[AsyncSession]:
-    """Async twin of :func:`create_sessionmaker`."""
+    """Async twin of [`create_sessionmaker`][labkit.create_sessionmaker]."""
     return async_sessionmaker(bind=engine,
                               **{"autoflush": False, "expire_on_commit": False, **options})
 
@@ -263,12 +263,16 @@ async def get_async_db(request: Request) -> AsyncIterator[AsyncSession]:
 class SessionManager:
     """Own one engine and its session factory for an application's lifetime.
 
-    Call :meth:`init` at start-up and :meth:`close` at shutdown (a lifespan)::
+    Call [`init`][labkit.session.SessionManager.init] at start-up and
+    [`close`][labkit.session.SessionManager.close] at shutdown (a lifespan).
 
+    Example:
+        ```python
         manager = SessionManager()
         manager.init(Settings.from_env())
         with manager.session() as session: ...
         manager.close()
+        ```
     """
 
     def __init__(self) -> None:
@@ -301,7 +305,7 @@ class SessionManager:
         return self._factory
 
     def session(self) -> contextlib.AbstractContextManager[Session]:
-        """Return a :func:`session_scope` on this manager's factory."""
+        """Return a [`session_scope`][labkit.session_scope] on this manager's factory."""
         return session_scope(self.factory)
 
     @contextlib.contextmanager
@@ -331,7 +335,7 @@ class SessionManager:
 
 
 class AsyncSessionManager:
-    """Async twin of :class:`SessionManager`."""
+    """Async twin of [`SessionManager`][labkit.SessionManager]."""
 
     def __init__(self) -> None:
         self._engine: AsyncEngine | None = None
@@ -363,7 +367,7 @@ class AsyncSessionManager:
         return self._factory
 
     def session(self) -> contextlib.AbstractAsyncContextManager[AsyncSession]:
-        """Return an :func:`async_session_scope` on this manager's factory."""
+        """Return an [`async_session_scope`][labkit.async_session_scope] on the factory."""
         return async_session_scope(self.factory)
 
     @contextlib.asynccontextmanager

@@ -2,20 +2,67 @@
 
 Notebooks live in git without outputs; ``make test`` (or ``make notebooks``) executes each
 once against the database and writes the executed copy to ``build/notebooks/``. This hook
-adds those copies to the site as ``notebooks/<name>.ipynb`` so mkdocs-jupyter renders them
-with their charts, without executing anything a second time.
+publishes those copies as ``notebooks/<name>.ipynb`` so mkdocs-jupyter renders them with
+their charts, without executing anything a second time.
+
+What JupyterLab shows and what the site shows differ in three ways, all decided here:
+
+- **Progress and log lines stay in JupyterLab.** A long cell reports progress on stderr
+  and labkit logs its warnings there; a reader of the site wants the results, not red
+  blocks repeating an error the cell has already printed. The published copy
+  (``build/site-notebooks/``) leaves out every ``stderr`` stream output, and an
+  ``execute_result`` that is a bare ``True``/``False`` (the return value of a clean-up
+  call such as ``server.__exit__(...)``): print what a lesson wants shown.
+- **The page's table of contents links the headings that are there.** mkdocs-jupyter
+  builds the TOC from a Markdown rendering whose slugs differ from the ids of the HTML it
+  publishes (``4-database-down-at-start-up`` vs ``4-database-down-at-start-up-wait_for_database``);
+  the TOC is rebuilt from the published headings.
+- **Links are checked, and nothing is fetched from outside.** Links to ``#anchors`` inside
+  a notebook page are checked against its ids, and so are duplicate headings, whose TOC
+  entries lead to the first of them (each is a warning, so ``mkdocs build --strict``
+  fails); the page's ids are registered so MkDocs validates links from
+  other pages into it, and nbconvert's MathJax and Mermaid loaders (CDN scripts; no
+  notebook uses either) are removed, so the pages read offline.
 """
 
 from __future__ import annotations
 
+import html
+import logging
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
+import nbformat
 from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
+from mkdocs.structure.toc import get_toc
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTED = ROOT / "build" / "notebooks"
+PUBLISHED = ROOT / "build" / "site-notebooks"
+STRAY_RESULTS = {"True", "False"}
+
+log = logging.getLogger("mkdocs.hooks.executed_notebooks")
+
+
+def publishable(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Return ``nb`` without stderr streams and bare ``True``/``False`` results."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [out for out in cell.outputs if not _hidden(out)]
+    return nb
+
+
+def _hidden(out: nbformat.NotebookNode) -> bool:
+    if out.output_type == "stream":
+        return out.get("name") == "stderr"
+    if out.output_type == "execute_result":
+        data = out.get("data", {})
+        return set(data) == {"text/plain"} and data["text/plain"].strip() in STRAY_RESULTS
+    return False
 
 
 @event_priority(100)  # before mkdocs-jupyter turns .ipynb files into pages
@@ -26,8 +73,95 @@ def on_files(files: Files, config) -> Files:
         raise PluginError(
             f"executed notebooks missing in {EXECUTED}: {', '.join(missing)}. "
             "Run `make notebooks` (or `make test`) first.")
+    (PUBLISHED / "notebooks").mkdir(parents=True, exist_ok=True)
     for nb in sources:
-        files.append(File(f"notebooks/{nb.name}", src_dir=str(EXECUTED.parent),
+        text = nbformat.writes(publishable(nbformat.read(EXECUTED / nb.name, as_version=4)))
+        target = PUBLISHED / "notebooks" / nb.name
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8")
+        files.append(File(f"notebooks/{nb.name}", src_dir=str(PUBLISHED),
                           dest_dir=config["site_dir"],
                           use_directory_urls=config["use_directory_urls"]))
     return files
+
+
+_CDN_LOADERS = [
+    # nbconvert's MathJax loader and its configuration (mkdocs-jupyter leaves src="")
+    re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S),
+    # nbconvert's Mermaid loader: imports mermaid from a CDN when a diagram is present
+    re.compile(r"<script type=\"module\">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>",
+               re.S),
+]
+
+
+def on_page_content(html_text: str, page, config, files) -> str:
+    if not page.file.src_uri.endswith(".ipynb"):
+        return html_text
+    for pattern in _CDN_LOADERS:
+        html_text = pattern.sub("", html_text)
+    parsed = _Anchors()
+    parsed.feed(html_text)
+    page.present_anchor_ids = parsed.ids
+    page.toc = get_toc(_nest(parsed.headings))
+    for href in sorted(set(parsed.local_links) - parsed.ids):
+        log.warning("Notebook page '%s' links to '#%s', but there is no such anchor on "
+                    "this page.", page.file.src_uri, href)
+    seen: set[str] = set()
+    for heading in parsed.headings:
+        if heading["id"] in seen:  # its TOC entry would lead to the first one
+            log.warning("Notebook page '%s' has two headings with the id '#%s'; give them "
+                        "different titles.", page.file.src_uri, heading["id"])
+        seen.add(heading["id"])
+    return html_text
+
+
+class _Anchors(HTMLParser):
+    """Ids, headings (level, id, text) and ``href="#..."`` links of a page's content."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.ids: set[str] = set()
+        self.local_links: list[str] = []
+        self.headings: list[dict] = []
+        self._heading: dict | None = None
+        self._skip = 0  # inside a heading's permalink (the pilcrow)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if attr.get("id"):
+            self.ids.add(attr["id"])
+        if tag == "a" and attr.get("name"):
+            self.ids.add(attr["name"])
+        if tag == "a" and (attr.get("href") or "").startswith("#") and len(attr["href"]) > 1:
+            self.local_links.append(html.unescape(attr["href"][1:]))
+        if re.fullmatch(r"h[1-6]", tag) and attr.get("id"):
+            self._heading = {"level": int(tag[1]), "id": attr["id"], "name": "",
+                             "children": []}
+        elif self._heading is not None and tag == "a" and "anchor-link" in (attr.get("class") or ""):
+            self._skip += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._heading is None:
+            return
+        if tag == "a" and self._skip:
+            self._skip -= 1
+        elif re.fullmatch(r"h[1-6]", tag):
+            self._heading["name"] = html.escape(" ".join(self._heading["name"].split()))
+            self.headings.append(self._heading)
+            self._heading = None
+
+    def handle_data(self, data: str) -> None:
+        if self._heading is not None and not self._skip:
+            self._heading["name"] += data
+
+
+def _nest(headings: list[dict]) -> list[dict]:
+    """Turn a flat list of headings into the nested TOC tokens MkDocs expects."""
+    root: list[dict] = []
+    stack: list[dict] = []
+    for heading in headings:
+        while stack and stack[-1]["level"] >= heading["level"]:
+            stack.pop()
+        (stack[-1]["children"] if stack else root).append(heading)
+        stack.append(heading)
+    return root

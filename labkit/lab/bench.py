@@ -2,33 +2,46 @@
 
 The workload: check out a connection, ``SELECT`` one row by primary key from a seeded
 table, commit, return the connection. Each client runs it from ``concurrency`` workers
-for ``duration`` seconds and returns a record::
+for ``duration`` seconds and returns a record:
 
-    {"client": "labkit session (async)", "concurrency": 8, "tps": 3100.0,
-     "p50_ms": 2.4, "p99_ms": 6.0, "transactions": 9300, "duration_s": 3.0}
+```python
+{"client": "labkit session (async)", "concurrency": 8, "tps": 3100.0,
+ "p50_ms": 2.4, "p99_ms": 6.0, "transactions": 9300, "duration_s": 3.0}
+```
 
 Clients, from the bottom up: ``pgbench`` (C, the ceiling), raw asyncpg pool, raw psycopg2
 (one connection per thread), SQLAlchemy Core, SQLAlchemy ORM session (sync and async), and
 labkit's session scope (sync and async). Used by ``benchmarks/run.py`` (``make bench``) and
 notebooks 05 and 06.
+
+One short run per client cannot resolve a few percent on a shared machine: other
+processes take the CPU in bursts. ``interleaved_rounds`` therefore runs every client
+many times in short slices, in a random order within each round, so that each client's
+slices are spread over the whole run. ``summarize`` reports the median and spread of
+those slices, and ``paired_ratio`` compares two clients round by round: the median of the
+per-round ratios with a distribution-free interval (``median_interval``), whose width is
+the smallest difference the run can resolve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Integer, String, select, text
+from sqlalchemy import Integer, String, func, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,17 +62,29 @@ from labkit.lab.load import percentile
 
 __all__ = [
     "ASYNC_CLIENTS",
+    "CLIENTS",
+    "PGBENCH",
+    "PGBENCH_SELECT",
+    "RATIOS",
     "ROWS",
     "SYNC_CLIENTS",
     "BenchItem",
+    "interleaved_rounds",
+    "iter_plan",
+    "median_interval",
+    "overheads",
+    "paired_ratio",
+    "pool_size_rounds",
+    "progress",
+    "quantile",
     "record",
     "run_async_client",
+    "run_client",
     "run_pgbench",
+    "run_pool_size",
     "run_sync_client",
-    "iter_plan",
-    "overheads",
-    "progress",
     "seed",
+    "summarize",
 ]
 
 ROWS = 10_000
@@ -265,13 +290,23 @@ async def run_async_client(url: URL, client: str, concurrency: int,
 
 # --- pgbench ---------------------------------------------------------------------------------
 
+PGBENCH = "pgbench (C, same transaction)"
+PGBENCH_SELECT = "pgbench -S (autocommit, reference)"
+
 def run_pgbench(url: URL, bin_dir: Path, concurrency: int, duration: float, *,
-                select_only: bool = False) -> dict[str, Any]:
-    """Run pgbench (the C client) on the same transaction, or ``-S`` for reference."""
+                select_only: bool = False, transactions: int | None = None) -> dict[str, Any]:
+    """Run pgbench (the C client) on the same transaction, or ``-S`` for reference.
+
+    pgbench's ``-T`` takes whole seconds only, so ``duration`` is rounded up to at least
+    1 s. For shorter slices give ``transactions`` (per client, pgbench's ``-t``) instead:
+    ``duration`` then only bounds the subprocess timeout.
+    """
     env = {**os.environ, "PGPASSWORD": str(url.password or "")}
+    budget = (["-t", str(max(1, transactions))] if transactions is not None
+              else ["-T", str(max(1, round(duration)))])
     with tempfile.TemporaryDirectory() as tmp:
         args = [str(bin_dir / "pgbench"), "-n", "-c", str(concurrency),
-                "-j", str(min(concurrency, os.cpu_count() or 1)), "-T", str(max(1, round(duration))),
+                "-j", str(min(concurrency, os.cpu_count() or 1)), *budget,
                 "-h", str(url.host), "-p", str(url.port), "-U", str(url.username),
                 "-l", "--log-prefix", f"{tmp}/log", str(url.database)]
         if select_only:
@@ -295,8 +330,7 @@ def run_pgbench(url: URL, bin_dir: Path, concurrency: int, duration: float, *,
                     latencies.append(int(fields[2]) / 1e6)
     match = re.search(r"tps = ([0-9.]+)", proc.stdout)
     elapsed = len(latencies) / float(match.group(1)) if match and float(match.group(1)) else 1.0
-    name = "pgbench -S (autocommit, reference)" if select_only else "pgbench (C, same transaction)"
-    return record(name, concurrency, latencies, elapsed)
+    return record(PGBENCH_SELECT if select_only else PGBENCH, concurrency, latencies, elapsed)
 
 
 # --- overheads -----------------------------------------------------------------------------
@@ -353,3 +387,358 @@ def iter_plan(concurrencies: Iterable[int]) -> list[tuple[str, int]]:
     """Every (client, concurrency) pair of a full run, pgbench first."""
     clients = ["pgbench", *SYNC_CLIENTS, *ASYNC_CLIENTS]
     return [(c, n) for n in concurrencies for c in clients]
+
+
+# --- interleaved rounds ----------------------------------------------------------------------
+
+CLIENTS = [PGBENCH, *SYNC_CLIENTS, *ASYNC_CLIENTS]
+"""Every load client, bottom up: the C client, then the sync and the async Python layers."""
+
+RATIOS: list[tuple[str, str, str]] = [
+    ("labkit sync / SQLAlchemy ORM sync",
+     "labkit session_scope (sync)", "SQLAlchemy ORM session (sync)"),
+    ("labkit async / SQLAlchemy ORM async",
+     "labkit async_session_scope (async)", "SQLAlchemy ORM session (async)"),
+    ("SQLAlchemy ORM sync / SQLAlchemy Core sync",
+     "SQLAlchemy ORM session (sync)", "SQLAlchemy Core (sync)"),
+    ("asyncpg raw / SQLAlchemy ORM async",
+     "asyncpg raw (pool)", "SQLAlchemy ORM session (async)"),
+    ("psycopg2 raw / pgbench", "psycopg2 raw (threads)", PGBENCH),
+]
+"""The comparisons ``make bench`` reports: ``(name, numerator, denominator)``; the first
+two are labkit's own cost over the SQLAlchemy layer it wraps."""
+
+_T = TypeVar("_T")
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` on a fresh event loop, from plain code or from inside a notebook.
+
+    In Jupyter an event loop already runs in this thread and ``asyncio.run`` refuses to
+    nest, so the coroutine then gets its own loop in a helper thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def run_client(url: URL, client: str, concurrency: int, duration: float, *,
+               bin_dir: Path | None = None, transactions: int | None = None) -> dict[str, Any]:
+    """Run one client of ``CLIENTS`` once and return its record.
+
+    Args:
+        url: The database to load.
+        client: A name from ``CLIENTS``.
+        concurrency: Workers (threads, tasks or pgbench clients).
+        duration: Seconds to run (pgbench: see ``transactions``).
+        bin_dir: The directory holding ``pgbench``; needed for ``PGBENCH`` only.
+        transactions: For ``PGBENCH``: transactions per client instead of a duration.
+
+    Raises:
+        ValueError: An unknown client, or ``PGBENCH`` without ``bin_dir``.
+    """
+    if client == PGBENCH:
+        if bin_dir is None:
+            raise ValueError("bin_dir (the directory holding pgbench) is needed for pgbench")
+        return run_pgbench(url, bin_dir, concurrency, duration, transactions=transactions)
+    if client in SYNC_CLIENTS:
+        return run_sync_client(url, client, concurrency, duration)
+    if client in ASYNC_CLIENTS:
+        return _run_coroutine(run_async_client(url, client, concurrency, duration))
+    raise ValueError(f"unknown client {client!r}; choose from {CLIENTS}")
+
+
+def _shuffled_rounds(cells: Sequence[_T], rounds: int, seed: int) -> list[list[_T]]:
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(rounds):
+        order = list(cells)
+        rng.shuffle(order)
+        plan.append(order)
+    return plan
+
+
+def interleaved_rounds(url: URL, *, clients: Sequence[str] = tuple(CLIENTS),
+                       concurrencies: Sequence[int] = (8,), rounds: int = 10,
+                       duration: float = 0.3, bin_dir: Path | None = None, seed: int = 0,
+                       warmup: bool = True,
+                       on_round: Callable[[int, int, float], None] | None = None,
+                       ) -> list[dict[str, Any]]:
+    """Run every (client, concurrency) cell once per round, in a new random order each round.
+
+    Interleaving spreads each client's slices over the whole run, so a burst of load
+    from another process hits all clients alike instead of ruining one client's only
+    run. An unrecorded warm-up round at half the slice length comes first (imports,
+    SQLAlchemy's statement cache, PostgreSQL's buffers, pgbench's calibration).
+
+    pgbench cannot run for less than a whole second, so its slices are given as a
+    number of transactions per client, sized from its previous throughput to last about
+    ``duration`` seconds.
+
+    Args:
+        url: The database to load (seeded with ``seed`` first).
+        clients: Names from ``CLIENTS``.
+        concurrencies: Worker counts; every client runs at each.
+        rounds: Recorded rounds.
+        duration: Seconds per slice (one client at one concurrency, once).
+        bin_dir: The directory holding ``pgbench`` (needed when ``PGBENCH`` is a client).
+        seed: Seed of the random order, recorded so a run can be replayed.
+        warmup: Run the unrecorded warm-up round first.
+        on_round: Called after each recorded round with ``(round, rounds, seconds)``.
+
+    Returns:
+        One record per slice: the client's record plus ``round`` (1-based),
+        ``position`` (its place in the round) and ``started_s`` (since the run began).
+
+    Example:
+        ```python
+        cells = interleaved_rounds(url, clients=SYNC_CLIENTS, concurrencies=[4], rounds=8)
+        paired_ratio(cells, "labkit session_scope (sync)", "SQLAlchemy ORM session (sync)")
+        ```
+    """
+    if rounds < 1 or duration <= 0:
+        raise ValueError("rounds must be >= 1 and duration > 0")
+    cells = [(client, n) for n in concurrencies for client in clients]
+    plan = _shuffled_rounds(cells, rounds + (1 if warmup else 0), seed)
+    pgbench_tps: dict[int, float] = {}
+    out: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for index, order in enumerate(plan):
+        number = index if warmup else index + 1  # round 0 is the warm-up
+        seconds = duration / 2 if number == 0 else duration
+        round_start = time.perf_counter()
+        for position, (client, n) in enumerate(order):
+            transactions = None
+            if client == PGBENCH:
+                guess = pgbench_tps.get(n, 1000.0 * n)
+                transactions = max(10, round(guess * seconds / n))
+            started = time.perf_counter() - t0
+            rec = run_client(url, client, n, seconds, bin_dir=bin_dir, transactions=transactions)
+            if client == PGBENCH and rec["tps"] > 0:
+                pgbench_tps[n] = rec["tps"]
+            if number:
+                out.append({**rec, "round": number, "position": position,
+                            "started_s": round(started, 3)})
+        if number and on_round is not None:
+            on_round(number, rounds, time.perf_counter() - round_start)
+    return out
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Return the ``q``-quantile (0-1) with linear interpolation; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summarise slices per (client, concurrency): the median and spread over rounds.
+
+    ``tps`` is the median of the slices' throughputs, ``tps_q1``/``tps_q3`` their
+    interquartile range and ``tps_min``/``tps_max`` the extremes; ``spread_pct`` is the
+    IQR as a percentage of the median. ``p50_ms``/``p99_ms`` are the medians over rounds
+    of each slice's latency percentiles. Rows come in ``CLIENTS`` order, then by
+    concurrency.
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for cell in cells:
+        groups.setdefault((cell["client"], cell["concurrency"]), []).append(cell)
+    rank = {name: i for i, name in enumerate(CLIENTS)}
+    rows = []
+    for (client, n), group in sorted(groups.items(),
+                                     key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0])):
+        tps = [c["tps"] for c in group]
+        med = statistics.median(tps)
+        q1, q3 = quantile(tps, 0.25), quantile(tps, 0.75)
+        p99s = [c["p99_ms"] for c in group if c.get("p99_ms") is not None]
+        rows.append({
+            "client": client, "concurrency": n, "rounds": len(group),
+            "tps": round(med, 1), "tps_q1": round(q1, 1), "tps_q3": round(q3, 1),
+            "tps_min": round(min(tps), 1), "tps_max": round(max(tps), 1),
+            "spread_pct": round((q3 - q1) / med * 100.0, 1) if med else math.nan,
+            "p50_ms": round(statistics.median(c["p50_ms"] for c in group), 3),
+            "p99_ms": round(statistics.median(p99s), 3) if p99s else None,
+            "transactions": sum(c.get("transactions", 0) for c in group),
+        })
+    return rows
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95
+                    ) -> tuple[float, float, float]:
+    """Return a distribution-free interval for the median of ``values``, and its coverage.
+
+    The interval runs from the k-th smallest to the k-th largest value, with the largest
+    k whose coverage, ``1 - 2 * P(Binomial(n, 1/2) < k)``, is still at least
+    ``confidence``. It assumes only independent draws from one distribution, not a
+    normal one. With too few values for the coverage asked (fewer than 6 for 95 %),
+    it is the minimum to the maximum and the coverage returned is lower than asked.
+
+    Returns:
+        ``(low, high, coverage)``; ``(nan, nan, 0.0)`` for no values.
+
+    Example:
+        ```python
+        median_interval([0.97, 1.01, 0.99, 1.04, 0.98, 1.00, 1.02, 0.96], 0.95)
+        # (0.97, 1.02, 0.9297) is below 95 %, so k = 1: (0.96, 1.04, 0.9922)
+        ```
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return math.nan, math.nan, 0.0
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
+def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: str, *,
+                 concurrency: int | None = None, confidence: float = 0.95,
+                 name: str | None = None) -> dict[str, Any]:
+    """Compare two clients round by round: the median of the per-round throughput ratios.
+
+    Both clients ran in every round, a few seconds apart at most, so each round's ratio
+    ``numerator / denominator`` cancels most of the load the machine was under at the
+    time. The interval is ``median_interval`` of those ratios; ``resolves_pct`` is its
+    wider half in percent of the median: differences smaller than that are beyond what
+    the run can see.
+
+    Args:
+        cells: Slices from ``interleaved_rounds``.
+        numerator: A client name.
+        denominator: A client name.
+        concurrency: Compare at this worker count. ``None`` pools the concurrencies: each
+            round's ratio is then the geometric mean of its ratios at every concurrency
+            (meaningful when the ratio does not depend on concurrency, as for a layer's
+            cost over the layer it wraps).
+        confidence: Coverage asked of the interval.
+        name: A label; ``"numerator / denominator"`` by default.
+
+    Returns:
+        ``name``, ``numerator``, ``denominator``, ``concurrency`` (or ``"pooled"``),
+        ``rounds``, ``median``, ``low``, ``high``, ``confidence`` (the coverage reached),
+        ``resolves_pct``, ``verdict`` (a sentence) and ``per_round`` (the ratios).
+
+    Raises:
+        ValueError: No round has both clients.
+    """
+    tps: dict[tuple[int, int], dict[str, float]] = {}
+    for cell in cells:
+        if cell["client"] in (numerator, denominator) and (
+                concurrency is None or cell["concurrency"] == concurrency):
+            tps.setdefault((cell["round"], cell["concurrency"]), {})[cell["client"]] = cell["tps"]
+    logs: dict[int, list[float]] = {}
+    for (rnd, _), pair in sorted(tps.items()):
+        if len(pair) == 2 and pair[numerator] > 0 and pair[denominator] > 0:
+            logs.setdefault(rnd, []).append(math.log(pair[numerator] / pair[denominator]))
+    levels = max((len(v) for v in logs.values()), default=0)
+    ratios = [math.exp(sum(v) / len(v)) for v in logs.values() if len(v) == levels]
+    if not ratios:
+        raise ValueError(f"no round ran both {numerator!r} and {denominator!r}")
+    med = statistics.median(ratios)
+    low, high, reached = median_interval(ratios, confidence)
+    resolves = max(med - low, high - med) / med * 100.0
+    lo_pct, hi_pct = (low - 1.0) * 100.0, (high - 1.0) * 100.0
+    if low > 1.0:
+        verdict = f"{numerator} is faster, by {lo_pct:.1f} to {hi_pct:.1f} %"
+    elif high < 1.0:
+        verdict = f"{numerator} is slower, by {-hi_pct:.1f} to {-lo_pct:.1f} %"
+    else:
+        verdict = (f"no difference resolved: {numerator} is within {lo_pct:+.1f} % to "
+                   f"{hi_pct:+.1f} % of {denominator}")
+    return {"name": name or f"{numerator} / {denominator}", "numerator": numerator,
+            "denominator": denominator,
+            "concurrency": "pooled" if concurrency is None else concurrency,
+            "rounds": len(ratios), "median": round(med, 4), "low": round(low, 4),
+            "high": round(high, 4), "confidence": round(reached, 4),
+            "resolves_pct": round(resolves, 1), "verdict": verdict,
+            "per_round": [round(r, 4) for r in ratios]}
+
+
+# --- pool sizing (notebook 06) ---------------------------------------------------------------
+
+async def run_pool_size(settings: Settings, size: int, *, tasks: int, duration: float,
+                        server_wait_s: float) -> dict[str, Any]:
+    """Run ``tasks`` asyncio tasks through labkit's async session scope on a pool of ``size``.
+
+    Each transaction reads one row and waits ``server_wait_s`` seconds on the server
+    (``pg_sleep``, standing in for disk or lock waits), so a connection is held for at
+    least that long and one connection can never exceed ``1 / server_wait_s``
+    transactions per second, however fast the client is. Connections are opened
+    before the clock starts.
+
+    Returns:
+        A record (``client`` is ``"pool <size>"``, ``concurrency`` the pool size) with
+        ``pool_size``, ``tasks`` and ``server_wait_ms`` added.
+    """
+    engine = create_async_engine(settings, pool=DEVELOPMENT_POOL.replace(
+        pool_size=size, max_overflow=0, pool_pre_ping=False, pool_timeout=60))
+    factory = create_async_sessionmaker(engine)
+    stmt = select(BenchItem.id, BenchItem.name, func.pg_sleep(server_wait_s))
+    latencies: list[float] = []
+    try:
+        async def hold() -> None:  # overlapping checkouts open every connection
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT pg_sleep(0.02)"))
+
+        await asyncio.gather(*(hold() for _ in range(size)))
+        clock = time.perf_counter
+        deadline = clock() + duration
+
+        async def worker(i: int) -> None:
+            rnd = random.Random(i)
+            while (t := clock()) < deadline:
+                async with async_session_scope(factory) as session:
+                    key = rnd.randint(1, ROWS)
+                    (await session.execute(stmt.where(BenchItem.id == key))).first()
+                latencies.append(clock() - t)
+
+        t0 = clock()
+        await asyncio.gather(*(worker(i) for i in range(tasks)))
+        elapsed = clock() - t0
+    finally:
+        await engine.dispose()
+    return record(f"pool {size}", size, latencies, elapsed, pool_size=size, tasks=tasks,
+                  server_wait_ms=server_wait_s * 1000.0)
+
+
+def pool_size_rounds(settings: Settings, sizes: Sequence[int], *, tasks: int, rounds: int,
+                     duration: float, server_wait_s: float, seed: int = 0,
+                     on_round: Callable[[int, int, float], None] | None = None,
+                     ) -> list[dict[str, Any]]:
+    """Run ``run_pool_size`` for every size once per round, in a new random order each round.
+
+    The same interleaving as ``interleaved_rounds``: a burst of load from another
+    process lands on a few slices of several sizes, not on all slices of one size, and
+    ``summarize`` then compares medians. Returns one record per slice with ``round``,
+    ``position`` and ``started_s`` added.
+    """
+    if rounds < 1 or duration <= 0:
+        raise ValueError("rounds must be >= 1 and duration > 0")
+    out: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    # Unrecorded warm-up: the first transactions of a process pay for imports and caches.
+    _run_coroutine(run_pool_size(settings, max(sizes), tasks=tasks, duration=duration / 2,
+                                 server_wait_s=server_wait_s))
+    for number, order in enumerate(_shuffled_rounds(list(sizes), rounds, seed), start=1):
+        round_start = time.perf_counter()
+        for position, size in enumerate(order):
+            started = time.perf_counter() - t0
+            rec = _run_coroutine(run_pool_size(settings, size, tasks=tasks, duration=duration,
+                                               server_wait_s=server_wait_s))
+            out.append({**rec, "round": number, "position": position,
+                        "started_s": round(started, 3)})
+        if on_round is not None:
+            on_round(number, rounds, time.perf_counter() - round_start)
+    return out

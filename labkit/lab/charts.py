@@ -44,7 +44,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
 
 def step_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
                xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None) -> Figure:
-    """Like :func:`line_chart`, drawn as steps (for counts sampled over time)."""
+    """Like ``line_chart``, drawn as steps (for counts sampled over time)."""
     fig, ax = plt.subplots(figsize=_SIZE)
     for name, (x, y) in series.items():
         ax.step(x, y, where="post", label=name)

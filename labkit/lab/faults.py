@@ -1,15 +1,17 @@
 """Fault injection against a *throwaway* local server; every fault is undone on exit.
 
-Destructive experiments never touch the learner's database: :func:`throwaway_server`
+Destructive experiments never touch the learner's database: ``throwaway_server``
 starts a private PostgreSQL in a temporary folder (even when ``DATABASE_URL`` points
 elsewhere) and deletes it afterwards. Each fault is a context manager, so a failing cell
-still resumes a paused server or starts a stopped one::
+still resumes a paused server or starts a stopped one:
 
-    with throwaway_server() as server:
-        with paused(server):          # SIGSTOP: a hung server (not a partition)
-            ...
-        with stopped(server):         # down, then started again on the same port
-            ...
+```python
+with throwaway_server() as server:
+    with paused(server):          # SIGSTOP: a hung server (not a partition)
+        ...
+    with stopped(server):         # down, then started again on the same port
+        ...
+```
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Each operation is recorded: when it started and ended, how long it waited for a 
 connection, and whether it succeeded (with the error class when not). Runs last for a
 ``duration`` (seconds) or a ``count`` of operations per worker, whichever is given.
 
-Example::
-
+Example:
+    ```python
     result = run_sync_load(engine, lambda conn: conn.execute(text("SELECT 1")),
                            workers=8, duration=2.0)
     result.tps, result.percentile_ms(99), result.errors
+    ```
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ async def run_async_load(engine: AsyncEngine, work: Callable[[AsyncConnection], 
                          *, workers: int, duration: float | None = None,
                          count: int | None = None, label: str = "async",
                          think_time: float = 0.0, progress: bool = True) -> LoadResult:
-    """Async twin of :func:`run_sync_load`: ``workers`` tasks on one event loop."""
+    """Async twin of ``run_sync_load``: ``workers`` tasks on one event loop."""
     _check_budget(duration, count)
     ops: list[OpRecord] = []
     clock = time.perf_counter

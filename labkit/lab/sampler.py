@@ -1,10 +1,12 @@
 """Sample pool gauges and the server's own view (``pg_stat_activity``) over time.
 
-The sampler runs in a background thread while an experiment runs::
+The sampler runs in a background thread while an experiment runs:
 
-    with Sampler(metrics, observer, application_name="nb02") as sampler:
-        run_sync_load(...)
-    sampler.series("in_use"), sampler.series("server_connections")
+```python
+with Sampler(metrics, observer, application_name="nb02") as sampler:
+    run_sync_load(...)
+sampler.series("in_use"), sampler.series("server_connections")
+```
 
 ``observer`` is a separate engine (ideally with a NullPool or its own small pool): the
 sampler must not borrow connections from the pool it is watching.

@@ -8,7 +8,7 @@ which is what asyncpg, psycopg2 and network faults see against a container too.
 The controller follows asyncpg's ``cluster.py``: a status state machine
 (``not-initialized | stopped | running``), ``init / start / stop / restart / destroy``,
 a free port chosen on first start, readiness by polling a real TCP connection, and a
-:class:`ClusterError` carrying the failed command's exit code and output.
+``ClusterError`` carrying the failed command's exit code and output.
 
 PostgreSQL refuses to run as root. When labkit runs as root (CI does), the server
 runs as a dedicated system user, ``labkit-pg``, created on first use.
@@ -99,7 +99,7 @@ class ServerInfo:
         )
 
     def connect(self, *, dbname: str | None = None, **options: object) -> Any:
-        """Open a raw psycopg2 connection (``dbname`` defaults to :attr:`database`)."""
+        """Open a raw psycopg2 connection (``dbname`` defaults to ``database``)."""
         import psycopg2
 
         return psycopg2.connect(host=self.host, port=self.port, user=self.user,
@@ -159,11 +159,12 @@ class LocalServer:
     ``root/server.json`` holds the port and password (mode 0600); ``root/pg`` holds the
     data directory and the server log, owned by the user the server runs as.
 
-    Example::
-
+    Example:
+        ```python
         server = LocalServer(Path(".labkit"))
         info = server.ensure_running()     # init + start, or reuse a running one
         engine = create_engine(info.url("postgresql+psycopg2"))
+        ```
     """
 
     def __init__(self, root: Path, *, settings: dict[str, str] | None = None) -> None:
@@ -368,7 +369,7 @@ class LocalServer:
         self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        """Undo :meth:`pause` (SIGCONT)."""
+        """Undo ``pause`` (SIGCONT)."""
         self._signal_all(signal.SIGCONT)
 
     def destroy(self) -> None:
