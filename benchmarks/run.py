@@ -7,7 +7,9 @@ One run per client cannot resolve a few percent on a shared machine: another pro
 takes a core for a second and that client's only number is off by 30 %. So every client
 runs at every concurrency once per *round*, for a short slice, in a new random order
 each round; each client's slices are spread over the whole run, and a burst of load
-lands on a few slices of many clients instead of all of one client's.
+lands on a few slices of many clients instead of all of one client's. The two sides of
+every ratio run back to back within a round (``bench.BLOCKS``, in random order), so they
+see nearly the same load, and a garbage collection precedes every slice.
 
 Reported per client and concurrency: the median throughput of its slices and their
 spread (interquartile range, min-max). Reported per comparison (labkit / SQLAlchemy,
@@ -15,8 +17,10 @@ raw driver / pgbench, ...): the median of the per-round ratios with a distributi
 95 % interval for that median (order statistics, the sign-test interval). labkit's two
 ratios are pooled over the concurrencies above 1, where the Python client is CPU-bound
 and a layer's cost shows in full: each round's ratio is then the geometric mean of its
-ratios at those concurrencies. The interval's half-width is the smallest difference the
-run can resolve; it is written to the JSON and onto the chart.
+ratios at those concurrencies. They are also given for the Python process's CPU time per
+transaction, the layer's own cost, which other processes disturb far less than
+throughput. The interval's wider half is the smallest difference the run can resolve; it
+is written to the JSON and onto the chart.
 
 Writes ``results.json``, ``ratios.json`` and ``results.png`` to ``--out``, and prints a
 table, the ratios and the resolution. About 2.5 minutes with the defaults on 2 cores.
@@ -99,14 +103,21 @@ def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
 
 
 def compare(slices: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
-    """Every ratio at every concurrency, plus labkit's pooled headline ratios."""
+    """Every throughput ratio at every concurrency, plus labkit's pooled headline ratios.
+
+    labkit's ratios also come as ``tx_per_cpu_s``: transactions per second of the Python
+    process's CPU time, the layer's own cost, which other processes disturb far less
+    than throughput (they take the CPU away; they hardly change what a transaction
+    costs once it runs).
+    """
     rows = []
     pooled_levels = [n for n in concurrencies if n > 1] or concurrencies
     pooled_slices = [s for s in slices if s["concurrency"] in pooled_levels]
-    for name, numerator, denominator in LABKIT_RATIOS:
-        row = bench.paired_ratio(pooled_slices, numerator, denominator, concurrency=None,
-                                 confidence=CONFIDENCE, name=name)
-        rows.append({**row, "pooled_over": pooled_levels, "headline": True})
+    for metric in ("tps", "tx_per_cpu_s"):
+        for name, numerator, denominator in LABKIT_RATIOS:
+            row = bench.paired_ratio(pooled_slices, numerator, denominator, concurrency=None,
+                                     confidence=CONFIDENCE, name=name, metric=metric)
+            rows.append({**row, "pooled_over": pooled_levels, "headline": True})
     for name, numerator, denominator in bench.RATIOS:
         labkit = (name, numerator, denominator) in LABKIT_RATIOS
         for n in concurrencies:
@@ -120,16 +131,26 @@ def resolution(ratios: list[dict[str, Any]]) -> dict[str, Any]:
     """What the run can and cannot resolve about labkit's cost over SQLAlchemy."""
     names = {name for name, _, _ in LABKIT_RATIOS}
     labkit = [r for r in ratios if r["headline"] and r["name"] in names]
-    worst = max(r["resolves_pct"] for r in labkit)
-    parts = ", ".join(f"{r['name'].split(' / ')[0].removeprefix('labkit ')} "
-                      f"±{r['resolves_pct']:.1f} %" for r in labkit)
-    cannot = (f"; a difference of {math.floor(worst)} % or less is below what it can see"
-              if worst >= 1 else "")
-    statement = (f"This run resolves differences larger than about ±{worst:.1f} % between "
-                 f"labkit and the SQLAlchemy session it wraps ({parts}; "
-                 f"{PCT} intervals){cannot}.")
-    return {"labkit_vs_sqlalchemy_pct": round(worst, 1), "statement": statement,
-            "verdicts": {r["name"]: r["verdict"] for r in labkit}}
+    tps = [r for r in labkit if r["metric"] == "tps"]
+    cpu = [r for r in labkit if r["metric"] == "tx_per_cpu_s"]
+    worst = max(r["resolves_pct"] for r in tps)
+    worst_cpu = max(r["resolves_pct"] for r in cpu)
+
+    def parts(rows: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{r['name'].split(' / ')[0].removeprefix('labkit ')} "
+                         f"±{r['resolves_pct']:.1f} %" for r in rows)
+
+    statement = (f"This run resolves throughput differences larger than about ±{worst:.0f} % "
+                 f"between labkit and the SQLAlchemy session it wraps ({parts(tps)}), and "
+                 f"differences in CPU per transaction larger than about ±{worst_cpu:.0f} % "
+                 f"({parts(cpu)}; {PCT} intervals). Smaller differences are beyond what it "
+                 f"can see")
+    best = min(worst, worst_cpu)
+    statement += (f": it cannot confirm or rule out a {math.floor(best)} % overhead."
+                  if best >= 1 else ".")
+    return {"throughput_pct": round(worst, 1), "cpu_per_transaction_pct": round(worst_cpu, 1),
+            "statement": statement,
+            "verdicts": {f"{r['name']} ({r['metric']})": r["verdict"] for r in labkit}}
 
 
 # --- chart ---------------------------------------------------------------------------------
@@ -195,6 +216,14 @@ def _forest(ax: Axes, rows: list[dict[str, Any]], labels: list[str], *,
         ax.set_xlim(lo - 0.1 * span, hi + 0.6 * span)
 
 
+def _labkit_label(r: dict[str, Any]) -> str:
+    side = r["name"].split(" / ")[0].removeprefix("labkit ")
+    what = "throughput" if r["metric"] == "tps" else "tx per CPU-second"
+    if r["concurrency"] == "pooled":
+        return f"{side}: {what}\n(workers {', '.join(map(str, r['pooled_over']))} pooled)"
+    return f"{side}: {what}\n({r['concurrency']} workers)"
+
+
 def chart(result: dict[str, Any], path: Path) -> None:
     """Throughput by layer, the layer ratios, and labkit's ratios against the claim."""
     summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
@@ -213,12 +242,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
     middle.set_xlabel("throughput ratio (log scale; 1 = equal)")
 
     labkit = [r for r in ratios if r["name"].startswith("labkit")]
-    labkit.sort(key=lambda r: (r["name"], r["concurrency"] != "pooled", str(r["concurrency"])))
-    labels = [f"{r['name'].split(' / ')[0]}\n"
-              + ("pooled over " + ", ".join(map(str, r["pooled_over"])) + " workers"
-                 if r["concurrency"] == "pooled" else f"{r['concurrency']} workers")
-              for r in labkit]
-    _forest(right, labkit, labels, log=False)
+    labkit.sort(key=lambda r: (not r["name"].startswith("labkit sync"),
+                               r["concurrency"] != "pooled", r["metric"] != "tps",
+                               str(r["concurrency"])))
+    _forest(right, labkit, [_labkit_label(r) for r in labkit], log=False)
     right.axvspan(0.97, 1.03, color="#fdae6b", alpha=0.3, linewidth=0)
     right.annotate("±3 %", (1.0, -0.6), ha="center", va="bottom", fontsize=8,
                    color="#a63603")
@@ -241,21 +268,24 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def report(result: dict[str, Any]) -> None:
     print(f"\n{'client':36s} {'conc':>4s} {'tps median':>10s} {'IQR':>15s} "
-          f"{'min–max':>15s} {'p50 ms':>7s} {'p99 ms':>7s}")
+          f"{'min–max':>15s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU µs/tx':>9s}")
     for r in result["clients"]:
+        cpu = f"{r['cpu_us_per_tx']:9.0f}" if r["cpu_us_per_tx"] is not None else f"{'-':>9s}"
         print(f"{r['client']:36s} {r['concurrency']:4d} {r['tps']:10.0f} "
               f"{r['tps_q1']:7.0f}–{r['tps_q3']:<7.0f} {r['tps_min']:7.0f}–{r['tps_max']:<7.0f} "
-              f"{r['p50_ms']:7.3f} {r['p99_ms']:7.3f}")
+              f"{r['p50_ms']:7.3f} {r['p99_ms']:7.3f} {cpu}")
     ref = result["reference"]
     print(f"{ref['client']:36s} {ref['concurrency']:4d} {ref['tps']:10.0f}  (one run)")
     print(f"\nratios (median of paired rounds, {PCT} interval):")
     for r in result["ratios"]:
-        where = ("pooled over " + ",".join(map(str, r["pooled_over"]))
+        where = ("pooled " + ",".join(map(str, r["pooled_over"]))
                  if r["concurrency"] == "pooled" else f"at {r['concurrency']}")
         mark = "*" if r["headline"] else " "
-        print(f" {mark}{r['name']:44s} {where:16s} {r['median']:6.3f} "
+        metric = "throughput" if r["metric"] == "tps" else "tx/CPU-s"
+        print(f" {mark}{r['name']:44s} {metric:10s} {where:11s} {r['median']:6.3f} "
               f"[{r['low']:.3f}–{r['high']:.3f}]  ±{r['resolves_pct']:.1f} %")
-    print("  (* headline)")
+    print("  (* headline; throughput = transactions per second, tx/CPU-s = transactions "
+          "per second of the Python process's CPU time)")
     print("\noverheads (median ms): " + ", ".join(
         f"{o['client']} {o['p50_ms']:.3f}" for o in result["overheads"]))
     print("\n" + result["resolution"]["statement"])
@@ -298,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"free {PCT} interval for that median (order statistics, "
                       "sign test); labkit's headline ratios pool the concurrencies above 1 "
                       "(geometric mean of each round's ratios)",
+            "metrics": "tps: transactions per second; tx_per_cpu_s: transactions per second "
+                       "of the Python process's CPU time while the clock ran (a layer's own "
+                       "cost; pgbench has none)",
             "resolves_pct": "the interval's wider half in percent of the median: smaller "
                             "differences are beyond what the run can see",
         },
@@ -311,11 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     result["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    headline = {r["name"]: {k: r[k] for k in ("concurrency", "median", "low", "high",
-                                              "confidence", "resolves_pct", "verdict")}
-                for r in ratios if r["headline"]}
+    headline: dict[str, dict[str, Any]] = {"tps": {}, "tx_per_cpu_s": {}}
+    for r in ratios:
+        if r["headline"]:
+            headline[r["metric"]][r["name"]] = {
+                k: r[k] for k in ("concurrency", "median", "low", "high", "confidence",
+                                  "resolves_pct", "verdict")}
     (args.out / "ratios.json").write_text(json.dumps(
-        {"ratios": headline, "resolution": result["resolution"]}, indent=2))
+        {"ratios": headline["tps"], "cpu_ratios": headline["tx_per_cpu_s"],
+         "resolution": result["resolution"]}, indent=2))
     chart(result, args.out / "results.png")
     report(result)
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'ratios.json'} and "

@@ -24,6 +24,15 @@ Environment variables (all optional except ``DATABASE_URL`` in production):
 | ``DB_CONNECT_TIMEOUT`` | give up opening a connection after | seconds |
 | ``DB_STATEMENT_TIMEOUT`` | server cancels statements running longer | milliseconds |
 | ``DB_COMMAND_TIMEOUT`` | client gives up on an unanswered statement | seconds |
+| ``DB_TCP_KEEPALIVE_IDLE`` | silence before the first TCP keepalive probe | seconds |
+| ``DB_TCP_KEEPALIVE_INTERVAL`` | between two unanswered probes | seconds |
+| ``DB_TCP_KEEPALIVE_COUNT`` | unanswered probes before the connection is dropped | |
+| ``DB_TCP_USER_TIMEOUT`` | drop the connection when sent data stays unacknowledged | seconds |
+
+In production the four TCP settings default to ``PRODUCTION_TCP`` (keepalive after 60 s
+of silence, every 10 s, 3 probes; ``tcp_user_timeout`` 30 s): idle pooled connections
+then keep a load balancer's or NAT's flow alive, and a connection whose network died is
+found within about 70 s instead of the kernel's two hours and more (notebook 07).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from labkit.errors import ConfigurationError, redact
 __all__ = [
     "DEVELOPMENT_POOL",
     "PRODUCTION_POOL",
+    "PRODUCTION_TCP",
     "TEST_POOL",
     "Environment",
     "PoolProfile",
@@ -75,6 +85,23 @@ _POSTGRES_NAMES = {"postgresql", "postgres"}
 MAX_POOL_TIMEOUT_S = threading.TIMEOUT_MAX
 MAX_CONNECT_TIMEOUT_S = 2_147_483_647
 MAX_STATEMENT_TIMEOUT_MS = 2_147_483_647
+# The kernel's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
+MAX_KEEPALIVE_S = 32_767
+MAX_KEEPALIVE_COUNT = 127
+
+PRODUCTION_TCP: dict[str, float] = {
+    "tcp_keepalive_idle": 60,
+    "tcp_keepalive_interval": 10,
+    "tcp_keepalive_count": 3,
+    "tcp_user_timeout": 30.0,
+}
+"""The TCP settings ``Settings.from_env`` uses in production unless the environment sets them.
+
+A probe after 60 s of silence is sent well within the idle timeouts of cloud load
+balancers and NAT gateways (minutes), so the flow of an idle pooled connection is never
+forgotten; a dead one is found after about 70 s (``tcp_user_timeout`` ends the probing
+at the first unanswered probe past 30 s).
+"""
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -542,6 +569,24 @@ class Settings:
     ``statement_timeout`` plus ``connect_timeout``, so the server gets to cancel first;
     no statement timeout, no client deadline. ``0`` turns it off. See
     ``effective_command_timeout``.
+
+    TCP settings, for both drivers (``None``: the operating system's default, which on
+    Linux means no keepalive probe before two hours of silence, and up to about 15
+    minutes of retransmissions before unacknowledged data gives up):
+
+    - ``tcp_keepalive_idle`` (whole seconds): silence before the first keepalive probe.
+      Below a load balancer's or NAT's idle timeout, the probes keep the flow alive;
+      after a partition, unanswered probes drop the connection, which ends a statement
+      waiting for an answer that will never come.
+    - ``tcp_keepalive_interval`` (whole seconds) and ``tcp_keepalive_count``: the probes
+      after the first, and how many go unanswered before the connection is dropped.
+    - ``tcp_user_timeout`` (seconds): drop the connection when data it sent stays
+      unacknowledged that long (a statement sent into a partition, a pre-ping on a flow a
+      firewall forgot). It does not end a wait for an answer to a statement already
+      acknowledged: only keepalives or a ``command_timeout`` do.
+
+    psycopg2 gets them as libpq's ``keepalives*`` and ``tcp_user_timeout`` parameters;
+    asyncpg, which has none, gets them as socket options right after it connects.
     """
 
     url: URL
@@ -552,6 +597,10 @@ class Settings:
     statement_timeout_ms: int | None = None
     application_name: str = "labkit"
     command_timeout: float | None = None
+    tcp_keepalive_idle: int | None = None
+    tcp_keepalive_interval: int | None = None
+    tcp_keepalive_count: int | None = None
+    tcp_user_timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", parse_url(self.url))
@@ -565,6 +614,24 @@ class Settings:
                     f"got {self.statement_timeout_ms}")
         if self.command_timeout is not None and self.command_timeout != 0:
             _check_seconds("command_timeout", self.command_timeout, MAX_POOL_TIMEOUT_S)
+        for name, maximum in (("tcp_keepalive_idle", MAX_KEEPALIVE_S),
+                              ("tcp_keepalive_interval", MAX_KEEPALIVE_S),
+                              ("tcp_keepalive_count", MAX_KEEPALIVE_COUNT)):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if not 1 <= value <= maximum:
+                    raise ConfigurationError(
+                        f"{name} must be >= 1 and <= {maximum}, got {value}")
+        if self.tcp_user_timeout is not None:
+            _check_seconds("tcp_user_timeout", self.tcp_user_timeout,
+                           MAX_STATEMENT_TIMEOUT_MS / 1000)
+
+    @property
+    def tcp_keepalive(self) -> bool:
+        """True when any keepalive setting is given (the probes are then tuned)."""
+        return any(value is not None for value in (
+            self.tcp_keepalive_idle, self.tcp_keepalive_interval, self.tcp_keepalive_count))
 
     @property
     def effective_command_timeout(self) -> float | None:
@@ -580,7 +647,11 @@ class Settings:
                 f"pool={self.pool!r}, echo={self.echo}, connect_timeout={self.connect_timeout}, "
                 f"statement_timeout_ms={self.statement_timeout_ms}, "
                 f"application_name={self.application_name!r}, "
-                f"command_timeout={self.command_timeout})")
+                f"command_timeout={self.command_timeout}, "
+                f"tcp_keepalive_idle={self.tcp_keepalive_idle}, "
+                f"tcp_keepalive_interval={self.tcp_keepalive_interval}, "
+                f"tcp_keepalive_count={self.tcp_keepalive_count}, "
+                f"tcp_user_timeout={self.tcp_user_timeout})")
 
     __str__ = __repr__
 
@@ -673,7 +744,15 @@ class Settings:
         command_timeout = (
             _parse_number("DB_COMMAND_TIMEOUT", env["DB_COMMAND_TIMEOUT"], float)
             if env.get("DB_COMMAND_TIMEOUT", "").strip() else None)
+        tcp: dict[str, Any] = (dict(PRODUCTION_TCP) if environment is Environment.PRODUCTION
+                               else {})
+        for var, field, kind in (("DB_TCP_KEEPALIVE_IDLE", "tcp_keepalive_idle", int),
+                                 ("DB_TCP_KEEPALIVE_INTERVAL", "tcp_keepalive_interval", int),
+                                 ("DB_TCP_KEEPALIVE_COUNT", "tcp_keepalive_count", int),
+                                 ("DB_TCP_USER_TIMEOUT", "tcp_user_timeout", float)):
+            if env.get(var, "").strip():
+                tcp[field] = _parse_number(var, env[var], kind)
         return cls(url=url, environment=environment, pool=pool, echo=echo,
                    connect_timeout=connect_timeout, statement_timeout_ms=statement_timeout,
-                   command_timeout=command_timeout)
+                   command_timeout=command_timeout, **tcp)
 

@@ -12,9 +12,12 @@ engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
 from __future__ import annotations
 
 import math
+import os
+import socket
 from typing import Any
 
 import sqlalchemy
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL, Engine
@@ -28,7 +31,7 @@ from labkit.config import (
     _server_settings_from_options,
     mask_url,
 )
-from labkit.deadline import bound_pre_ping, bound_statements
+from labkit.deadline import bound_pre_ping, bound_statements, connection_fileno
 from labkit.errors import ConfigurationError
 
 __all__ = [
@@ -89,7 +92,7 @@ def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, 
         if settings.effective_command_timeout is not None:
             # asyncpg's own client-side deadline for every statement.
             args_async["command_timeout"] = settings.effective_command_timeout
-        return args_async
+        return args_async  # TCP settings: socket options at connect (_tune_async_sockets)
     args: dict[str, Any] = {
         # libpq takes whole seconds and treats values below 2 as 2.
         "connect_timeout": max(2, math.ceil(settings.connect_timeout)),
@@ -101,6 +104,14 @@ def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, 
         options.append(f"-c statement_timeout={settings.statement_timeout_ms}")
     if options:
         args["options"] = " ".join(options)
+    if settings.tcp_keepalive:
+        args["keepalives"] = 1
+        for name in ("idle", "interval", "count"):
+            value = getattr(settings, f"tcp_keepalive_{name}")
+            if value is not None:
+                args[f"keepalives_{name}"] = int(value)
+    if settings.tcp_user_timeout is not None:
+        args["tcp_user_timeout"] = max(1, round(settings.tcp_user_timeout * 1000))  # ms
     return args
 
 
@@ -168,13 +179,58 @@ def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
                         **overrides: Any) -> AsyncEngine:
     """Create the async engine (asyncpg) with the settings' pool profile.
 
-    Pool events live on ``engine.sync_engine``. No connection is opened here.
+    Pool events live on ``engine.sync_engine``. No connection is opened here. The TCP
+    settings (keepalives, ``tcp_user_timeout``), which asyncpg cannot take, are set on
+    each new connection's socket as soon as it is open.
     """
     url = settings.async_url
     kwargs = _merge(engine_kwargs(settings, is_async=True, pool=pool), overrides)
     engine: AsyncEngine = _build(sa_create_async_engine, url, kwargs)
     bound_pre_ping(engine.sync_engine, settings.connect_timeout)
+    if url.get_backend_name() != "sqlite":
+        _tune_async_sockets(engine.sync_engine, settings)
     return engine
+
+
+def _tcp_socket_options(settings: Settings) -> list[tuple[int, int, int]]:
+    """Return the ``(level, option, value)`` socket options for the settings' TCP values.
+
+    What libpq sets for psycopg2 from its ``keepalives*`` and ``tcp_user_timeout``
+    parameters; labkit sets the same on asyncpg's sockets. Empty when none is set.
+    """
+    options: list[tuple[int, int, int]] = []
+    if settings.tcp_keepalive:
+        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        for name, option in (("idle", "TCP_KEEPIDLE"), ("interval", "TCP_KEEPINTVL"),
+                             ("count", "TCP_KEEPCNT")):
+            value = getattr(settings, f"tcp_keepalive_{name}")
+            if value is not None and hasattr(socket, option):
+                options.append((socket.IPPROTO_TCP, getattr(socket, option), int(value)))
+    if settings.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        max(1, round(settings.tcp_user_timeout * 1000))))
+    return options
+
+
+def _tune_async_sockets(engine: Engine, settings: Settings) -> None:
+    options = _tcp_socket_options(settings)
+    if not options:
+        return
+
+    @event.listens_for(engine, "connect")
+    def tune(dbapi_connection: Any, record: Any) -> None:
+        fileno = connection_fileno(dbapi_connection)
+        if fileno is None:
+            return
+        # A duplicate descriptor: options are set on the shared socket, closing the
+        # duplicate leaves asyncpg's own open.
+        sock = socket.socket(fileno=os.dup(fileno))
+        try:
+            for level, option, value in options:
+                sock.setsockopt(level, option, value)
+        finally:
+            sock.close()
+
 
 
 def _build(factory: Any, url: URL, kwargs: dict[str, Any]) -> Any:

@@ -21,7 +21,7 @@ LabkitError
     ├── DataError               a value is invalid for its type
     ├── ProgrammingError        the SQL is wrong: syntax, missing table, bad column
     ├── ServerError             the server failed on its side: disk full, out of memory, I/O
-    └── RetryExhaustedError     retries used up their budget; ``last_error`` says why
+    └── RetryExhaustedError     retries used up their budget; last_error says why
 ```
 
 Only database errors are translated (``is_database_error``): labkit's, SQLAlchemy's,

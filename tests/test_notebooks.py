@@ -98,7 +98,7 @@ def test_notebook_runs_top_to_bottom(path: Path, db_url, busy_cores) -> None:
             busy = ", busy cores: " + " ".join(f"{s:.2f}" for s in share) + " CPU each"
             # The run counts as busy only if the burners really ran (they share their
             # cores with whatever else the machine is doing).
-            assert min(share) > 0.25, f"the CPU burners got only {share} of a core"
+            assert min(share) > 0.1, f"the CPU burners got only {share} of a core"
     EXECUTED.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, EXECUTED / path.name)
     images = sum("image/png" in out.get("data", {})

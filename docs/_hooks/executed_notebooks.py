@@ -3,26 +3,27 @@
 Notebooks live in git without outputs; ``make test`` (or ``make notebooks``) executes each
 once against the database and writes the executed copy to ``build/notebooks/``. This hook
 publishes those copies as ``notebooks/<name>.ipynb`` so mkdocs-jupyter renders them with
-their charts, without executing anything a second time.
+their charts, without executing anything a second time. A notebook without an executed
+copy is published without outputs, with a warning (so ``mkdocs build --strict`` fails).
 
 What JupyterLab shows and what the site shows differ in three ways, all decided here:
 
-- **Progress and log lines stay in JupyterLab.** A long cell reports progress on stderr
+- **Progress and log lines stay in JupyterLab.** A long cell reports progress on stderr,
   and labkit logs its warnings there; a reader of the site wants the results, not red
   blocks repeating an error the cell has already printed. The published copy
-  (``build/site-notebooks/``) leaves out every ``stderr`` stream output, and an
+  (``build/site-notebooks/``) leaves out every ``stderr`` stream, and every
   ``execute_result`` that is a bare ``True``/``False`` (the return value of a clean-up
-  call such as ``server.__exit__(...)``): print what a lesson wants shown.
-- **The page's table of contents links the headings that are there.** mkdocs-jupyter
-  builds the TOC from a Markdown rendering whose slugs differ from the ids of the HTML it
-  publishes (``4-database-down-at-start-up`` vs ``4-database-down-at-start-up-wait_for_database``);
-  the TOC is rebuilt from the published headings.
-- **Links are checked, and nothing is fetched from outside.** Links to ``#anchors`` inside
-  a notebook page are checked against its ids, and so are duplicate headings, whose TOC
-  entries lead to the first of them (each is a warning, so ``mkdocs build --strict``
-  fails); the page's ids are registered so MkDocs validates links from
-  other pages into it, and nbconvert's MathJax and Mermaid loaders (CDN scripts; no
-  notebook uses either) are removed, so the pages read offline.
+  call such as ``server.__exit__(...)``): a lesson prints what it wants shown.
+- **The table of contents links the headings that are there.** mkdocs-jupyter builds it
+  from a Markdown rendering whose slugs differ from the published ids
+  (``4-database-down-at-start-up`` for ``4-database-down-at-start-up-wait_for_database``);
+  it is rebuilt from the published headings.
+- **Links are checked, and nothing is fetched from outside.** A ``#anchor`` link inside a
+  notebook page that names no id, and two headings with one id (the second's TOC entry
+  leads to the first), are warnings, so ``mkdocs build --strict`` fails. The page's ids
+  are registered, so MkDocs validates links from other pages into it (``validation:`` in
+  ``mkdocs.yml``). nbconvert's MathJax and Mermaid loaders (CDN scripts; no notebook uses
+  either) are removed, so the pages read offline.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from __future__ import annotations
 import html
 import logging
 import re
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import nbformat
-from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.toc import get_toc
@@ -68,14 +70,17 @@ def _hidden(out: nbformat.NotebookNode) -> bool:
 @event_priority(100)  # before mkdocs-jupyter turns .ipynb files into pages
 def on_files(files: Files, config) -> Files:
     sources = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    missing = [nb.name for nb in sources if not (EXECUTED / nb.name).exists()]
-    if missing:
-        raise PluginError(
-            f"executed notebooks missing in {EXECUTED}: {', '.join(missing)}. "
-            "Run `make notebooks` (or `make test`) first.")
     (PUBLISHED / "notebooks").mkdir(parents=True, exist_ok=True)
     for nb in sources:
-        text = nbformat.writes(publishable(nbformat.read(EXECUTED / nb.name, as_version=4)))
+        executed = EXECUTED / nb.name
+        if not executed.exists():
+            # `mkdocs serve` still shows the others; `mkdocs build --strict` stops here.
+            log.warning("Notebook %s has no executed copy in %s (run `make notebooks`): "
+                        "published without outputs.", nb.name, EXECUTED)
+            executed = nb
+        notebook = nbformat.read(executed, as_version=4)
+        _TIMES[nb.stem] = {"runtime": _run_seconds(notebook), "worktime": _work_minutes(notebook)}
+        text = nbformat.writes(publishable(notebook))
         target = PUBLISHED / "notebooks" / nb.name
         if not target.exists() or target.read_text(encoding="utf-8") != text:
             target.write_text(text, encoding="utf-8")
@@ -84,6 +89,51 @@ def on_files(files: Files, config) -> Files:
                           use_directory_urls=config["use_directory_urls"]))
     return files
 
+
+# --- times on the learning path ---------------------------------------------------------
+
+_TIMES: dict[str, dict[str, float | None]] = {}
+_TIME_TOKEN = re.compile(r"\{(runtime|worktime):(\d\d_\w+)\}")
+WORDS_PER_MINUTE, CODE_LINES_PER_MINUTE = 150, 20
+
+
+def _run_seconds(nb: nbformat.NotebookNode) -> float | None:
+    """How long the cells took to run, from the timings nbclient records in each cell."""
+    stamps = [datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+              for cell in nb.cells
+              for key, stamp in cell.get("metadata", {}).get("execution", {}).items()
+              if key in ("iopub.status.busy", "shell.execute_reply")]
+    return (max(stamps) - min(stamps)).total_seconds() if stamps else None
+
+
+def _work_minutes(nb: nbformat.NotebookNode) -> float:
+    """Time to read a notebook and follow its code: an estimate from its length."""
+    words = sum(len(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    lines = sum(len(c.source.splitlines()) for c in nb.cells if c.cell_type == "code")
+    return max(5, 5 * round((words / WORDS_PER_MINUTE + lines / CODE_LINES_PER_MINUTE) / 5))
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    """Fill ``{runtime:NN_name}`` / ``{worktime:NN_name}`` from the published notebooks.
+
+    The home page's learning path quotes how long each notebook ran in the run this site
+    publishes, so the number cannot drift from the notebook it describes.
+    """
+    def fill(match: re.Match[str]) -> str:
+        kind, name = match.groups()
+        value = _TIMES.get(name, {}).get(kind)
+        if value is None:
+            log.warning("Doc file '%s' asks for the %s of notebook %s, which has no "
+                        "executed copy with timings.", page.file.src_uri, kind, name)
+            return "?"
+        if kind == "worktime":
+            return f"{value:.0f} min"
+        return f"{value:.0f} s" if value < 60 else f"{value // 60:.0f} min {value % 60:.0f} s"
+
+    return _TIME_TOKEN.sub(fill, markdown)
+
+
+# --- notebook pages -----------------------------------------------------------------------
 
 _CDN_LOADERS = [
     # nbconvert's MathJax loader and its configuration (mkdocs-jupyter leaves src="")
@@ -127,17 +177,18 @@ class _Anchors(HTMLParser):
         self._skip = 0  # inside a heading's permalink (the pilcrow)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attr = dict(attrs)
+        attr = {name: value or "" for name, value in attrs}
         if attr.get("id"):
             self.ids.add(attr["id"])
         if tag == "a" and attr.get("name"):
             self.ids.add(attr["name"])
-        if tag == "a" and (attr.get("href") or "").startswith("#") and len(attr["href"]) > 1:
-            self.local_links.append(html.unescape(attr["href"][1:]))
+        href = attr.get("href", "") if tag == "a" else ""
+        if href.startswith("#") and len(href) > 1:
+            self.local_links.append(unquote(href[1:]))
         if re.fullmatch(r"h[1-6]", tag) and attr.get("id"):
             self._heading = {"level": int(tag[1]), "id": attr["id"], "name": "",
                              "children": []}
-        elif self._heading is not None and tag == "a" and "anchor-link" in (attr.get("class") or ""):
+        elif self._heading is not None and "anchor-link" in attr.get("class", "").split():
             self._skip += 1
 
     def handle_endtag(self, tag: str) -> None:

@@ -26,6 +26,8 @@ the smallest difference the run can resolve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import os
 import random
@@ -36,12 +38,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Integer, String, func, select, text
+from sqlalchemy import Integer, String, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -62,6 +64,7 @@ from labkit.lab.load import percentile
 
 __all__ = [
     "ASYNC_CLIENTS",
+    "BLOCKS",
     "CLIENTS",
     "PGBENCH",
     "PGBENCH_SELECT",
@@ -89,6 +92,7 @@ __all__ = [
 
 ROWS = 10_000
 TABLE = "bench_items"
+SLOT_SEQUENCE = "bench_slot"
 SELECT_SQL = f"SELECT id, name FROM {TABLE} WHERE id = :id"
 
 
@@ -105,7 +109,8 @@ class BenchItem(_Base):
 
 
 def seed(url: URL, rows: int = ROWS) -> None:
-    """Create and fill the benchmark table (idempotent)."""
+    """Create and fill the benchmark table, and the slot sequence of ``run_pool_size``
+    (idempotent)."""
     engine = create_engine(Settings(url=url), pool=TEST_POOL)
     try:
         with engine.begin() as conn:
@@ -117,6 +122,7 @@ def seed(url: URL, rows: int = ROWS) -> None:
                 conn.execute(text(f"INSERT INTO {TABLE} SELECT g, 'item ' || g "
                                   "FROM generate_series(1, :n) g"), {"n": rows})
             conn.execute(text(f"ANALYZE {TABLE}"))
+            conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {SLOT_SEQUENCE}"))
     finally:
         engine.dispose()
 
@@ -129,6 +135,16 @@ def record(client: str, concurrency: int, latencies_s: list[float], elapsed: flo
             "tps": round(len(ms) / elapsed, 1) if elapsed > 0 else 0.0,
             "p50_ms": round(percentile(ms, 50), 3), "p99_ms": round(percentile(ms, 99), 3),
             "transactions": len(ms), "duration_s": round(elapsed, 3), **extra}
+
+
+def _cpu_fields(cpu_s: float, transactions: int) -> dict[str, float | None]:
+    # CPU time of this Python process while the clock ran, per transaction: what a layer
+    # costs, far less dependent than throughput on how much of the machine other
+    # processes take. ``tx_per_cpu_s`` is its inverse, oriented like throughput.
+    if not transactions or cpu_s <= 0:
+        return {"cpu_us_per_tx": None, "tx_per_cpu_s": None}
+    return {"cpu_us_per_tx": round(cpu_s / transactions * 1e6, 2),
+            "tx_per_cpu_s": round(transactions / cpu_s, 1)}
 
 
 def _bench_pool(concurrency: int) -> PoolProfile:
@@ -217,17 +233,20 @@ def run_sync_client(url: URL, client: str, concurrency: int, duration: float) ->
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
+    cpu0 = time.process_time()
     deadline[0] = time.perf_counter() + duration
     t0 = time.perf_counter()
     start_barrier.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     for op in ops:
         getattr(op, "close", lambda: None)()
     if engine is not None:
         engine.dispose()
-    return record(client, concurrency, [x for xs in latencies for x in xs], elapsed)
+    return record(client, concurrency, [x for xs in latencies for x in xs], elapsed,
+                  **_cpu_fields(cpu, sum(map(len, latencies))))
 
 
 # --- async clients -----------------------------------------------------------------------
@@ -280,12 +299,14 @@ async def run_async_client(url: URL, client: str, concurrency: int,
             await op(rnd.randint(1, ROWS))
             latencies.append(clock() - t)
 
+    cpu0 = time.process_time()
     t0 = clock()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     elapsed = clock() - t0
+    cpu = time.process_time() - cpu0
     for close in closers:
         await close()
-    return record(client, concurrency, latencies, elapsed)
+    return record(client, concurrency, latencies, elapsed, **_cpu_fields(cpu, len(latencies)))
 
 
 # --- pgbench ---------------------------------------------------------------------------------
@@ -408,6 +429,16 @@ RATIOS: list[tuple[str, str, str]] = [
 """The comparisons ``make bench`` reports: ``(name, numerator, denominator)``; the first
 two are labkit's own cost over the SQLAlchemy layer it wraps."""
 
+BLOCKS: list[list[str]] = [
+    [PGBENCH, "psycopg2 raw (threads)"],
+    ["SQLAlchemy Core (sync)", "SQLAlchemy ORM session (sync)", "labkit session_scope (sync)"],
+    ["asyncpg raw (pool)", "SQLAlchemy ORM session (async)",
+     "labkit async_session_scope (async)"],
+]
+"""Clients that ``interleaved_rounds`` keeps next to each other within a round: every pair
+of ``RATIOS`` shares a block, so the two sides of a ratio run a fraction of a second
+apart, under nearly the same load from other processes."""
+
 _T = TypeVar("_T")
 
 
@@ -451,28 +482,50 @@ def run_client(url: URL, client: str, concurrency: int, duration: float, *,
     raise ValueError(f"unknown client {client!r}; choose from {CLIENTS}")
 
 
-def _shuffled_rounds(cells: Sequence[_T], rounds: int, seed: int) -> list[list[_T]]:
+def _shuffled_rounds(units: Sequence[Sequence[_T]], rounds: int, seed: int) -> list[list[_T]]:
+    """Per round: the units in a random order, and each unit's members in a random order."""
     rng = random.Random(seed)
     plan = []
     for _ in range(rounds):
-        order = list(cells)
+        order = [list(unit) for unit in units]
         rng.shuffle(order)
-        plan.append(order)
+        for unit in order:
+            rng.shuffle(unit)
+        plan.append([member for unit in order for member in unit])
     return plan
+
+
+@contextlib.contextmanager
+def _settled_gc() -> Iterator[Callable[[], object]]:
+    """Give every slice the same garbage-collector state; yield the call to make before each.
+
+    Objects alive at the start (a notebook kernel holds many) move to the collector's
+    permanent generation, so the full collection run before each slice is quick and no
+    slice pays for garbage another one left behind.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield gc.collect
+    finally:
+        gc.unfreeze()
 
 
 def interleaved_rounds(url: URL, *, clients: Sequence[str] = tuple(CLIENTS),
                        concurrencies: Sequence[int] = (8,), rounds: int = 10,
                        duration: float = 0.3, bin_dir: Path | None = None, seed: int = 0,
-                       warmup: bool = True,
+                       warmup: bool = True, blocks: Sequence[Sequence[str]] = BLOCKS,
                        on_round: Callable[[int, int, float], None] | None = None,
                        ) -> list[dict[str, Any]]:
     """Run every (client, concurrency) cell once per round, in a new random order each round.
 
     Interleaving spreads each client's slices over the whole run, so a burst of load
     from another process hits all clients alike instead of ruining one client's only
-    run. An unrecorded warm-up round at half the slice length comes first (imports,
-    SQLAlchemy's statement cache, PostgreSQL's buffers, pgbench's calibration).
+    run. Clients of one of ``blocks`` run back to back at the same concurrency (the
+    blocks in a random order, the clients within a block too), so that the two sides of
+    a ratio see nearly the same load. An unrecorded warm-up round at half the slice
+    length comes first (imports, SQLAlchemy's statement cache, PostgreSQL's buffers,
+    pgbench's calibration), and a garbage collection precedes every slice.
 
     pgbench cannot run for less than a whole second, so its slices are given as a
     number of transactions per client, sized from its previous throughput to last about
@@ -487,6 +540,7 @@ def interleaved_rounds(url: URL, *, clients: Sequence[str] = tuple(CLIENTS),
         bin_dir: The directory holding ``pgbench`` (needed when ``PGBENCH`` is a client).
         seed: Seed of the random order, recorded so a run can be replayed.
         warmup: Run the unrecorded warm-up round first.
+        blocks: Groups of clients kept adjacent; a client in no block is its own.
         on_round: Called after each recorded round with ``(round, rounds, seconds)``.
 
     Returns:
@@ -501,29 +555,35 @@ def interleaved_rounds(url: URL, *, clients: Sequence[str] = tuple(CLIENTS),
     """
     if rounds < 1 or duration <= 0:
         raise ValueError("rounds must be >= 1 and duration > 0")
-    cells = [(client, n) for n in concurrencies for client in clients]
-    plan = _shuffled_rounds(cells, rounds + (1 if warmup else 0), seed)
+    grouped = [[c for c in block if c in clients] for block in blocks]
+    grouped = [g for g in grouped if g] + [[c] for c in clients
+                                           if not any(c in block for block in blocks)]
+    units = [[(client, n) for client in group] for n in concurrencies for group in grouped]
+    plan = _shuffled_rounds(units, rounds + (1 if warmup else 0), seed)
     pgbench_tps: dict[int, float] = {}
     out: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for index, order in enumerate(plan):
-        number = index if warmup else index + 1  # round 0 is the warm-up
-        seconds = duration / 2 if number == 0 else duration
-        round_start = time.perf_counter()
-        for position, (client, n) in enumerate(order):
-            transactions = None
-            if client == PGBENCH:
-                guess = pgbench_tps.get(n, 1000.0 * n)
-                transactions = max(10, round(guess * seconds / n))
-            started = time.perf_counter() - t0
-            rec = run_client(url, client, n, seconds, bin_dir=bin_dir, transactions=transactions)
-            if client == PGBENCH and rec["tps"] > 0:
-                pgbench_tps[n] = rec["tps"]
-            if number:
-                out.append({**rec, "round": number, "position": position,
-                            "started_s": round(started, 3)})
-        if number and on_round is not None:
-            on_round(number, rounds, time.perf_counter() - round_start)
+    with _settled_gc() as collect:
+        for index, order in enumerate(plan):
+            number = index if warmup else index + 1  # round 0 is the warm-up
+            seconds = duration / 2 if number == 0 else duration
+            round_start = time.perf_counter()
+            for position, (client, n) in enumerate(order):
+                transactions = None
+                if client == PGBENCH:
+                    guess = pgbench_tps.get(n, 1000.0 * n)
+                    transactions = max(10, round(guess * seconds / n))
+                collect()
+                started = time.perf_counter() - t0
+                rec = run_client(url, client, n, seconds, bin_dir=bin_dir,
+                                 transactions=transactions)
+                if client == PGBENCH and rec["tps"] > 0:
+                    pgbench_tps[n] = rec["tps"]
+                if number:
+                    out.append({**rec, "round": number, "position": position,
+                                "started_s": round(started, 3)})
+            if number and on_round is not None:
+                on_round(number, rounds, time.perf_counter() - round_start)
     return out
 
 
@@ -544,7 +604,8 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ``tps`` is the median of the slices' throughputs, ``tps_q1``/``tps_q3`` their
     interquartile range and ``tps_min``/``tps_max`` the extremes; ``spread_pct`` is the
     IQR as a percentage of the median. ``p50_ms``/``p99_ms`` are the medians over rounds
-    of each slice's latency percentiles. Rows come in ``CLIENTS`` order, then by
+    of each slice's latency percentiles, ``cpu_us_per_tx`` the median of this process's
+    CPU time per transaction (Python clients). Rows come in ``CLIENTS`` order, then by
     concurrency.
     """
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -552,12 +613,13 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((cell["client"], cell["concurrency"]), []).append(cell)
     rank = {name: i for i, name in enumerate(CLIENTS)}
     rows = []
-    for (client, n), group in sorted(groups.items(),
-                                     key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0])):
+    for (client, n), group in sorted(groups.items(), key=lambda kv: (
+            rank.get(kv[0][0], len(rank)), kv[0][1], kv[0][0])):
         tps = [c["tps"] for c in group]
         med = statistics.median(tps)
         q1, q3 = quantile(tps, 0.25), quantile(tps, 0.75)
         p99s = [c["p99_ms"] for c in group if c.get("p99_ms") is not None]
+        cpu = [c["cpu_us_per_tx"] for c in group if c.get("cpu_us_per_tx") is not None]
         rows.append({
             "client": client, "concurrency": n, "rounds": len(group),
             "tps": round(med, 1), "tps_q1": round(q1, 1), "tps_q3": round(q3, 1),
@@ -565,6 +627,7 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "spread_pct": round((q3 - q1) / med * 100.0, 1) if med else math.nan,
             "p50_ms": round(statistics.median(c["p50_ms"] for c in group), 3),
             "p99_ms": round(statistics.median(p99s), 3) if p99s else None,
+            "cpu_us_per_tx": round(statistics.median(cpu), 1) if cpu else None,
             "transactions": sum(c.get("transactions", 0) for c in group),
         })
     return rows
@@ -586,7 +649,7 @@ def median_interval(values: Sequence[float], confidence: float = 0.95
     Example:
         ```python
         median_interval([0.97, 1.01, 0.99, 1.04, 0.98, 1.00, 1.02, 0.96], 0.95)
-        # (0.97, 1.02, 0.9297) is below 95 %, so k = 1: (0.96, 1.04, 0.9922)
+        # (0.96, 1.04, 0.9922): with 8 values only the minimum to the maximum reaches 95 %
         ```
     """
     ordered = sorted(values)
@@ -605,7 +668,7 @@ def median_interval(values: Sequence[float], confidence: float = 0.95
 
 def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: str, *,
                  concurrency: int | None = None, confidence: float = 0.95,
-                 name: str | None = None) -> dict[str, Any]:
+                 name: str | None = None, metric: str = "tps") -> dict[str, Any]:
     """Compare two clients round by round: the median of the per-round throughput ratios.
 
     Both clients ran in every round, a few seconds apart at most, so each round's ratio
@@ -624,9 +687,12 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
             cost over the layer it wraps).
         confidence: Coverage asked of the interval.
         name: A label; ``"numerator / denominator"`` by default.
+        metric: The slice field compared: ``"tps"`` (throughput) or ``"tx_per_cpu_s"``
+            (transactions per second of this process's CPU time: a layer's own cost,
+            less disturbed by other processes; Python clients only).
 
     Returns:
-        ``name``, ``numerator``, ``denominator``, ``concurrency`` (or ``"pooled"``),
+        ``name``, ``metric``, ``numerator``, ``denominator``, ``concurrency`` (or ``"pooled"``),
         ``rounds``, ``median``, ``low``, ``high``, ``confidence`` (the coverage reached),
         ``resolves_pct``, ``verdict`` (a sentence) and ``per_round`` (the ratios).
 
@@ -635,9 +701,9 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
     """
     tps: dict[tuple[int, int], dict[str, float]] = {}
     for cell in cells:
-        if cell["client"] in (numerator, denominator) and (
+        if cell["client"] in (numerator, denominator) and cell.get(metric) is not None and (
                 concurrency is None or cell["concurrency"] == concurrency):
-            tps.setdefault((cell["round"], cell["concurrency"]), {})[cell["client"]] = cell["tps"]
+            tps.setdefault((cell["round"], cell["concurrency"]), {})[cell["client"]] = cell[metric]
     logs: dict[int, list[float]] = {}
     for (rnd, _), pair in sorted(tps.items()):
         if len(pair) == 2 and pair[numerator] > 0 and pair[denominator] > 0:
@@ -657,7 +723,8 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
     else:
         verdict = (f"no difference resolved: {numerator} is within {lo_pct:+.1f} % to "
                    f"{hi_pct:+.1f} % of {denominator}")
-    return {"name": name or f"{numerator} / {denominator}", "numerator": numerator,
+    return {"name": name or f"{numerator} / {denominator}", "metric": metric,
+            "numerator": numerator,
             "denominator": denominator,
             "concurrency": "pooled" if concurrency is None else concurrency,
             "rounds": len(ratios), "median": round(med, 4), "low": round(low, 4),
@@ -668,24 +735,42 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
 
 # --- pool sizing (notebook 06) ---------------------------------------------------------------
 
+def _slot_work(server_wait_s: float, server_slots: int | None) -> Any:
+    if server_slots is None:
+        return text("SELECT pg_sleep(:wait)").bindparams(wait=server_wait_s)
+    # One of ``server_slots`` transaction-level advisory locks, handed out round-robin by a
+    # sequence, then the wait: at most ``server_slots`` transactions wait at once, the
+    # others queue inside the server for a slot. The first key is this process's own, so
+    # that two runs at the same time do not share slots.
+    return text(
+        "SELECT pg_sleep(:wait) FROM (SELECT pg_advisory_xact_lock(:owner, "
+        f"(nextval('{SLOT_SEQUENCE}') % :slots)::int)) AS slot"
+    ).bindparams(wait=server_wait_s, owner=os.getpid() % 2**31, slots=server_slots)
+
+
 async def run_pool_size(settings: Settings, size: int, *, tasks: int, duration: float,
-                        server_wait_s: float) -> dict[str, Any]:
+                        server_wait_s: float, server_slots: int | None = None
+                        ) -> dict[str, Any]:
     """Run ``tasks`` asyncio tasks through labkit's async session scope on a pool of ``size``.
 
-    Each transaction reads one row and waits ``server_wait_s`` seconds on the server
-    (``pg_sleep``, standing in for disk or lock waits), so a connection is held for at
-    least that long and one connection can never exceed ``1 / server_wait_s``
-    transactions per second, however fast the client is. Connections are opened
-    before the clock starts.
+    Each transaction reads one row, then waits ``server_wait_s`` seconds on the server
+    (``pg_sleep``, standing in for a disk read), so a connection is held for at least
+    that long and one connection can never exceed ``1 / server_wait_s`` transactions per
+    second, however fast the client is. With ``server_slots`` the server can work on at
+    most that many transactions at once (each wait needs one of as many locks, like a
+    server with that many cores or disks), capping throughput at
+    ``server_slots / server_wait_s`` whatever the pool size. Connections are opened
+    before the clock starts; run ``seed`` once first.
 
     Returns:
         A record (``client`` is ``"pool <size>"``, ``concurrency`` the pool size) with
-        ``pool_size``, ``tasks`` and ``server_wait_ms`` added.
+        ``pool_size``, ``tasks``, ``server_wait_ms`` and ``server_slots`` added.
     """
     engine = create_async_engine(settings, pool=DEVELOPMENT_POOL.replace(
         pool_size=size, max_overflow=0, pool_pre_ping=False, pool_timeout=60))
     factory = create_async_sessionmaker(engine)
-    stmt = select(BenchItem.id, BenchItem.name, func.pg_sleep(server_wait_s))
+    stmt = select(BenchItem)
+    work = _slot_work(server_wait_s, server_slots)
     latencies: list[float] = []
     try:
         async def hold() -> None:  # overlapping checkouts open every connection
@@ -701,7 +786,8 @@ async def run_pool_size(settings: Settings, size: int, *, tasks: int, duration: 
             while (t := clock()) < deadline:
                 async with async_session_scope(factory) as session:
                     key = rnd.randint(1, ROWS)
-                    (await session.execute(stmt.where(BenchItem.id == key))).first()
+                    (await session.scalars(stmt.where(BenchItem.id == key))).first()
+                    await session.execute(work)
                 latencies.append(clock() - t)
 
         t0 = clock()
@@ -710,11 +796,12 @@ async def run_pool_size(settings: Settings, size: int, *, tasks: int, duration: 
     finally:
         await engine.dispose()
     return record(f"pool {size}", size, latencies, elapsed, pool_size=size, tasks=tasks,
-                  server_wait_ms=server_wait_s * 1000.0)
+                  server_wait_ms=server_wait_s * 1000.0, server_slots=server_slots)
 
 
 def pool_size_rounds(settings: Settings, sizes: Sequence[int], *, tasks: int, rounds: int,
-                     duration: float, server_wait_s: float, seed: int = 0,
+                     duration: float, server_wait_s: float, server_slots: int | None = None,
+                     seed: int = 0,
                      on_round: Callable[[int, int, float], None] | None = None,
                      ) -> list[dict[str, Any]]:
     """Run ``run_pool_size`` for every size once per round, in a new random order each round.
@@ -728,17 +815,22 @@ def pool_size_rounds(settings: Settings, sizes: Sequence[int], *, tasks: int, ro
         raise ValueError("rounds must be >= 1 and duration > 0")
     out: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    # Unrecorded warm-up: the first transactions of a process pay for imports and caches.
-    _run_coroutine(run_pool_size(settings, max(sizes), tasks=tasks, duration=duration / 2,
-                                 server_wait_s=server_wait_s))
-    for number, order in enumerate(_shuffled_rounds(list(sizes), rounds, seed), start=1):
-        round_start = time.perf_counter()
-        for position, size in enumerate(order):
-            started = time.perf_counter() - t0
-            rec = _run_coroutine(run_pool_size(settings, size, tasks=tasks, duration=duration,
-                                               server_wait_s=server_wait_s))
-            out.append({**rec, "round": number, "position": position,
-                        "started_s": round(started, 3)})
-        if on_round is not None:
-            on_round(number, rounds, time.perf_counter() - round_start)
+    with _settled_gc() as collect:
+        # Unrecorded warm-up: the first transactions of a process pay for imports and caches.
+        _run_coroutine(run_pool_size(settings, max(sizes), tasks=tasks, duration=duration / 2,
+                                     server_wait_s=server_wait_s, server_slots=server_slots))
+        plan = _shuffled_rounds([[size] for size in sizes], rounds, seed)
+        for number, order in enumerate(plan, start=1):
+            round_start = time.perf_counter()
+            for position, size in enumerate(order):
+                collect()
+                started = time.perf_counter() - t0
+                rec = _run_coroutine(run_pool_size(settings, size, tasks=tasks,
+                                                   duration=duration,
+                                                   server_wait_s=server_wait_s,
+                                                   server_slots=server_slots))
+                out.append({**rec, "round": number, "position": position,
+                            "started_s": round(started, 3)})
+            if on_round is not None:
+                on_round(number, rounds, time.perf_counter() - round_start)
     return out

@@ -1,169 +1,810 @@
-"""Chart helpers: titled figures with labelled axes (units included) and legends.
+"""Chart helpers in one kit style: titled figures, labelled axes with units, readable at
+the site's width.
 
-Each helper returns the ``Figure`` so a notebook cell shows it and a test can inspect
-it. matplotlib is imported here only, never by the core.
+Every helper draws inside ``style()`` (the ``KIT_STYLE`` rcParams) and returns the
+``Figure``, so a notebook cell shows it and a test can inspect it. The style's rules:
+
+- Drawn 8 inches wide at 100 dpi (800 px, the width of the site's notebook column), with
+  no text below 10 pt, so labels stay readable where the page shows the chart.
+- Plain numbers on the axes (``2000``, ``0.5``), never ``2×10³`` or an offset, unless a
+  helper is asked for a log scale, and even then ticks read ``1``, ``10``, ``100``.
+- Counts and times start at 0; series with fewer than 30 points get markers; lines that
+  coincide stay visible (each later series is drawn thinner, on top).
+- Limits are dashed lines labelled where they are drawn (``hlines``); fault windows are
+  shaded and named (``windows=[(start, end, "server restarting")]``).
+- Colour carries meaning: waiting is warm (``COLORS["waiting"]``), using a connection
+  is cool (``COLORS["using"]``), failed is red (``COLORS["failed"]``).
+- Constrained layout, long titles and category labels wrapped: no text overlaps.
+
+``request_timeline`` draws a load run (``labkit.lab.load``) as swimlanes: one lane per
+worker, each request first waiting for a connection, then using it, with the pool's
+in-use count and its limits above. matplotlib is imported here only, never by the core.
+
+Example:
+    ```python
+    result = run_sync_load(engine, work, workers=10, duration=3.0)
+    charts.request_timeline(result, pool_size=3, max_overflow=2, pool_timeout=0.5,
+                            title="10 threads, pool_size=3, max_overflow=2")
+    ```
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import math
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-__all__ = ["bar_chart", "box_chart", "duration_chart", "line_chart", "outcome_chart", "step_chart"]
+if TYPE_CHECKING:
+    from labkit.lab.load import LoadResult
 
-_SIZE = (8.0, 4.0)
+__all__ = [
+    "COLORS",
+    "KIT_STYLE",
+    "bar_chart",
+    "box_chart",
+    "duration_chart",
+    "line_chart",
+    "outcome_chart",
+    "request_timeline",
+    "step_chart",
+    "style",
+]
+
+WIDTH = 8.0            # inches; at 100 dpi the 800 px of the site's notebook column
+_SIZE = (WIDTH, 4.0)
+TEXT_PT = 11.0         # axis labels, the base size
+SMALL_PT = 10.0        # ticks, legends, annotations: the smallest text the kit draws
+TITLE_PT = 13.0
+SPARSE = 30            # series with fewer points than this get markers
+_TITLE_CHARS = 74      # a bold 13 pt title wraps before it leaves an 800 px figure
+_FAILED_FILL = "#F6C9C9"
+
+#: What colours mean across the kit's charts.
+COLORS: dict[str, str] = {
+    "waiting": "#E69F00",   # warm: waiting for a connection
+    "using": "#0072B2",     # cool: holding a connection, doing work
+    "failed": "#D62728",    # red: an error
+    "ok": "#009E73",        # green: succeeded
+    "limit": "#444444",     # configured limits, drawn dashed
+    "model": "#666666",     # a model (Little's law...), drawn dashed beside measurements
+    "window": "#D62728",    # a fault window, shaded
+    "muted": "#B0B0B0",     # "still waiting", "not measured"
+}
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+_CYCLE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+#: The kit's matplotlib rcParams; ``style()`` applies them.
+KIT_STYLE: dict[str, Any] = {
+    "figure.figsize": _SIZE,
+    "figure.dpi": 100,
+    "figure.facecolor": "white",       # readable on the site's dark theme too
+    "savefig.facecolor": "white",
+    "figure.constrained_layout.use": True,
+    "font.size": TEXT_PT,
+    "axes.titlesize": TITLE_PT,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.titlepad": 8.0,
+    "figure.titlesize": TITLE_PT,
+    "figure.titleweight": "bold",
+    "axes.labelsize": TEXT_PT,
+    "xtick.labelsize": SMALL_PT,
+    "ytick.labelsize": SMALL_PT,
+    "legend.fontsize": SMALL_PT,
+    "legend.title_fontsize": SMALL_PT,
+    "legend.framealpha": 0.9,
+    "legend.edgecolor": "#DDDDDD",
+    "axes.prop_cycle": plt.cycler(color=_CYCLE),
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.alpha": 0.35,
+    "grid.linewidth": 0.8,
+    "lines.linewidth": 2.0,
+    "lines.markersize": 6.0,
+    "axes.formatter.useoffset": False,
+    "axes.formatter.limits": (-9, 12),  # no scientific notation for the kit's magnitudes
+    "axes.formatter.use_mathtext": False,
+    "hatch.linewidth": 1.0,
+}
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def _finish(fig: Figure, ax: plt.Axes, title: str, xlabel: str, ylabel: str,
-            legend: bool = True) -> Figure:
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    plt.close(fig)  # the notebook shows the returned figure once, not twice
-    return fig
+@contextmanager
+def style() -> Iterator[None]:
+    """Apply ``KIT_STYLE`` inside a ``with`` block (every helper does this itself).
 
-
-def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-               xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None) -> Figure:
-    """Plot named ``(x, y)`` series as lines; ``hlines`` draws labelled limits."""
-    fig, ax = plt.subplots(figsize=_SIZE)
-    for name, (x, y) in series.items():
-        ax.plot(x, y, label=name)
-    for name, value in (hlines or {}).items():
-        ax.axhline(value, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(name, (0, value), xycoords=("axes fraction", "data"),
-                    textcoords="offset points", xytext=(4, 3), fontsize="small", color="grey")
-    return _finish(fig, ax, title, xlabel, ylabel)
-
-
-def step_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-               xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None) -> Figure:
-    """Like ``line_chart``, drawn as steps (for counts sampled over time)."""
-    fig, ax = plt.subplots(figsize=_SIZE)
-    for name, (x, y) in series.items():
-        ax.step(x, y, where="post", label=name)
-    for name, value in (hlines or {}).items():
-        ax.axhline(value, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(name, (0, value), xycoords=("axes fraction", "data"),
-                    textcoords="offset points", xytext=(4, 3), fontsize="small", color="grey")
-    return _finish(fig, ax, title, xlabel, ylabel)
-
-
-def bar_chart(values: Mapping[str, float] | Mapping[str, Mapping[str, float]], *, title: str,
-              xlabel: str = "", ylabel: str, log: bool = False, annotate: bool = True) -> Figure:
-    """Bars for ``{label: value}``, or grouped bars for ``{group: {series: value}}``."""
-    fig, ax = plt.subplots(figsize=_SIZE)
-    labels = list(values)
-    first = next(iter(values.values()), None)
-    if isinstance(first, Mapping):
-        names = list(first)
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
-            ys = [values[label][name] for label in labels]  # type: ignore[index]
-            bars = ax.bar(xs, ys, width=width, label=name)
-            if annotate:
-                ax.bar_label(bars, fmt="%.3g", fontsize="small")
-        ax.set_xticks(range(len(labels)), labels)
-    else:
-        bars = ax.bar(labels, [float(v) for v in values.values()])  # type: ignore[arg-type]
-        if annotate:
-            ax.bar_label(bars, fmt="%.3g", fontsize="small")
-    if log:
-        ax.set_yscale("log")
-    return _finish(fig, ax, title, xlabel, ylabel)
-
-
-def box_chart(groups: Mapping[str, Sequence[float]], *, title: str, xlabel: str = "",
-              ylabel: str, log: bool = False) -> Figure:
-    """Box plots of distributions (whiskers 1st-99th percentile), one per group."""
-    fig, ax = plt.subplots(figsize=_SIZE)
-    ax.boxplot([list(v) for v in groups.values()], whis=(1, 99), showfliers=False)
-    ax.set_xticks(range(1, len(groups) + 1), list(groups))
-    if log:
-        ax.set_yscale("symlog", linthresh=0.1)
-    return _finish(fig, ax, title, xlabel, ylabel, legend=False)
-
-
-def duration_chart(values: Mapping[str, float], *, title: str, xlabel: str,
-                   notes: Mapping[str, str] | None = None,
-                   colors: Mapping[str, str] | None = None,
-                   limit: tuple[str, float] | None = None,
-                   cap: float | None = None) -> Figure:
-    """Horizontal bars, one per case, each labelled with its value and a note.
-
-    For "how long until X" comparisons: ``notes`` writes the outcome beside each bar
-    (e.g. ``"QueryTimeoutError"``); ``limit`` draws a labelled vertical line (e.g. the
-    configured timeout); bars that reached ``cap`` are drawn hatched in grey, so "still
-    waiting when we stopped looking" never reads as a measured failure time.
+    Use it to draw your own figure in the kit's style, or to add to a helper's figure
+    text that should match (sizes of text added outside follow matplotlib's defaults).
     """
-    labels = list(values)
-    fig, ax = plt.subplots(figsize=(_SIZE[0], 0.9 + 0.5 * len(labels)))
-    ys = list(range(len(labels)))[::-1]
-    for y, label in zip(ys, labels):
-        value = float(values[label])
-        capped = cap is not None and value >= cap
-        color = "lightgrey" if capped else (colors or {}).get(label, "tab:blue")
-        ax.barh(y, value, color=color, hatch="//" if capped else None,
-                edgecolor="grey" if capped else color, height=0.6)
-        note = (notes or {}).get(label, "")
-        text = f"still waiting at {cap:g} s (we stopped looking)" if capped else (
-            f"{_fmt_seconds(value)}  {note}".rstrip())
-        ax.annotate(text, (value, y), xytext=(4, 0), textcoords="offset points",
-                    va="center", fontsize="small")
-    ax.set_yticks(ys, labels)
-    if limit is not None:
-        name, at = limit
-        ax.axvline(at, color="tab:red", linestyle="--", linewidth=1)
-        ax.annotate(name, (at, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 3),
-                    textcoords="offset points", color="tab:red", fontsize="small")
-    right = max([float(v) for v in values.values()] + [limit[1] if limit else 0.0])
-    reached_cap = cap is not None and any(float(v) >= cap for v in values.values())
-    ax.set_xlim(0, right * (2.0 if reached_cap else 1.6) if right > 0 else 1)  # room for labels
-    ax.grid(True, axis="x", alpha=0.3)
-    return _finish(fig, ax, title, xlabel, "", legend=False)
+    with plt.style.context(KIT_STYLE):
+        yield
+
+
+def _styled(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with style():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# -- numbers -------------------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    """A plain number, 2-3 significant digits: ``2,130``, ``148``, ``17.6``, ``0.0052``."""
+    if not math.isfinite(value):
+        return str(value)
+    a = abs(value)
+    if a >= 100 or float(value).is_integer():
+        return f"{value:,.0f}"
+    if a >= 10:
+        text = f"{value:.1f}"
+    elif a >= 1:
+        text = f"{value:.2f}"
+    else:  # two significant digits, never "5e-05"
+        text = f"{value:.{min(12, 1 - math.floor(math.log10(a)))}f}"
+    return text.rstrip("0").rstrip(".")
 
 
 def _fmt_seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _plain_axis(ax: Axes, which: Literal["x", "y"]) -> None:
+    """Plain tick labels on one axis, whatever its scale (no ``4×10⁰``, no offset)."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    scale = axis.get_scale()
+    if scale == "linear":
+        ax.ticklabel_format(axis=which, style="plain", useOffset=False)
+        return
+    if scale == "log":
+        axis.set_major_locator(LogLocator(base=10))
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+
+        def minor(value: float, _pos: int | None) -> str:
+            # label 2 and 5 only when the axis spans few decades (else they crowd)
+            lo, hi = sorted(axis.get_view_interval())
+            return _fmt(value) if lo > 0 and hi / lo <= 200 else ""
+
+        axis.set_minor_formatter(FuncFormatter(minor))
+    else:  # symlog and the like: labelled major ticks only
+        axis.set_minor_formatter(NullFormatter())
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: _fmt(value)))
+
+
+def _integer_ticks(ax: Axes, which: str) -> None:
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _all_integers(values: Sequence[float]) -> bool:
+    return bool(values) and all(float(v).is_integer() for v in values)
+
+
+# -- shared decorations ------------------------------------------------------------------
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.fill(line, width, break_long_words=False,
+                                   break_on_hyphens=False) if len(line) > width else line
+                     for line in text.split("\n"))
+
+
+def _hlines(ax: Axes, hlines: Mapping[str, float] | None, color: str | None = None) -> None:
+    """Dashed limits, each named at the right end, just above its line."""
+    for name, value in (hlines or {}).items():
+        c = color or COLORS["limit"]
+        ax.axhline(value, linestyle="--", color=c, linewidth=1.2, zorder=1.5)
+        ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"),
+                    xytext=(-4, 2), textcoords="offset points", ha="right", va="bottom",
+                    fontsize=SMALL_PT, color=c, zorder=5,
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                          "edgecolor": "none", "alpha": 0.75})
+
+
+def _vlines(ax: Axes, vlines: Mapping[str, float] | None) -> None:
+    """Dotted moments (e.g. ``{"server starts": 2.5}``), named at the top."""
+    for i, (name, at) in enumerate((vlines or {}).items()):
+        ax.axvline(at, linestyle=":", color=COLORS["limit"], linewidth=1.4, zorder=1.5)
+        ax.annotate(name, (at, 1.0 - 0.09 * (i % 2)), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", ha="left", va="top",
+                    fontsize=SMALL_PT, color=COLORS["limit"], zorder=5)
+
+
+def _windows(ax: Axes, windows: Sequence[tuple[float, float, str]] | None, *,
+             label: bool = True) -> None:
+    """Shade fault windows; name each at the top of the axes, left-aligned to its start."""
+    for i, (start, end, name) in enumerate(windows or ()):
+        ax.axvspan(start, end, color=COLORS["window"], alpha=0.12, linewidth=0, zorder=0.5)
+        if label and name:
+            ax.annotate(name, (start, 1.0 - 0.09 * (i % 2)),
+                        xycoords=("data", "axes fraction"), xytext=(3, -3),
+                        textcoords="offset points", ha="left", va="top",
+                        fontsize=SMALL_PT, color="#A01818", zorder=5)
+
+
+def _title(fig: Figure, title: str) -> None:
+    """The figure's title, left-aligned with the figure (not the axes, which long tick
+    labels push right) and wrapped to stay inside it."""
+    fig.suptitle(_wrap(title, _TITLE_CHARS), x=0.01, ha="left")
+
+
+def _finish(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str,
+            legend: bool = True) -> Figure:
+    _title(fig, title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for axis in (ax.xaxis, ax.yaxis):
+        if not isinstance(axis.get_major_formatter(), FuncFormatter):
+            try:
+                _plain_axis(ax, "x" if axis is ax.xaxis else "y")
+            except AttributeError:  # a categorical axis: its labels are the categories
+                pass
+    # Pin the tick size on the axes: ticks are re-created when the figure is drawn,
+    # after the style context has ended.
+    ax.tick_params(which="both", labelsize=SMALL_PT)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+    plt.close(fig)  # the notebook shows the returned figure once, not twice
+    return fig
+
+
+def _from_zero(ax: Axes, values: Sequence[float], which: str = "y",
+               start: float | None = 0.0) -> None:
+    """Start a count/time axis at ``start`` unless the data go below it."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if start is None or not finite or min(finite) < start:
+        return
+    if which == "y":
+        ax.set_ylim(bottom=start)
+    else:
+        ax.set_xlim(left=start)
+
+
+# -- line and step charts ---------------------------------------------------------------
+
+
+def _series(ax: Axes, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+            step: bool, markers: bool | None) -> list[float]:
+    ys_all: list[float] = []
+    for i, (name, (x, y)) in enumerate(series.items()):
+        xs, ys = list(x), [float(v) for v in y]
+        ys_all += ys
+        sparse = len(xs) < SPARSE if markers is None else markers
+        # Later series thinner and on top, so a series hidden under another still shows.
+        lw = max(1.2, 3.0 - 0.6 * i)
+        kw: dict[str, Any] = {"label": name, "linewidth": lw, "zorder": 2 + i}
+        if sparse:
+            kw.update(marker=_MARKERS[i % len(_MARKERS)], markersize=max(4.0, 8.0 - 1.2 * i))
+        if step:
+            ax.step(xs, ys, where="post", **kw)
+        else:
+            ax.plot(xs, ys, **kw)
+    return ys_all
+
+
+def _models(ax: Axes, models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None
+            ) -> list[float]:
+    ys_all: list[float] = []
+    for name, (x, y) in (models or {}).items():
+        ys = [float(v) for v in y]
+        ys_all += ys
+        ax.plot(list(x), ys, linestyle="--", color=COLORS["model"], linewidth=1.6,
+                label=name, zorder=1.8)
+    return ys_all
+
+
+def _line_or_step(step: bool, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                  title: str, xlabel: str, ylabel: str,
+                  hlines: Mapping[str, float] | None,
+                  windows: Sequence[tuple[float, float, str]] | None,
+                  vlines: Mapping[str, float] | None,
+                  models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None,
+                  markers: bool | None, log: bool, ymin: float | None) -> Figure:
+    fig, ax = plt.subplots(figsize=_SIZE)
+    ys = _series(ax, series, step=step, markers=markers)
+    ys += _models(ax, models)
+    _hlines(ax, hlines)
+    _vlines(ax, vlines)
+    _windows(ax, windows)
+    if log:
+        ax.set_yscale("log")
+    else:
+        _from_zero(ax, ys + list((hlines or {}).values()), "y", ymin)
+        if _all_integers(ys):
+            _integer_ticks(ax, "y")
+    return _finish(fig, ax, title, xlabel, ylabel)
+
+
+@_styled
+def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
+               windows: Sequence[tuple[float, float, str]] | None = None,
+               vlines: Mapping[str, float] | None = None,
+               models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+               markers: bool | None = None, log: bool = False,
+               ymin: float | None = 0.0) -> Figure:
+    """Plot named ``(x, y)`` series as lines.
+
+    Args:
+        series: ``{name: (xs, ys)}``; a series of fewer than 30 points gets markers.
+        title: The question the chart answers.
+        xlabel: x-axis label, with its unit.
+        ylabel: y-axis label, with its unit.
+        hlines: Limits to judge the series against, ``{"pool_size = 3": 3}``: dashed,
+            named at the right end.
+        windows: Fault windows ``[(start, end, "server restarting")]``, shaded and named.
+        vlines: Moments, ``{"server starts": 2.5}``, dotted and named.
+        models: What a model predicts, ``{"Little's law": (xs, ys)}``, dashed grey beside
+            the measurements.
+        markers: Force markers on or off (default: on for sparse series).
+        log: A log y axis, for when ratios are the lesson (ticks still read ``1, 10``).
+        ymin: Where the y axis starts (default 0: counts and times); ``None`` lets
+            matplotlib choose. Ignored when the data go below it.
+
+    Returns:
+        The figure (closed to pyplot, so a notebook shows it once).
+    """
+    return _line_or_step(False, series, title, xlabel, ylabel, hlines, windows, vlines,
+                         models, markers, log, ymin)
+
+
+@_styled
+def step_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+               xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
+               windows: Sequence[tuple[float, float, str]] | None = None,
+               vlines: Mapping[str, float] | None = None,
+               models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+               markers: bool | None = None, log: bool = False,
+               ymin: float | None = 0.0) -> Figure:
+    """Like ``line_chart``, drawn as steps (for counts sampled over time).
+
+    Each value holds until the next sample (``where="post"``). Arguments as for
+    ``line_chart``.
+    """
+    return _line_or_step(True, series, title, xlabel, ylabel, hlines, windows, vlines,
+                         models, markers, log, ymin)
+
+
+# -- bars and boxes ----------------------------------------------------------------------
+
+
+@_styled
+def bar_chart(values: Mapping[str, float] | Mapping[str, Mapping[str, float]], *, title: str,
+              xlabel: str = "", ylabel: str, log: bool = False, annotate: bool = True,
+              unit: str = "", horizontal: bool = False,
+              colors: Mapping[str, str] | None = None,
+              hlines: Mapping[str, float] | None = None) -> Figure:
+    """Bars for ``{label: value}``, or grouped bars for ``{group: {series: value}}``.
+
+    Bars start at 0 (on a linear axis) and carry their value as a plain number.
+
+    Args:
+        values: ``{label: value}`` or ``{group: {series: value}}``.
+        title: The question the chart answers.
+        xlabel: Label of the category axis (of the value axis when ``horizontal``).
+        ylabel: Label of the value axis, with its unit (of the category axis when
+            ``horizontal``).
+        log: A log value axis, for when ratios are the lesson (ticks read ``1, 10``).
+        annotate: Write each bar's value at its end.
+        unit: Appended to the written values (``" ms"``).
+        horizontal: Horizontal bars: room for long category names.
+        colors: A colour per label (simple bars) or per series (grouped bars).
+        hlines: Limits on the value axis, dashed and named (vertical bars only).
+
+    Returns:
+        The figure; its axes' ``containers`` hold the bars, one container per series.
+    """
+    labels = list(values)
+    first = next(iter(values.values()), None)
+    grouped = isinstance(first, Mapping)
+    rows = len(labels) * (len(first) if grouped else 1)  # type: ignore[arg-type]
+    height = 1.5 + 0.5 * rows if horizontal else _SIZE[1]
+    fig, ax = plt.subplots(figsize=(WIDTH, height))
+    shown = [_wrap(label, 28 if horizontal else max(10, int(60 / max(len(labels), 1))))
+             for label in labels]
+    positions = list(range(len(labels)))
+    if horizontal:
+        positions = positions[::-1]          # first label on top
+    draw = ax.barh if horizontal else ax.bar
+    all_values: list[float] = []
+    if grouped:
+        names = list(first)  # type: ignore[call-overload]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            offset = (i - (len(names) - 1) / 2) * width
+            xs = [p + (-offset if horizontal else offset) for p in positions]
+            ys = [float(values[label][name]) for label in labels]  # type: ignore[index]
+            all_values += ys
+            color = (colors or {}).get(name, _CYCLE[i % len(_CYCLE)])
+            bars = draw(xs, ys, width, label=name, color=color)
+            if annotate:
+                ax.bar_label(bars, labels=[_fmt(v) + unit for v in ys], padding=2,
+                             fontsize=SMALL_PT)
+    else:
+        ys = [float(v) for v in values.values()]  # type: ignore[arg-type]
+        all_values += ys
+        color_list = [(colors or {}).get(label, _CYCLE[0]) for label in labels]
+        bars = draw(positions, ys, 0.6, color=color_list)
+        if annotate:
+            ax.bar_label(bars, labels=[_fmt(v) + unit for v in ys], padding=2,
+                         fontsize=SMALL_PT)
+    if horizontal:
+        ax.set_yticks(positions, shown)
+        ax.grid(False, axis="y")
+    else:
+        ax.set_xticks(positions, shown)
+        ax.grid(False, axis="x")
+        _hlines(ax, hlines)
+    value_axis = "x" if horizontal else "y"
+    if log:
+        (ax.set_xscale if horizontal else ax.set_yscale)("log")
+    else:
+        # room for the value labels at the bar ends
+        if horizontal:
+            ax.margins(x=0.15)
+        else:
+            ax.margins(y=0.15)
+        _from_zero(ax, all_values, value_axis)
+        if _all_integers(all_values):
+            _integer_ticks(ax, value_axis)
+    return _finish(fig, ax, title, ylabel if horizontal else xlabel,
+                   xlabel if horizontal else ylabel)
+
+
+@_styled
+def box_chart(groups: Mapping[str, Sequence[float]], *, title: str, xlabel: str = "",
+              ylabel: str, log: bool = False, unit: str = "", horizontal: bool = False,
+              annotate: bool = True) -> Figure:
+    """Box plots of distributions (box: quartiles, whiskers: 1st-99th percentile).
+
+    Values beyond the whiskers are drawn as dots. When the tail reaches far beyond the
+    boxes (a busy machine), the value axis ends at three times the widest box's upper
+    quartile, so the boxes stay readable, and each group says how many values lie beyond
+    the axis and the largest one (the outlier is the point: it is never silently dropped).
+
+    Args:
+        groups: ``{name: values}``, one box per name.
+        title: The question the chart answers.
+        xlabel: Label of the category axis (of the value axis when ``horizontal``).
+        ylabel: Label of the value axis, with its unit (category axis when ``horizontal``).
+        log: A symmetric-log value axis, for distributions spanning decades.
+        unit: Appended to the written medians (``" ms"``).
+        horizontal: Horizontal boxes, first group on top.
+        annotate: Write each group's median beside its box.
+
+    Returns:
+        The figure.
+    """
+    from labkit.lab.load import percentile
+
+    names = list(groups)
+    data = [sorted(float(v) for v in groups[name]) for name in names]
+    height = 1.5 + 0.95 * len(names) if horizontal else _SIZE[1]
+    fig, ax = plt.subplots(figsize=(WIDTH, height))
+    positions = list(range(1, len(names) + 1))
+    if horizontal:
+        positions = positions[::-1]
+    ax.boxplot(data, positions=positions, whis=(1, 99), showfliers=True,
+               orientation="horizontal" if horizontal else "vertical", widths=0.42,
+               patch_artist=True,
+               boxprops={"facecolor": "#CFE3F2", "edgecolor": COLORS["using"]},
+               medianprops={"color": COLORS["using"], "linewidth": 2.5},
+               whiskerprops={"color": COLORS["using"]}, capprops={"color": COLORS["using"]},
+               flierprops={"marker": ".", "markersize": 4, "markerfacecolor": "#777777",
+                           "markeredgecolor": "none", "alpha": 0.6})
+    (ax.set_yticks if horizontal else ax.set_xticks)(
+        positions, [_wrap(n, 24 if horizontal else 20) for n in names])
+    ax.grid(False, axis="y" if horizontal else "x")
+    # A long tail (a busy machine) would squash the boxes into a line: then the axis ends
+    # at three times the widest box's upper quartile, and each group says what lies beyond.
+    core = max((percentile(d, 75) for d in data if d), default=1.0)
+    largest = max((d[-1] for d in data if d), default=1.0)
+    clip = None if log or core <= 0 or largest <= 4 * core else core * 3
+    for pos, d in zip(positions, data):
+        if not d or not annotate:
+            continue
+        text = f"median {_fmt(percentile(d, 50))}{unit}"
+        beyond = [v for v in d if clip is not None and v > clip]
+        if beyond:
+            text += (f"; {len(beyond)} of {len(d)} beyond the axis, "
+                     f"up to {_fmt(beyond[-1])}{unit}")
+        if horizontal:  # above the box, from the left edge
+            ax.annotate(text, (0.0, pos + 0.27), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", fontsize=SMALL_PT,
+                        ha="left", va="bottom")
+        else:  # beside the box, at its median
+            ax.annotate(text.replace("; ", "\n"), (pos + 0.21, percentile(d, 50)),
+                        xytext=(6, 0), textcoords="offset points", fontsize=SMALL_PT,
+                        ha="left", va="center")
+    if log:
+        (ax.set_xscale if horizontal else ax.set_yscale)("symlog", linthresh=0.1)
+    else:
+        top = clip if clip is not None else largest * 1.05
+        bottom = 0.0 if min((d[0] for d in data if d), default=0) >= 0 else None
+        if horizontal:
+            ax.set_xlim(bottom, top)
+            ax.set_ylim(0.4, len(names) + 0.75)   # room above the top box for its label
+        else:
+            ax.set_ylim(bottom, top)
+    return _finish(fig, ax, title, ylabel if horizontal else xlabel,
+                   xlabel if horizontal else ylabel, legend=False)
+
+
+# -- outcomes and durations --------------------------------------------------------------
+
+
+@_styled
+def duration_chart(values: Mapping[str, float], *, title: str, xlabel: str,
+                   notes: Mapping[str, str] | None = None,
+                   colors: Mapping[str, str] | None = None,
+                   limit: tuple[str, float] | None = None,
+                   cap: float | None = None,
+                   windows: Sequence[tuple[float, float, str]] | None = None) -> Figure:
+    """Horizontal bars, one per case, each labelled with its value and a note.
+
+    For "how long until X" comparisons.
+
+    Args:
+        values: ``{case: seconds}``, first case on top.
+        title: The question the chart answers.
+        xlabel: Label of the time axis, with its unit.
+        notes: The outcome written beside each bar (e.g. ``"QueryTimeoutError"``).
+        colors: A colour per case (default: the kit's blue).
+        limit: ``(name, seconds)``: a labelled vertical line, e.g. the configured timeout.
+        cap: Bars that reached ``cap`` are drawn hatched in grey, so "still waiting when
+            we stopped looking" never reads as a measured failure time.
+        windows: Shaded, named spans of the time axis.
+
+    Returns:
+        The figure.
+    """
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.3 + 0.55 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        value = float(values[label])
+        capped = cap is not None and value >= cap
+        color = COLORS["muted"] if capped else (colors or {}).get(label, COLORS["using"])
+        ax.barh(y, value, color="#EEEEEE" if capped else color,
+                hatch="//" if capped else None,
+                edgecolor=COLORS["muted"] if capped else color, height=0.6)
+        note = (notes or {}).get(label, "")
+        text = f"still waiting at {cap:g} s (we stopped looking)" if capped else (
+            f"{_fmt_seconds(value)}  {note}".rstrip())
+        ax.annotate(text, (value, y), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=SMALL_PT)
+    ax.set_yticks(ys, [_wrap(label, 30) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(False, axis="y")
+    if limit is not None:
+        name, at = limit
+        ax.axvline(at, color=COLORS["failed"], linestyle="--", linewidth=1.2)
+        ax.annotate(name, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(3, 2),
+                    textcoords="offset points", color=COLORS["failed"], fontsize=SMALL_PT,
+                    va="bottom")
+    _windows(ax, windows)
+    right = max([float(v) for v in values.values()] + [limit[1] if limit else 0.0])
+    reached_cap = cap is not None and any(float(v) >= cap for v in values.values())
+    ax.set_xlim(0, right * (2.0 if reached_cap else 1.6) if right > 0 else 1)  # room for labels
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+@_styled
 def outcome_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
                   xlabel: str = "request number") -> Figure:
     """One row of markers per case: a green dot for success, a red cross for a failure.
 
-    ``rows`` maps a case to its outcomes in order (``None``: succeeded, else the error
-    name, written beside the first failure of a row).
+    Args:
+        rows: A case's outcomes in order (``None``: succeeded, else the error name,
+            written beside the first failure of a row).
+        title: The question the chart answers.
+        xlabel: What the x positions count.
+
+    Returns:
+        The figure.
     """
     labels = list(rows)
-    fig, ax = plt.subplots(figsize=(_SIZE[0], 0.9 + 0.55 * len(labels)))
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.6 * len(labels)))
     ys = list(range(len(labels)))[::-1]
     for y, label in zip(ys, labels):
         outcomes = list(rows[label])
         xs = list(range(1, len(outcomes) + 1))
         ok = [x for x, o in zip(xs, outcomes) if o is None]
         bad = [(x, o) for x, o in zip(xs, outcomes) if o is not None]
-        ax.scatter(ok, [y] * len(ok), marker="o", s=80, color="tab:green",
-                   label="succeeded" if y == ys[0] else None)
-        ax.scatter([x for x, _ in bad], [y] * len(bad), marker="X", s=110, color="tab:red",
-                   label="failed" if y == ys[0] else None)
+        ax.scatter(ok, [y] * len(ok), marker="o", s=90, color=COLORS["ok"], zorder=3)
+        ax.scatter([x for x, _ in bad], [y] * len(bad), marker="X", s=120,
+                   color=COLORS["failed"], zorder=3)
         if bad:
-            ax.annotate(bad[0][1], (bad[0][0], y), xytext=(0, 9), textcoords="offset points",
-                        ha="center", fontsize="small", color="tab:red")
+            ax.annotate(bad[0][1], (bad[0][0], y), xytext=(0, 10), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=SMALL_PT, color=COLORS["failed"])
     longest = max((len(v) for v in rows.values()), default=1)
-    ax.set_xticks(range(1, longest + 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0.5, longest + 0.5)
-    ax.set_yticks(ys, labels)
-    ax.set_ylim(-0.7, len(labels) - 0.1)
-    ax.grid(True, axis="x", alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", color="tab:green", linestyle="", label="succeeded"),
-               plt.Line2D([], [], marker="X", color="tab:red", linestyle="", label="failed")]
-    ax.legend(handles=handles, loc="upper right", fontsize="small", ncol=2,
-              bbox_to_anchor=(1.0, 1.0))
+    ax.set_yticks(ys, [_wrap(label, 30) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.2)
+    ax.grid(False, axis="y")
+    handles = [Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=9,
+                      label="succeeded"),
+               Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
+                      label="failed")]
+    ax.legend(handles=handles, loc="lower right", ncol=2, bbox_to_anchor=(1.0, 1.0),
+              frameon=False, borderaxespad=0.2)
     return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+# -- the request timeline ----------------------------------------------------------------
+
+
+def _resample(times: list[float], values: list[int], end: float, points: int = 1200
+              ) -> tuple[list[float], list[int]]:
+    """The step function's value on a regular grid: changes shorter than a pixel (a
+    connection handed from one request to the next) would otherwise draw as spikes."""
+    out_t, out_v, j = [], [], 0
+    for k in range(points + 1):
+        t = end * k / points
+        while j + 1 < len(times) and times[j + 1] <= t:
+            j += 1
+        out_t.append(t)
+        out_v.append(values[j])
+    return out_t, out_v
+
+
+@_styled
+def request_timeline(result: LoadResult, *, title: str,
+                     pool_size: int | None = None, max_overflow: int | None = None,
+                     pool_timeout: float | None = None,
+                     in_use: tuple[Sequence[float], Sequence[float]] | None = None,
+                     windows: Sequence[tuple[float, float, str]] | None = None,
+                     waiting: bool | None = None, max_lanes: int = 16,
+                     xlabel: str = "time since the run started (s)") -> Figure:
+    """Draw a load run as swimlanes: per worker, each request waiting, then using a connection.
+
+    Below, one lane per worker (thread or task): each request is an orange bar while it
+    waits for a connection (opening a new one included) and a blue bar while it holds
+    one. A request that never got a connection (pool timeout, failed connect) is a red
+    hatched bar ending in a cross; one that failed while using its connection ends in a
+    red cross. Above, on the same time axis: how many connections are in use, with
+    ``pool_size`` and ``pool_size + max_overflow`` drawn as the limits they are.
+
+    Args:
+        result: A run of ``run_sync_load`` / ``run_async_load`` (its ops carry ``got``
+            and ``released``).
+        title: The question the chart answers.
+        pool_size: Drawn as a dashed limit on the in-use count.
+        max_overflow: With ``pool_size``, drawn as the pool's ceiling.
+        pool_timeout: Named in the legend entry of requests that gave up waiting.
+        in_use: The pool's own in-use gauge ``(times, values)`` on the run's clock (e.g.
+            ``sampler.series("in_use", origin=result.t0)``); by default the count is
+            computed exactly from the run's records (``LoadResult.concurrency``).
+        windows: Fault windows ``[(start, end, "server restarting")]``, shaded on both
+            panels and named on the top one.
+        waiting: Also draw the number of requests waiting above (default: only when
+            there are more workers than lanes).
+        max_lanes: Draw at most this many workers' lanes (the counts above cover all).
+        xlabel: Label of the time axis.
+
+    Returns:
+        The figure: ``axes[0]`` the counts, ``axes[1]`` the lanes (y = worker number,
+        from 1 at the top).
+    """
+    lanes = min(result.workers, max_lanes)
+    show_waiting = result.workers > lanes if waiting is None else waiting
+    fig, (top, ax) = plt.subplots(
+        2, 1, sharex=True, figsize=(WIDTH, 3.2 + 0.28 * lanes),
+        gridspec_kw={"height_ratios": [1.0, max(1.5, 0.28 * lanes)]})
+    end_time = max([result.elapsed] + [op.end for op in result.ops])
+
+    # -- above: connections in use against the pool's limits ---------------------------
+    times, using, queued = result.concurrency()
+    if len(times) > 100:  # many hand-overs: sample at the figure's resolution
+        _, queued = _resample(times, queued, end_time)
+        times, using = _resample(times, using, end_time)
+    else:
+        times, using, queued = times + [end_time], using + [using[-1]], queued + [queued[-1]]
+    peak = 0.0
+    if show_waiting:
+        top.step(times, queued, where="post", color=COLORS["waiting"], linewidth=1.4,
+                 label="requests waiting")
+        top.fill_between(times, queued, step="post", color=COLORS["waiting"], alpha=0.2,
+                         linewidth=0)
+        peak = max(queued)
+    if in_use is None:
+        top.step(times, using, where="post", color=COLORS["using"], linewidth=2.2,
+                 label="connections in use")
+        peak = max([peak, *using])
+    else:
+        top.step(list(in_use[0]), list(in_use[1]), where="post", color=COLORS["using"],
+                 linewidth=2.2, label="connections in use (pool gauge)")
+        peak = max([peak] + [float(v) for v in in_use[1]])
+    limits: dict[str, float] = {}
+    if pool_size is not None:
+        limits[f"pool_size = {pool_size}"] = pool_size
+        if max_overflow:
+            limits[f"pool_size + max_overflow = {pool_size + max_overflow}"] = (
+                pool_size + max_overflow)
+    _hlines(top, limits)
+    if pool_size is not None and max_overflow:  # the overflow connections' band
+        top.axhspan(pool_size, pool_size + max_overflow, color=COLORS["muted"], alpha=0.15,
+                    linewidth=0, zorder=0.5)
+    top.set_ylim(0, max([peak] + list(limits.values())) * 1.3 + 0.5)
+    top.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    top.set_ylabel("requests waiting\nand connections\nin use" if show_waiting
+                   else "connections\nin use")
+    if show_waiting:
+        top.legend(loc="upper left", ncol=2)
+    _windows(top, windows)
+    _title(fig, title)
+
+    # -- below: one lane per worker -----------------------------------------------------
+    bar = 0.64
+    failed_checkout = failed_work = False
+    errors: list[str] = []
+    for worker in range(lanes):
+        y = lanes - worker   # worker 0 on top, labelled 1
+        ops = [op for op in result.ops if op.worker == worker]
+        waits = [(op.start, op.got - op.start) for op in ops if op.got is not None]
+        uses = [(op.got, (op.released if op.released is not None else op.end) - op.got)
+                for op in ops if op.got is not None]
+        gave_up = [(op.start, op.end - op.start) for op in ops if op.got is None]
+        broke = [op.end for op in ops if not op.ok and op.got is not None]
+        ax.broken_barh(waits, (y - bar / 2, bar), facecolors=COLORS["waiting"],
+                       edgecolor="white", linewidth=0.4)
+        ax.broken_barh(uses, (y - bar / 2, bar), facecolors=COLORS["using"],
+                       edgecolor="white", linewidth=0.4)
+        if gave_up:
+            failed_checkout = True
+            ax.broken_barh(gave_up, (y - bar / 2, bar), facecolors=_FAILED_FILL,
+                           edgecolor=COLORS["failed"], linewidth=0.8, hatch="////")
+            ax.plot([s + w for s, w in gave_up], [y] * len(gave_up), linestyle="",
+                    marker="X", markersize=9, color=COLORS["failed"], zorder=4)
+        if broke:
+            failed_work = True
+            ax.plot(broke, [y] * len(broke), linestyle="", marker="X", markersize=9,
+                    color=COLORS["failed"], zorder=4)
+        errors += [op.error or "error" for op in ops if not op.ok]
+    _windows(ax, windows, label=False)
+    ax.set_ylim(0.4, lanes + 0.6)
+    step = max(1, math.ceil(lanes / 12))
+    ax.set_yticks(range(lanes, 0, -step), [str(i + 1) for i in range(0, lanes, step)])
+    ax.grid(False, axis="y")
+    ax.set_xlim(0, end_time * 1.01)
+    ax.set_ylabel("worker" if lanes == result.workers
+                  else f"worker (first {lanes} of {result.workers})")
+
+    handles: list[Any] = [Patch(facecolor=COLORS["waiting"], label="waiting for a connection"),
+                          Patch(facecolor=COLORS["using"], label="using it")]
+    names = sorted(set(errors))
+    if failed_checkout:
+        what = ", ".join(names[:2]) + ("..." if len(names) > 2 else "") or "gave up"
+        after = f" after pool_timeout = {pool_timeout:g} s" if pool_timeout is not None else ""
+        handles.append(Patch(facecolor=_FAILED_FILL, edgecolor=COLORS["failed"],
+                             hatch="////", label=f"{what}{after}"))
+    if failed_work:
+        handles.append(Line2D([], [], marker="X", color=COLORS["failed"], linestyle="",
+                              markersize=9, label="failed while using it"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2),
+               frameon=False)
+    for axes in (top, ax):
+        axes.tick_params(which="both", labelsize=SMALL_PT)
+    _plain_axis(ax, "x")
+    ax.set_xlabel(xlabel)
+    plt.close(fig)
+    return fig

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from labkit.lab.server import LocalServer
+from labkit.lab.server import LocalServer, Namespace
 
 __all__ = [
     "connections_exhausted",
@@ -43,10 +43,16 @@ __all__ = [
 
 @contextlib.contextmanager
 def throwaway_server(*, settings: dict[str, str] | None = None,
-                     prefix: str = "labkit-throwaway-") -> Iterator[LocalServer]:
-    """Start a private PostgreSQL for destructive experiments; destroy it on exit."""
+                     prefix: str = "labkit-throwaway-",
+                     netns: Namespace | None = None) -> Iterator[LocalServer]:
+    """Start a private PostgreSQL for destructive experiments; destroy it on exit.
+
+    With ``netns`` (a ``labkit.lab.network.NetworkNamespace``) the server listens on
+    that namespace's own loopback: only connections opened inside reach it, and
+    network faults in the namespace (a partition) never touch the host.
+    """
     root = Path(tempfile.mkdtemp(prefix=prefix)) / "server"
-    server = LocalServer(root, settings=settings)
+    server = LocalServer(root, settings=settings, netns=netns)
 
     def clean_up() -> None:
         server.destroy()

@@ -1,18 +1,28 @@
-"""A TCP fault proxy between a client and PostgreSQL: lose the answer to a COMMIT.
+"""Network faults between a client and PostgreSQL: a TCP fault proxy and real partitions.
 
-The proxy listens on ``127.0.0.1`` and relays every connection to the real server,
-reading the PostgreSQL wire protocol just enough to know which statement a client
-runs. Armed, it lets a chosen statement reach the server, waits until the server has
-answered it (so the server really ran it), throws that answer away and breaks the
-client's connection: the client knows it sent ``COMMIT`` and cannot know whether the
-server committed. That is the one failure a retry loop must not paper over:
+Two tools, for two kinds of fault:
+
+- ``FaultProxy`` (no root needed) relays TCP connections to the server through
+  ``127.0.0.1`` and breaks them on demand: added latency, a reset (RST) or a close (FIN)
+  of every open connection, an idle reaper that cuts flows idle longer than N seconds
+  (as a cloud load balancer does), and "forward the request, then drop the reply" (a
+  COMMIT whose answer is lost). It is a userspace program: its kernel ACKs every byte
+  the client sends, so a flow it stops relaying looks *alive* to the client's TCP stack
+  (keepalives and ``tcp_user_timeout`` see nothing wrong).
+- ``NetworkNamespace`` (Linux, root) is a private network namespace with its own
+  loopback, where a throwaway server listens and where nftables rules drop packets *in
+  the kernel*: a real ``partition`` (nothing ACKed, so TCP's own timers run) and an idle
+  reaper (``reaping_idle``) that forgets idle flows the way a NAT or stateful firewall
+  does, silently or with a RST. The host's network is never touched.
 
 ```python
 with FaultProxy(info.host, info.port) as proxy:
     engine = create_engine(Settings(url=proxy.url(info.url())))
+    with proxy.added_latency(0.005):      # 5 ms more per round trip
+        ...
     proxy.drop_commit_reply(times=1)      # the next COMMIT is run, its answer lost
-    ...
-    proxy.get_stats()                      # {"connections": 2, "commits": 1, ...}
+    proxy.cut_all("reset")                # RST every relayed connection now
+    proxy.get_stats()                     # {"connections": 2, "commits": 1, ...}
 ```
 
 What goes over the wire for ``COMMIT`` (checked with this proxy):
@@ -24,51 +34,83 @@ What goes over the wire for ``COMMIT`` (checked with this proxy):
 - A driver that sends ``COMMIT`` through the extended protocol
   (``Parse`` / ``Bind`` / ``Execute``) is matched at its ``Execute``.
 
-Everything runs on one asyncio event loop in a daemon thread, so the proxy works the
-same under sync and async clients. Leaving the ``with`` block closes the listener and
-every relayed connection, even when the block raised. An SSL or GSS-encrypted
-session cannot be read: it is relayed as it is, and no fault applies to it (the local
-server has no SSL; libpq and asyncpg fall back to plain TCP).
+Everything the proxy does runs on one asyncio event loop in a daemon thread, so it
+works the same under sync and async clients. Leaving the ``with`` block closes the
+listener and every relayed connection, even when the block raised. An SSL or
+GSS-encrypted session cannot be read: it is relayed as it is, with no fault and no
+latency (the local server has no SSL; libpq and asyncpg fall back to plain TCP).
 
-Faults are rules matched against the statement a client message runs, counted down
-per arming, and each connection is a ``_Link`` that can be cut with a FIN
-(``how="close"``) or a RST (``how="reset"``); latency, idle reaping or cuts at other
-points are meant to be added as further rules and link actions.
+**Why a namespace, and how threads get into it.** A network namespace is per *thread*
+in Linux, and a socket belongs for its whole life to the namespace of the thread that
+created it. ``NetworkNamespace`` creates one with ``unshare(CLONE_NEWNET)`` in a
+short-lived thread and keeps a file descriptor to it; ``call`` runs a function in a
+fresh thread that first joined it with ``setns`` (Python 3.11 has no ``os.setns``:
+``ctypes``). Processes started from such a thread (``pg_ctl``, ``nft``) are born inside,
+so a ``LocalServer(netns=...)`` listens on the namespace's own ``127.0.0.1``. A sync
+engine passed to ``attach`` opens its connections inside (SQLAlchemy's ``do_connect``
+event), and may then be used from any thread; an asyncio program runs inside with
+``run_async`` (its event loop creates its sockets). No veth pair, no routes, no
+addresses outside loopback; the namespace disappears with its last process and socket,
+and every rule in it with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
+import json
+import os
 import re
+import selectors
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy.engine import URL
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine
 
 __all__ = [
     "COMMITS",
     "CONNECTIONS",
     "CUTS",
     "OPEN_CONNECTIONS",
+    "REAPED",
     "REPLIES_DROPPED",
+    "REQUESTS",
     "Cut",
     "FaultProxy",
+    "NetworkNamespace",
+    "NftTable",
+    "Reap",
+    "namespace_unavailable",
 ]
+
+T = TypeVar("T")
 
 Cut = Literal["reset", "close"]
 """How a fault breaks the client's connection: ``reset`` (RST) or ``close`` (FIN)."""
 
+Reap = Literal["reset", "close", "silent"]
+"""How the proxy's idle reaper ends a flow: RST, FIN, or by forgetting it silently."""
+
 # Keys of get_stats().
 CONNECTIONS = "connections"            # client connections accepted
+REQUESTS = "requests"                  # client messages that wait for an answer (Q, Sync)
 COMMITS = "commits"                    # COMMIT statements relayed to the server
 REPLIES_DROPPED = "replies_dropped"    # server answers thrown away by a fault
 CUTS = "cuts"                          # client connections broken by a fault
+REAPED = "reaped"                      # flows ended by the idle reaper
 OPEN_CONNECTIONS = "open_connections"  # gauge: relayed connections open now
 
 # Untyped first messages of the protocol (a 4-byte request code after the length).
@@ -79,6 +121,7 @@ _KEYWORD = re.compile(r"\s*([A-Za-z]+)")
 _BUFFER = 64 * 1024
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
+_REAPER_TICK = 0.05  # seconds between two looks for idle flows
 
 
 def _first_keyword(query: bytes) -> str | None:
@@ -105,13 +148,69 @@ class _Rule:
     how: Cut
 
 
+class _Pipe:
+    """One direction of a link: writes now, or after the proxy's one-way delay.
+
+    Delayed data waits in a queue with its due time and a pump task writes it then, so
+    a reply of many messages is delayed once, not once per message, and order is kept.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, proxy: FaultProxy) -> None:
+        self.writer = writer
+        self.proxy = proxy
+        self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        self.pump: asyncio.Task[None] | None = None
+        self.last_due = 0.0
+
+    async def send(self, data: bytes) -> None:
+        delay = self.proxy._one_way_delay
+        if delay <= 0 and self.queue.empty():
+            self.writer.write(data)
+            await self.writer.drain()
+            return
+        loop = asyncio.get_running_loop()
+        self.last_due = max(loop.time() + delay, self.last_due)
+        self.queue.put_nowait((self.last_due, data))
+        if self.pump is None or self.pump.done():
+            self.pump = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            while not self.queue.empty():
+                due, data = self.queue.get_nowait()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                # The rest of the same burst (an answer is several messages) goes with it:
+                # one wake-up per answer, not one per message.
+                chunks = [data]
+                while not self.queue.empty() and self.queue._queue[0][0] <= loop.time():  # type: ignore[attr-defined]
+                    chunks.append(self.queue.get_nowait()[1])
+                self.writer.write(b"".join(chunks))
+                await self.writer.drain()
+
+    async def flushed(self) -> None:
+        """Wait until every delayed message is written (or the pipe is stopped)."""
+        pump = self.pump
+        if pump is not None and not pump.done():
+            await asyncio.wait({pump})
+
+    def stop(self) -> None:
+        if self.pump is not None:
+            self.pump.cancel()
+
+
 class _Link:
     """One relayed connection: the two streams and what the client has prepared."""
 
-    def __init__(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    def __init__(self, proxy: FaultProxy,
+                 client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  server: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
         self.client_reader, self.client_writer = client
         self.server_reader, self.server_writer = server
+        self.to_server = _Pipe(self.server_writer, proxy)
+        self.to_client = _Pipe(self.client_writer, proxy)
         # Extended protocol: the statement behind each prepared name and portal.
         self.statements: dict[bytes, str | None] = {}
         self.portals: dict[bytes, str | None] = {}
@@ -120,7 +219,12 @@ class _Link:
         self.encryption_answer: asyncio.Future[bytes] | None = None
         self.opaque = False            # encrypted or cancel: relay bytes blindly
         self.dropping: _Rule | None = None
+        self.silenced = False          # reaped silently: the client is never told
+        self.last_active = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
 
     def runs(self, kind: bytes, body: bytes) -> str | None:
         """Return the keyword of the statement a client message makes the server run."""
@@ -141,6 +245,8 @@ class _Link:
 
     def cut(self, how: Cut) -> None:
         """Break the client's connection (RST or FIN) and close the server's."""
+        self.to_client.stop()
+        self.to_server.stop()
         if how == "reset":
             sock = self.client_writer.get_extra_info("socket")
             if sock is not None:
@@ -149,6 +255,17 @@ class _Link:
             self.client_writer.transport.abort()
         else:
             self.client_writer.close()
+        self.server_writer.close()
+
+    def silence(self) -> None:
+        """Forget the flow: stop relaying both ways, close the server side, tell nobody.
+
+        The client's socket stays open and what it sends is read and thrown away, so
+        its kernel keeps getting ACKs: to the client the connection looks alive.
+        """
+        self.silenced = True
+        self.to_client.stop()
+        self.to_server.stop()
         self.server_writer.close()
 
 
@@ -162,7 +279,10 @@ class FaultProxy:
         port: the proxy's port; ``0`` (default) picks a free one, read it from
             ``port`` once started.
 
-    Use it as a context manager; ``start`` and ``close`` do the same by hand.
+    Use it as a context manager; ``start`` and ``close`` do the same by hand. Each
+    fault is undone when its own ``with`` block ends (``added_latency``,
+    ``reaping_idle``), counted down as it fires (``drop_reply``), or instantaneous
+    (``cut_all``); leaving the proxy's block undoes them all.
     """
 
     def __init__(self, server_host: str, server_port: int, *, host: str = "127.0.0.1",
@@ -176,6 +296,8 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self._stats: Counter[str] = Counter()
         self._links: set[_Link] = set()
+        self._one_way_delay = 0.0
+        self._reap: tuple[float, Reap] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -185,7 +307,7 @@ class FaultProxy:
     def __repr__(self) -> str:
         where = f"127.0.0.1:{self._port}" if self._port else "not started"
         return (f"<FaultProxy {where} -> {self.server_host}:{self.server_port} "
-                f"armed={self.armed}>")
+                f"armed={self.armed} latency={self.latency * 1000:g} ms>")
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -219,6 +341,10 @@ class FaultProxy:
                 loop.call_soon_threadsafe(stop.set)
         if thread is not None:
             thread.join(_STOP_TIMEOUT)
+        with self._lock:
+            self._rules.clear()
+        self._one_way_delay = 0.0
+        self._reap = None
 
     @property
     def port(self) -> int:
@@ -231,7 +357,76 @@ class FaultProxy:
         """Return ``url`` pointed at the proxy instead of the server (password kept)."""
         return url.set(host=self.host, port=self.port)
 
-    # --- faults ----------------------------------------------------------------------
+    # --- latency ---------------------------------------------------------------------
+
+    @property
+    def latency(self) -> float:
+        """The round-trip time the proxy adds now, in seconds."""
+        return 2 * self._one_way_delay
+
+    @contextlib.contextmanager
+    def added_latency(self, rtt: float) -> Iterator[FaultProxy]:
+        """Add ``rtt`` seconds to every round trip for the duration of the block.
+
+        Half is added each way, to every message of every relayed connection, in order:
+        a statement and its answer together take ``rtt`` longer, as over a longer cable.
+        The previous latency comes back when the block ends, even when it raised.
+        """
+        if not rtt >= 0:
+            raise ValueError(f"rtt must be >= 0 seconds, got {rtt}")
+        previous = self._one_way_delay
+        self._one_way_delay = rtt / 2
+        try:
+            yield self
+        finally:
+            self._one_way_delay = previous
+
+    # --- cuts and the idle reaper ------------------------------------------------------
+
+    def cut_all(self, how: Cut = "reset") -> int:
+        """Break every relayed connection now, RST or FIN; return how many were cut.
+
+        Whatever each connection was doing (idle in a pool, inside a transaction), its
+        client sees the connection end; the server side is closed, so the server rolls
+        back any open transaction.
+        """
+        if how not in ("reset", "close"):
+            raise ValueError(f"how must be 'reset' or 'close', got {how!r}")
+
+        async def cut() -> int:
+            links = [link for link in self._links if not link.silenced]
+            for link in links:
+                link.cut(how)
+            return len(links)
+
+        cut_count = self._on_loop(cut())
+        with self._lock:
+            self._stats[CUTS] += cut_count
+        return cut_count
+
+    @contextlib.contextmanager
+    def reaping_idle(self, after: float, how: Reap = "silent") -> Iterator[FaultProxy]:
+        """Cut flows idle (no byte either way) for ``after`` seconds, during the block.
+
+        ``how``: ``"reset"`` (RST to the client), ``"close"`` (FIN), or ``"silent"``: the
+        flow is forgotten, the server side closed, the client never told — and, this
+        being a userspace proxy, its kernel still ACKs what the client sends, so the
+        client waits for an answer that never comes and TCP keepalives see nothing.
+        For a silent reaper that drops packets in the kernel, use
+        ``NetworkNamespace.reaping_idle``. Flows are checked every 50 ms.
+        """
+        if not after > 0:
+            raise ValueError(f"after must be > 0 seconds, got {after}")
+        if how not in ("reset", "close", "silent"):
+            raise ValueError(f"how must be 'reset', 'close' or 'silent', got {how!r}")
+        previous = self._reap
+        self._reap = (float(after), how)
+        try:
+            yield self
+        finally:
+            self._reap = previous
+
+    # --- dropped replies ---------------------------------------------------------------
 
     def drop_commit_reply(self, times: int = 1, *, how: Cut = "reset") -> None:
         """Arm: relay the next ``times`` COMMITs, drop the server's answers, cut the client.
@@ -269,11 +464,13 @@ class FaultProxy:
         with self._lock:
             return sum(rule.remaining for rule in self._rules)
 
+    # --- statistics --------------------------------------------------------------------
+
     def get_stats(self) -> dict[str, int]:
         """Return the counters (see the module's key constants) and open connections."""
         with self._lock:
-            stats = {key: self._stats[key] for key in (CONNECTIONS, COMMITS, REPLIES_DROPPED,
-                                                       CUTS)}
+            stats = {key: self._stats[key] for key in (CONNECTIONS, REQUESTS, COMMITS,
+                                                       REPLIES_DROPPED, CUTS, REAPED)}
             stats[OPEN_CONNECTIONS] = len(self._links)
         return stats
 
@@ -303,11 +500,26 @@ class FaultProxy:
         with self._lock:
             self._stats[key] += 1
 
+    def _on_loop(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` on the proxy's event loop and wait for its result."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            close = getattr(coro, "close", None)
+            if callable(close):
+                close()
+            raise RuntimeError("FaultProxy is not running")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
+        return future.result(_STOP_TIMEOUT)
+
     # --- the event loop thread -------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._serve())
+            # select() sleeps to the microsecond; epoll, asyncio's default, rounds every
+            # timeout up to a whole millisecond, which would add up to 1 ms to each
+            # delayed message. The proxy has few sockets: select's limit is no concern.
+            with asyncio.Runner(loop_factory=_precise_loop) as runner:
+                runner.run(self._serve())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
             self._started.set()
@@ -317,18 +529,37 @@ class FaultProxy:
         self._stop = asyncio.Event()
         server = await asyncio.start_server(self._accept, self.host, self._requested_port)
         self._port = int(server.sockets[0].getsockname()[1])
+        reaper = asyncio.create_task(self._reaper())
         self._started.set()
         try:
             await self._stop.wait()
         finally:
+            reaper.cancel()
             server.close()
             for link in list(self._links):
                 link.cut("close")
                 for task in link.tasks:
                     task.cancel()
             tasks = [task for link in list(self._links) for task in link.tasks]
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(reaper, *tasks, return_exceptions=True)
             await server.wait_closed()
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(_REAPER_TICK)
+            reap = self._reap
+            if reap is None:
+                continue
+            after, how = reap
+            now = time.monotonic()
+            for link in list(self._links):
+                if link.silenced or link.opaque or now - link.last_active < after:
+                    continue
+                self._count(REAPED)
+                if how == "silent":
+                    link.silence()
+                else:
+                    link.cut(how)
 
     async def _accept(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
@@ -338,7 +569,7 @@ class FaultProxy:
         except OSError:
             client_writer.close()  # the client sees the server as down, as it is
             return
-        link = _Link((client_reader, client_writer), server)
+        link = _Link(self, (client_reader, client_writer), server)
         with self._lock:
             self._links.add(link)
         link.tasks = [asyncio.create_task(self._client_to_server(link)),
@@ -346,6 +577,8 @@ class FaultProxy:
         try:
             await asyncio.gather(*link.tasks, return_exceptions=True)
         finally:
+            link.to_client.stop()
+            link.to_server.stop()
             link.client_writer.close()
             link.server_writer.close()
             with self._lock:
@@ -368,8 +601,7 @@ class FaultProxy:
                         await self._relay(reader, writer)
                         return
                     continue
-                writer.write(message)
-                await writer.drain()
+                await link.to_server.send(message)
                 if code == _CANCEL_REQUEST:
                     link.opaque = True
                     await self._relay(reader, writer)
@@ -380,15 +612,20 @@ class FaultProxy:
                 kind = await reader.readexactly(1)
                 size = await reader.readexactly(4)
                 body = await reader.readexactly(struct.unpack("!i", size)[0] - 4)
+                if link.silenced:
+                    continue  # forgotten: read (so the kernel ACKs) and thrown away
+                link.touch()
+                if kind in (b"Q", b"S"):
+                    self._count(REQUESTS)
                 rule = self._take(link.runs(kind, body))
                 if rule is not None and link.dropping is None:
                     link.dropping = rule  # before relaying: the answer may come at once
-                writer.write(kind + size + body)
-                await writer.drain()
+                await link.to_server.send(kind + size + body)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            if link.dropping is None:
+            if link.dropping is None and not link.silenced:
+                await link.to_server.flushed()
                 with contextlib.suppress(OSError, RuntimeError):
                     writer.write_eof()  # the client hung up: pass its FIN on
 
@@ -412,10 +649,12 @@ class FaultProxy:
                     return
                 size = await reader.readexactly(4)
                 body = await reader.readexactly(struct.unpack("!i", size)[0] - 4)
+                if link.silenced:
+                    return
+                link.touch()
                 rule = link.dropping
                 if rule is None:
-                    writer.write(kind + size + body)
-                    await writer.drain()
+                    await link.to_client.send(kind + size + body)
                 elif kind == b"Z":  # ReadyForQuery: the server has finished the statement
                     self._count(REPLIES_DROPPED)
                     self._count(CUTS)
@@ -424,8 +663,10 @@ class FaultProxy:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                link.client_writer.close()
+            if not link.silenced:
+                await link.to_client.flushed()  # delayed answers first, then the FIN
+                with contextlib.suppress(OSError, RuntimeError):
+                    link.client_writer.close()
             link.server_writer.close()
 
     @staticmethod
@@ -434,3 +675,324 @@ class FaultProxy:
         while chunk := await reader.read(_BUFFER):
             writer.write(chunk)
             await writer.drain()
+
+
+def _precise_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
+# --- network namespaces ------------------------------------------------------------------
+
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = "16sh22x"  # struct ifreq: the interface name, then the flags (40 bytes)
+_CONNTRACK = "/proc/sys/net/netfilter"
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def namespace_unavailable() -> str | None:
+    """Return why ``NetworkNamespace`` cannot work here, or ``None`` when it can.
+
+    It needs Linux, root (``CAP_SYS_ADMIN`` to create the namespace, ``CAP_NET_ADMIN``
+    for its rules) and the ``nft`` command (Debian package ``nftables``). The check
+    creates a namespace and throws it away.
+    """
+    if not sys.platform.startswith("linux"):
+        return f"network namespaces are Linux-only (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "network namespaces and nftables rules need root (CI runs as root)"
+    if _nft() is None:
+        return "the nft command is missing: apt-get install nftables (make system-tools)"
+    try:
+        with NetworkNamespace():
+            pass
+    except OSError as exc:
+        return f"cannot create a network namespace here: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class NftTable:
+    """An nftables table a fault installed in a namespace; ``dropped()`` reads its counters."""
+
+    namespace: NetworkNamespace
+    name: str
+
+    def dropped(self) -> int:
+        """Return how many packets the table's rules have dropped or rejected so far."""
+        out = self.namespace.nft(f"list table inet {self.name}", json_output=True)
+        total = 0
+        for item in json.loads(out).get("nftables", []):
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    total += int(expr["counter"]["packets"])
+        return total
+
+
+class NetworkNamespace:
+    """A private network namespace (its own loopback) that threads can enter.
+
+    Linux and root only (``namespace_unavailable`` says whether it works here).
+    Everything runs on the namespace's ``127.0.0.1``; the host's network and firewall
+    are never touched. Use it as a context manager:
+
+    ```python
+    with NetworkNamespace() as ns, throwaway_server(netns=ns) as server:
+        engine = ns.attach(create_engine(Settings(url=server.info().url())))
+        with ns.partition(server.info().port):
+            ...                            # every packet to or from the server dropped
+    ```
+
+    Leaving the block closes the namespace's file descriptor: the namespace and every
+    rule in it disappear once its last process (the server) and socket are gone.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._inode: int | None = None
+        self._tables = 0
+
+    def __repr__(self) -> str:
+        state = f"net:[{self._inode}]" if self._inode is not None else "closed"
+        return f"<NetworkNamespace {state}>"
+
+    def __enter__(self) -> NetworkNamespace:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> NetworkNamespace:
+        """Create the namespace and bring its loopback up."""
+        if self._fd is not None:
+            raise RuntimeError("NetworkNamespace already open")
+        box: dict[str, Any] = {}
+
+        def create() -> None:
+            # unshare() moves only this thread, which ends right after: the namespace
+            # lives on through the file descriptor.
+            try:
+                if _libc().unshare(_CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"unshare(CLONE_NEWNET): {os.strerror(errno)}")
+                box["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                _loopback_up()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        worker = threading.Thread(target=create, name="labkit-netns-create", daemon=True)
+        worker.start()
+        worker.join()
+        if "error" in box:
+            if "fd" in box:
+                os.close(box["fd"])
+            raise box["error"]
+        self._fd = int(box["fd"])
+        self._inode = os.fstat(self._fd).st_ino
+        return self
+
+    def close(self) -> None:
+        """Let the namespace go (it ends with its last process and socket); idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def fd(self) -> int:
+        """The namespace's file descriptor (``/proc/thread-self/ns/net`` when created)."""
+        if self._fd is None:
+            raise RuntimeError("NetworkNamespace is not open: use it as a context manager")
+        return self._fd
+
+    def inside(self) -> bool:
+        """Return True when the calling thread is in this namespace."""
+        return self._inode is not None and \
+            os.stat("/proc/thread-self/ns/net").st_ino == self._inode
+
+    # --- running code inside ----------------------------------------------------------
+
+    def _enter(self) -> None:
+        if _libc().setns(self.fd, _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns(CLONE_NEWNET): {os.strerror(errno)}")
+
+    def thread(self, target: Callable[..., Any], *args: Any, name: str = "labkit-netns",
+               **kwargs: Any) -> threading.Thread:
+        """Return a (not yet started) daemon thread that runs ``target`` inside."""
+        def run() -> None:
+            self._enter()
+            target(*args, **kwargs)
+
+        return threading.Thread(target=run, name=name, daemon=True)
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in a fresh thread inside; return or raise its outcome.
+
+        Sockets ``fn`` creates belong to the namespace for good, whichever thread uses
+        them later; processes it starts are born inside.
+        """
+        if self.inside():
+            return fn(*args, **kwargs)
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        worker = self.thread(run, name="labkit-netns-call")
+        worker.start()
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+        if "result" not in box:
+            raise OSError("could not enter the network namespace")
+        return box["result"]  # type: ignore[no-any-return]
+
+    def run_async(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``asyncio.run(fn(*args))`` in a thread inside; return its result.
+
+        An asyncio program creates its sockets on its event loop's thread, so the whole
+        loop runs inside (asyncpg, async engines). From a notebook, whose own loop is
+        running, call it through ``await asyncio.to_thread(ns.run_async, fn)`` or
+        directly (the notebook then waits).
+        """
+        return self.call(lambda: asyncio.run(fn(*args)))  # type: ignore[arg-type]
+
+    def attach(self, engine: Engine) -> Engine:
+        """Make a sync engine open every connection inside; return the engine.
+
+        The connection is opened in a thread inside (SQLAlchemy's ``do_connect``
+        event); once open, any thread can use it. labkit's health probe uses the same
+        connect function, so it connects inside too. For asyncio, use ``run_async``.
+        """
+        if not isinstance(engine, Engine):
+            raise TypeError("attach() takes a sync Engine; run an async engine inside "
+                            "with run_async()")
+
+        @event.listens_for(engine, "do_connect")
+        def connect_inside(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            return self.call(dialect.connect, *cargs, **cparams)
+
+        return engine
+
+    # --- rules -----------------------------------------------------------------------
+
+    def run(self, args: list[str], *, input: str | None = None) -> str:
+        """Run a command inside (e.g. ``["ss", "-tn"]``); return its output, raise on failure."""
+        proc = self.call(subprocess.run, args, input=input, capture_output=True, text=True,
+                         check=False)
+        if proc.returncode != 0:
+            raise OSError(f"{' '.join(args)} failed in the namespace ({proc.returncode}): "
+                          f"{proc.stderr.strip()}")
+        return str(proc.stdout)
+
+    def nft(self, script: str, *, json_output: bool = False) -> str:
+        """Run an ``nft`` script inside (e.g. ``"list ruleset"``); return its output.
+
+        ``json_output`` asks for JSON (``nft -j``), for listing commands.
+        """
+        nft = _nft()
+        if nft is None:
+            raise OSError("the nft command is missing: apt-get install nftables")
+        if json_output:
+            return self.run([nft, "-j", *script.split()])
+        return self.run([nft, "-f", "-"], input=script + "\n")
+
+    def _table_name(self, kind: str) -> str:
+        self._tables += 1
+        return f"labkit_{kind}_{self._tables}"
+
+    @contextlib.contextmanager
+    def _table(self, kind: str, chain: str) -> Iterator[NftTable]:
+        name = self._table_name(kind)
+        self.nft(f"table inet {name} {{\n{chain}\n}}")
+        try:
+            yield NftTable(self, name)
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.nft(f"delete table inet {name}")
+
+    @contextlib.contextmanager
+    def partition(self, port: int) -> Iterator[NftTable]:
+        """Drop every TCP packet to or from ``port`` inside, for the duration of the block.
+
+        A real partition: the kernel drops the packets (nothing is ACKed), so the
+        sender's TCP retransmits, keepalive probes go unanswered and
+        ``tcp_user_timeout`` runs; new connections hang in SYN. Packets are dropped on
+        arrival (the ``input`` hook), in both directions. The rule is removed when the
+        block ends, even when it raised; packets in retransmission then get through.
+        """
+        chain = ("  chain input { type filter hook input priority 0; policy accept;\n"
+                 f"    tcp dport {int(port)} counter drop\n"
+                 f"    tcp sport {int(port)} counter drop\n  }}")
+        with self._table("partition", chain) as table:
+            yield table
+
+    @contextlib.contextmanager
+    def reaping_idle(self, port: int, after: int, how: Literal["drop", "reset"] = "drop",
+                     ) -> Iterator[NftTable]:
+        """Forget TCP flows to ``port`` idle for ``after`` seconds, as a NAT or firewall does.
+
+        Connection tracking inside the namespace is set to forget an established flow
+        after ``after`` seconds without a packet and to refuse to pick up a flow it
+        does not know mid-stream; a packet of a forgotten flow is then dropped
+        (``how="drop"``, silent: the sender retransmits into the void) or answered with
+        a RST (``"reset"``). Any packet keeps a flow alive, TCP keepalive probes
+        included. Arm it *before* opening the connections it should watch: flows
+        opened earlier are unknown to it and would be cut at their next packet.
+        The settings and the rule are restored when the block ends.
+        """
+        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+            raise ValueError(f"after must be a whole number of seconds >= 1, got {after!r}")
+        if how not in ("drop", "reset"):
+            raise ValueError(f"how must be 'drop' or 'reset', got {how!r}")
+        verdict = "drop" if how == "drop" else "reject with tcp reset"
+        chain = ("  chain output { type filter hook output priority 0; policy accept;\n"
+                 f"    tcp dport {int(port)} ct state invalid counter {verdict}\n"
+                 f"    tcp sport {int(port)} ct state invalid counter {verdict}\n  }}")
+        # The table first: its ct rules switch connection tracking on in the namespace.
+        with self._table("reaper", chain) as table:
+            saved = self.call(_set_conntrack, {"nf_conntrack_tcp_timeout_established":
+                                               str(after), "nf_conntrack_tcp_loose": "0"})
+            try:
+                yield table
+            finally:
+                self.call(_set_conntrack, saved)
+
+
+def _nft() -> str | None:
+    """Path of the ``nft`` command (``/usr/sbin`` may be missing from a user's PATH)."""
+    found = shutil.which("nft")
+    if found is None:
+        found = next((path for path in ("/usr/sbin/nft", "/sbin/nft") if os.access(path, os.X_OK)),
+                     None)
+    return found
+
+
+def _loopback_up() -> None:
+    """Bring ``lo`` up in the calling thread's namespace (``ip link set lo up``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack(_IFREQ, b"lo", 0)
+        flags = struct.unpack(_IFREQ, fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | _IFF_UP))
+
+
+def _set_conntrack(values: dict[str, str]) -> dict[str, str]:
+    """Write conntrack settings of the calling thread's namespace; return the old ones."""
+    old: dict[str, str] = {}
+    for name, value in values.items():
+        path = f"{_CONNTRACK}/{name}"
+        with open(path) as fh:
+            old[name] = fh.read().strip()
+        with open(path, "w") as fh:
+            fh.write(value)
+    return old

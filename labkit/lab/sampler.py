@@ -10,6 +10,9 @@ sampler.series("in_use"), sampler.series("server_connections")
 
 ``observer`` is a separate engine (ideally with a NullPool or its own small pool): the
 sampler must not borrow connections from the pool it is watching.
+
+Times are seconds since the sampler started; ``series(key, origin=load.t0)`` puts them on
+a load run's clock instead (e.g. to draw them above its request timeline).
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ class Sampler:
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._t0 = 0.0
+        self.t0 = 0.0
+        """``time.perf_counter()`` when sampling started: the origin of the times."""
 
     def _sample(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"t": time.perf_counter() - self._t0}
+        row: dict[str, Any] = {"t": time.perf_counter() - self.t0}
         if self.metrics is not None:
             row.update(self.metrics.gauges())
         if self.observer is not None and self.application_name:
@@ -72,7 +76,7 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def start(self) -> Sampler:
-        self._t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="labkit-sampler", daemon=True)
         self._thread.start()
         return self
@@ -90,10 +94,18 @@ class Sampler:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def series(self, key: str) -> tuple[list[float], list[Any]]:
-        """Return ``(times in s, values)`` for one sampled key."""
+    def series(self, key: str, *, origin: float | None = None) -> tuple[list[float], list[Any]]:
+        """Return ``(times in s, values)`` for one sampled key.
+
+        Args:
+            key: A gauge (``"in_use"``, ``"overflow"``...) or a server count
+                (``"server_connections"``...).
+            origin: A ``time.perf_counter()`` value to count the times from, such as a
+                load run's ``LoadResult.t0``; by default, the sampler's start.
+        """
+        shift = 0.0 if origin is None else self.t0 - origin
         rows = [row for row in self.samples if key in row]
-        return [row["t"] for row in rows], [row[key] for row in rows]
+        return [row["t"] + shift for row in rows], [row[key] for row in rows]
 
     def max(self, key: str) -> Any:
         """Largest sampled value of ``key``."""

@@ -36,13 +36,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy.engine import URL
 
 __all__ = [
     "ClusterError",
     "LocalServer",
+    "Namespace",
     "ServerInfo",
     "default_server",
     "default_root",
@@ -68,6 +69,18 @@ DEFAULT_SERVER_SETTINGS: dict[str, str] = {
     "log_min_messages": "warning",
     "log_connections": "off",
 }
+
+
+class Namespace(Protocol):
+    """Where a server's network lives: ``labkit.lab.network.NetworkNamespace``."""
+
+    def inside(self) -> bool:
+        """Return True when the calling thread is in the namespace."""
+        ...
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` in a thread inside the namespace; return its result."""
+        ...
 
 
 class ClusterError(Exception):
@@ -167,9 +180,12 @@ class LocalServer:
         ```
     """
 
-    def __init__(self, root: Path, *, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, *, settings: dict[str, str] | None = None,
+                 netns: Namespace | None = None) -> None:
         self.root = Path(root).resolve()
         self.settings = {**DEFAULT_SERVER_SETTINGS, **(settings or {})}
+        self.netns = netns
+        """A network namespace the server runs in (its own ``127.0.0.1``), or None."""
         self._bin = _bin_dir()
 
     def __repr__(self) -> str:
@@ -319,7 +335,15 @@ class LocalServer:
         logger.info("initialised a PostgreSQL data directory under %s", self.data_dir)
 
     def start(self, *, timeout: float = START_TIMEOUT) -> ServerInfo:
-        """Start the server on 127.0.0.1 (reusing the recorded port when it is free)."""
+        """Start the server on 127.0.0.1 (reusing the recorded port when it is free).
+
+        With ``netns``, everything that touches the network (choosing a port,
+        ``pg_ctl start``, the readiness check) runs inside that namespace, so the server
+        listens on the namespace's loopback, reachable only from inside it.
+        """
+        if self.netns is not None and not self.netns.inside():
+            info: ServerInfo = self.netns.call(self.start, timeout=timeout)
+            return info
         if self.status() == "not-initialized":
             self.init()
         if self.status() == "running":
