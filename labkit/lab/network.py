@@ -57,6 +57,7 @@ and every rule in it with it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -72,7 +73,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -500,15 +501,13 @@ class FaultProxy:
         with self._lock:
             self._stats[key] += 1
 
-    def _on_loop(self, coro: Awaitable[T]) -> T:
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the proxy's event loop and wait for its result."""
         loop = self._loop
         if loop is None or loop.is_closed():
-            close = getattr(coro, "close", None)
-            if callable(close):
-                close()
+            coro.close()
             raise RuntimeError("FaultProxy is not running")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
         return future.result(_STOP_TIMEOUT)
 
     # --- the event loop thread -------------------------------------------------------
