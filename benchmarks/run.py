@@ -30,24 +30,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from labkit.lab import bench, database_url, default_server
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
-
-from labkit.lab import bench, database_url, default_server  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
@@ -76,25 +73,58 @@ COLOURS = {  # one hue per family: C client, sync Python (blues), async Python (
 }
 
 
+def worker(concurrencies: list[int], rounds: int, slice_s: float, seed: int, offset: int,
+           total: int, out: Path) -> None:
+    """One worker process: its share of the rounds, written to ``out`` as JSON."""
+    url = database_url()
+    start = time.monotonic()
+
+    def on_round(number: int, _rounds: int, seconds: float) -> None:
+        bench.progress(f"[{offset + number}/{total}] round done in {seconds:.1f} s "
+                       f"(process {os.getpid()}, {time.monotonic() - start:.0f} s)")
+
+    slices = bench.interleaved_rounds(url, clients=bench.CLIENTS, concurrencies=concurrencies,
+                                      rounds=rounds, duration=slice_s,
+                                      bin_dir=default_server().bin_dir, seed=seed,
+                                      on_round=on_round)
+    out.write_text(json.dumps(slices))
+
+
 def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
-            overhead_samples: int) -> dict[str, Any]:
-    """Run the interleaved rounds, the pgbench -S reference and the overheads."""
+            processes: int, overhead_samples: int) -> dict[str, Any]:
+    """Run the interleaved rounds in worker processes, the pgbench -S reference, overheads.
+
+    The rounds are shared among ``processes`` fresh Python processes, one after the
+    other: a process's hash seed and memory layout can favour one code path by a few
+    percent for its whole life, and a run of one process would report that as a
+    difference between the layers.
+    """
     url = database_url()
     bench.seed(url)
     bin_dir = default_server().bin_dir
-    start = time.monotonic()
     cells_per_round = len(bench.CLIENTS) * len(concurrencies)
+    processes = max(1, min(processes, rounds))
     bench.progress(f"{rounds} rounds × {cells_per_round} slices of {slice_s:g} s "
                    f"(clients × concurrencies {concurrencies}), random order per round, "
-                   f"after one warm-up round")
-
-    def on_round(number: int, total: int, seconds: float) -> None:
-        bench.progress(f"[{number}/{total}] round done in {seconds:.1f} s "
-                       f"({time.monotonic() - start:.0f} s elapsed)")
-
-    slices = bench.interleaved_rounds(url, clients=bench.CLIENTS, concurrencies=concurrencies,
-                                      rounds=rounds, duration=slice_s, bin_dir=bin_dir,
-                                      seed=seed, on_round=on_round)
+                   f"in {processes} processes, each after a warm-up round")
+    shares = [rounds // processes + (1 if k < rounds % processes else 0)
+              for k in range(processes)]
+    slices: list[dict[str, Any]] = []
+    offset = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, share in enumerate(shares):
+            out = Path(tmp) / f"worker{k}.json"
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", "--concurrency",
+                 ",".join(map(str, concurrencies)), "--rounds", str(share), "--slice",
+                 str(slice_s), "--seed", str(seed + k), "--round-offset", str(offset),
+                 "--total-rounds", str(rounds), "--worker-out", str(out)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark worker {k} failed ({proc.returncode})")
+            for cell in json.loads(out.read_text()):
+                slices.append({**cell, "round": offset + cell["round"], "process": k})
+            offset += share
     bench.progress("pgbench -S (one autocommit statement, for reference)")
     reference = bench.run_pgbench(url, bin_dir, max(concurrencies), 1.0, select_only=True)
     bench.progress("overheads: health check, pre-ping, NullPool")
@@ -146,8 +176,8 @@ def resolution(ratios: list[dict[str, Any]]) -> dict[str, Any]:
                  f"({parts(cpu)}; {PCT} intervals). Smaller differences are beyond what it "
                  f"can see")
     best = min(worst, worst_cpu)
-    statement += (f": it cannot confirm or rule out a {math.floor(best)} % overhead."
-                  if best >= 1 else ".")
+    statement += (": a 3 % overhead, for one, could be neither confirmed nor ruled out."
+                  if best > 3 else ", and a 3 % overhead would show.")
     return {"throughput_pct": round(worst, 1), "cpu_per_transaction_pct": round(worst_cpu, 1),
             "statement": statement,
             "verdicts": {f"{r['name']} ({r['metric']})": r["verdict"] for r in labkit}}
@@ -157,6 +187,8 @@ def resolution(ratios: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _plain(ax: Axes, axis: str) -> None:
     """Plain-number tick labels (2,000 rather than 2×10³) on a log axis."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(fmt)
@@ -164,6 +196,8 @@ def _plain(ax: Axes, axis: str) -> None:
 
 
 def _throughput(ax: Axes, summary: list[dict[str, Any]], concurrencies: list[int]) -> None:
+    from matplotlib.ticker import NullFormatter
+
     for client in bench.CLIENTS:
         rows = [r for r in summary if r["client"] == client]
         xs = [r["concurrency"] for r in rows]
@@ -226,6 +260,11 @@ def _labkit_label(r: dict[str, Any]) -> str:
 
 def chart(result: dict[str, Any], path: Path) -> None:
     """Throughput by layer, the layer ratios, and labkit's ratios against the claim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
     concurrencies = meta["concurrency"]
     fig, (left, middle, right) = plt.subplots(
@@ -295,33 +334,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8",
                         help="comma-separated worker counts (default 1,4,8)")
-    parser.add_argument("--rounds", type=int, default=20, help="recorded rounds (default 20)")
+    parser.add_argument("--rounds", type=int, default=18, help="recorded rounds (default 18)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="worker processes sharing the rounds (default 3)")
     parser.add_argument("--slice", type=float, default=0.25, dest="slice_s",
                         help="seconds per client, concurrency and round (default 0.25)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the random order (default: from the clock, recorded)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny run to check the output (2 workers, 6 rounds of 0.1 s)")
+                        help="a tiny run to check the output (2 workers, 6 rounds of 0.1 s "
+                             "in 2 processes)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--total-rounds", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     concurrencies = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
-    rounds, slice_s, samples = args.rounds, args.slice_s, 300
+    rounds, slice_s, samples, processes = args.rounds, args.slice_s, 300, args.processes
     if args.quick:
-        concurrencies, rounds, slice_s, samples = [2], 6, 0.1, 30
+        concurrencies, rounds, slice_s, samples, processes = [2], 6, 0.1, 30, 2
     seed = args.seed if args.seed is not None else time.time_ns() % 1_000_000
+    if args.worker:
+        worker(concurrencies, rounds, slice_s, seed, args.round_offset,
+               args.total_rounds or rounds, args.worker_out)
+        return 0
     start = time.monotonic()
-    measured = measure(concurrencies, rounds, slice_s, seed, samples)
+    measured = measure(concurrencies, rounds, slice_s, seed, processes, samples)
     ratios = compare(measured["slices"], concurrencies)
     result: dict[str, Any] = {
         "meta": {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cores": os.cpu_count(), "python": platform.python_version(),
             "concurrency": concurrencies, "rounds": rounds, "slice_s": slice_s,
-            "seed": seed, "elapsed_s": None,
+            "processes": processes, "seed": seed, "elapsed_s": None,
         },
         "method": {
             "rounds": "every client at every concurrency once per round, in a new random "
-                      "order each round, after one unrecorded warm-up round",
+                      "order each round (the two sides of each ratio back to back), shared "
+                      "among fresh worker processes, each after an unrecorded warm-up round",
             "clients": "per client and concurrency: median throughput of the rounds' "
                        "slices; spread as interquartile range (tps_q1-tps_q3) and min-max",
             "ratios": f"median of the per-round ratios of two clients with a distribution-"

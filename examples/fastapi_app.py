@@ -1,4 +1,4 @@
-"""A FastAPI service on labkit: lifespan, one session per request, ``/health``.
+"""A reference FastAPI service on labkit: lifespan, one session per request, probes, metrics.
 
 Run it from the repository root (``DATABASE_URL`` from the environment or ``.env``)::
 
@@ -9,6 +9,18 @@ Nothing connects at import, nor reads the environment: ``app`` and ``async_app``
 built by ``create_app`` and ``create_async_app``; the engine is created when the
 application starts, from ``Settings.from_env(env_file=".env")``, and disposed of when
 it stops.
+
+What it serves (``app`` with sync handlers, ``async_app`` with async ones, same routes):
+
+| route | what it shows |
+|---|---|
+| ``GET /live`` | liveness: the process answers; never touches the database |
+| ``GET /ready`` | readiness: the bounded health check, 503 when the database does not answer |
+| ``POST /orders/{id}`` | a write committed before its 201 is sent |
+| ``GET /orders/export`` | a streamed response whose session is closed before streaming |
+| ``POST /orders/{id}/receipt`` | a background task that opens its own session |
+| ``POST /payments`` | an idempotent write: ``Idempotency-Key`` header + ``ON CONFLICT`` |
+| ``GET /metrics`` | ``PoolMetrics`` in the Prometheus text format (``prometheus-client``) |
 
 Every handler takes its session as ``SessionDep`` (``AsyncSessionDep``), that is
 ``Depends(get_db, scope="function")``. The scope is what makes a 2xx mean "stored":
@@ -24,22 +36,32 @@ application in which some route takes ``get_db`` without that scope.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.dependencies.models import Dependant
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 import labkit
 from labkit import (
     AsyncSessionManager,
+    PoolMetrics,
     SessionManager,
     Settings,
     async_health_check,
@@ -47,10 +69,15 @@ from labkit import (
     get_db,
     health_check,
 )
+from labkit import metrics as pool_keys
+from labkit.errors import is_database_error, translate_error
 
 __all__ = [
     "AsyncSessionDep",
+    "CHECKOUT_WAIT_BUCKETS_S",
     "HEALTH_TIMEOUT",
+    "READY_TIMEOUT",
+    "ServiceMetrics",
     "SessionDep",
     "app",
     "async_app",
@@ -60,7 +87,16 @@ __all__ = [
     "require_commit_before_response",
 ]
 
-HEALTH_TIMEOUT = 2.0
+logger = logging.getLogger("labkit.example")
+
+# /ready answers within this many seconds however the database is broken (the probe's
+# socket is cut at the deadline); an orchestrator's probe timeout should be longer.
+READY_TIMEOUT = 2.0
+HEALTH_TIMEOUT = READY_TIMEOUT  # the name older code used; /health is /ready
+# Histogram buckets of the checkout wait, seconds: an idle connection (< 1 ms), a new
+# connection (a few ms), queueing behind busy requests, up to a 30 s pool_timeout.
+CHECKOUT_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                           10.0, 30.0)
 
 # The session a handler takes: committed when the handler returns, *before* the response
 # is sent, so that a COMMIT that fails is answered with an error and never with a 2xx.
@@ -73,9 +109,21 @@ AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_db, scope="function"
 _SCHEMA = (
     "SELECT pg_advisory_xact_lock(7411001)",
     "CREATE TABLE IF NOT EXISTS example_orders (id int PRIMARY KEY, item text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS example_receipts (order_id int PRIMARY KEY, "
+    "sent_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS example_payments (idempotency_key text PRIMARY KEY, "
+    "amount_cents int NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
 )
 _INSERT_ORDER = text("INSERT INTO example_orders (id, item) VALUES (:id, :item)")
 _LIST_ORDERS = text("SELECT id, item FROM example_orders ORDER BY id")
+_INSERT_RECEIPT = text("INSERT INTO example_receipts (order_id) VALUES (:id) "
+                       "ON CONFLICT (order_id) DO NOTHING")
+# One statement decides who stored the payment: a concurrent duplicate waits for the
+# first transaction, then does nothing. Nothing returned means "already there".
+_INSERT_PAYMENT = text("INSERT INTO example_payments (idempotency_key, amount_cents) "
+                       "VALUES (:key, :amount) ON CONFLICT (idempotency_key) DO NOTHING "
+                       "RETURNING idempotency_key")
+_GET_PAYMENT = text("SELECT amount_cents FROM example_payments WHERE idempotency_key = :key")
 
 
 def _sub_dependencies(dependant: Dependant) -> Iterator[Dependant]:
@@ -112,20 +160,154 @@ def require_commit_before_response(app: FastAPI) -> None:
             "SessionDep / AsyncSessionDep, i.e. Depends(get_db, scope=\"function\")")
 
 
+# --- /metrics: PoolMetrics in the Prometheus text format -------------------------------
+
+class ServiceMetrics(PoolMetrics):
+    """``PoolMetrics`` that also feed a Prometheus registry of the application's own.
+
+    One registry per application (not prometheus-client's global one), so that two apps
+    in one process, as in tests, never collide. ``/metrics`` exposes:
+
+    - ``labkit_pool_in_use``, ``labkit_pool_idle``, ``labkit_pool_overflow``,
+      ``labkit_pool_size``: gauges read from the pool at scrape time (``overflow`` is
+      negative until the pool is full, as SQLAlchemy reports it);
+    - ``labkit_pool_checkouts_total``, ``..._connects_total``, ``..._invalidations_total``,
+      ``..._checkout_errors_total`` and the other ``PoolMetrics`` counters;
+    - ``labkit_pool_checkout_wait_seconds``: a histogram of every checkout's wait;
+    - ``labkit_errors_total{error="PoolTimeoutError"}``: database errors that ended a
+      request, by labkit class.
+
+    Create it with ``ServiceMetrics.attach(engine)`` before the engine serves traffic and
+    keep a reference (the engine holds its collectors weakly).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.checkout_wait = PromHistogram(
+            "labkit_pool_checkout_wait_seconds",
+            "Time a request waited for a pooled connection (opening one included).",
+            buckets=CHECKOUT_WAIT_BUCKETS_S, registry=self.registry)
+        self.errors = PromCounter(
+            "labkit_errors", "Database errors that ended a request, by labkit error class.",
+            ["error"], registry=self.registry)
+        self.registry.register(_PoolCollector(self))
+
+    def _record_checkout(self, ms: float, *, failed: bool) -> None:
+        # PoolMetrics' hook for every checkout (the engine's hub calls it): keep its
+        # counters and feed the histogram, with no second set of pool listeners.
+        super()._record_checkout(ms, failed=failed)
+        self.checkout_wait.observe(ms / 1000.0)
+
+    def count_error(self, error: str) -> None:
+        """Count a request ended by a database error of labkit class ``error``."""
+        self.errors.labels(error=error).inc()
+
+    def exposition(self) -> bytes:
+        """Return the registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    """Read ``PoolMetrics`` at scrape time: gauges now, counters since start-up."""
+
+    _GAUGES = ((pool_keys.IN_USE, "Connections checked out of the pool."),
+               (pool_keys.IDLE, "Connections idle in the pool."),
+               (pool_keys.OVERFLOW, "Overflow connections (negative until the pool is full)."),
+               (pool_keys.POOL_SIZE, "The pool's configured pool_size."))
+    _COUNTERS = (pool_keys.CONNECTS, pool_keys.CLOSES, pool_keys.CHECKOUTS,
+                 pool_keys.CHECKINS, pool_keys.RESETS, pool_keys.INVALIDATIONS,
+                 pool_keys.CHECKOUT_ERRORS)
+
+    def __init__(self, metrics: PoolMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        snapshot = self.metrics.snapshot()
+        for key, doc in self._GAUGES:
+            name = "labkit_pool_size" if key == pool_keys.POOL_SIZE else f"labkit_pool_{key}"
+            yield GaugeMetricFamily(name, doc, value=snapshot[key])
+        for key in self._COUNTERS:
+            yield CounterMetricFamily(f"labkit_pool_{key}", f"PoolMetrics counter {key!r}.",
+                                      value=snapshot[key])
+
+
+def _metrics_response(app: FastAPI) -> Response:
+    metrics: ServiceMetrics = app.state.metrics
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+def _count(request: Request, error: str) -> None:
+    metrics: ServiceMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.count_error(error)
+
+
 async def _integrity_conflict(request: Request, exc: Exception) -> JSONResponse:
     """Answer 409 when a constraint rejects the data, in a statement or at COMMIT."""
+    _count(request, "IntegrityError")
     return JSONResponse(status_code=409, content={
         "error": "IntegrityError", "detail": "conflict: a constraint rejected the data"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map ``IntegrityError`` to 409, whether a statement or the COMMIT raised it.
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """Answer 503 (with ``Retry-After``) for a transient database error, else 500.
 
-    SQLAlchemy's class is what a failed COMMIT raises; labkit's is what code inside
-    ``translating_errors`` raises. Every other error stays a 500.
+    The body names the labkit class and never the driver's message, which can carry SQL
+    and data; the log keeps the whole error.
+    """
+    if not is_database_error(exc):
+        raise exc
+    error = translate_error(exc)
+    _count(request, type(error).__name__)
+    logger.warning("%s %s failed: %s", request.method, request.url.path, error)
+    if isinstance(error, labkit.TransientError):
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+            "error": type(error).__name__, "detail": "the database is unavailable or "
+            "overloaded; retry later"})
+    return JSONResponse(status_code=500, content={
+        "error": type(error).__name__, "detail": "a database error ended the request"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map database errors to answers, and count them on ``/metrics`` by labkit class.
+
+    ``IntegrityError`` (SQLAlchemy's, what a failed COMMIT raises, or labkit's) is a 409,
+    whether a statement or the COMMIT raised it. Any other database error is translated
+    to its labkit class: a ``TransientError`` (pool timeout, database down, connection
+    lost) is a 503 with ``Retry-After``, the rest a 500. Other exceptions stay 500s.
     """
     app.add_exception_handler(sa_exc.IntegrityError, _integrity_conflict)
     app.add_exception_handler(labkit.IntegrityError, _integrity_conflict)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, _database_error)
+    app.add_exception_handler(labkit.DatabaseError, _database_error)
+
+
+# --- shared pieces of both apps -----------------------------------------------------------
+
+def _payment_answer(response: Response, key: str, amount_cents: int,
+                    inserted: bool, stored: int | None) -> dict[str, object]:
+    if inserted:
+        response.status_code = 201
+        return {"idempotency_key": key, "amount_cents": amount_cents, "replayed": False}
+    if stored != amount_cents:
+        raise HTTPException(status_code=422, detail="this Idempotency-Key was used for "
+                            "a different payment")
+    response.status_code = 200  # a retry of a stored payment: same answer, stored once
+    return {"idempotency_key": key, "amount_cents": amount_cents, "replayed": True}
+
+
+async def _paced_lines(rows: list[dict[str, object]], delay: float) -> AsyncIterator[bytes]:
+    """Yield one NDJSON line per row, ``delay`` seconds apart (a slow feed or client)."""
+    for number, row in enumerate(rows):
+        if number and delay > 0:
+            await asyncio.sleep(delay)
+        yield (json.dumps(row) + "\n").encode()
+
+
+IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,6 +327,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager = SessionManager()
         manager.init(settings or Settings.from_env(env_file=".env"))
         app.state.db = manager
+        app.state.metrics = ServiceMetrics.attach(manager.engine)
         try:
             with manager.connect() as conn:
                 for statement in _SCHEMA:
@@ -152,9 +335,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             manager.close()
+            app.state.metrics.detach()
 
     app = FastAPI(title="labkit example", lifespan=lifespan)
     install_error_handlers(app)
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        """Liveness: the process and its event loop answer. Never touches the database,
+        so a database outage never makes an orchestrator restart the service."""
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    @app.get("/health")
+    def ready(response: Response) -> dict[str, object]:
+        """Readiness: 200 when the database answers within ``READY_TIMEOUT``, else 503.
+
+        The probe uses a connection of its own, never one of the pool's: a saturated
+        pool is reported (``pool_saturated``) but does not fail readiness.
+        """
+        report = health_check(app.state.db.engine, timeout=READY_TIMEOUT)
+        response.status_code = 200 if report.ok else 503
+        return report.to_dict()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Pool gauges, counters, checkout-wait histogram and errors, Prometheus format."""
+        return _metrics_response(app)
 
     @app.post("/orders/{order_id}", status_code=201)
     def create_order(order_id: int, item: str, session: SessionDep) -> dict[str, object]:
@@ -172,12 +379,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_orders(session: SessionDep) -> list[dict[str, object]]:
         return [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
 
-    @app.get("/health")
-    def health(response: Response) -> dict[str, object]:
-        """Readiness: 200 when the database answers within the timeout, else 503."""
-        report = health_check(app.state.db.engine, timeout=HEALTH_TIMEOUT)
-        response.status_code = 200 if report.ok else 503
-        return report.to_dict()
+    @app.get("/orders/export")
+    def export_orders(session: SessionDep, delay: float = 0.0) -> StreamingResponse:
+        """Stream every order as NDJSON, ``delay`` seconds apart.
+
+        The rows are read while the handler runs; ``SessionDep`` then commits and closes
+        the session before the first byte is sent, so a slow client holds a socket, not
+        a pooled connection.
+        """
+        rows = [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
+        return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
+
+    @app.post("/orders/{order_id}/receipt", status_code=202)
+    def send_receipt(order_id: int, tasks: BackgroundTasks) -> dict[str, object]:
+        """Accept the request, record the receipt after the response in a background task.
+
+        The task opens its own session: the request's session (``SessionDep``) is closed
+        by then, and must never be handed to a task.
+        """
+        manager: SessionManager = app.state.db
+
+        def record_receipt() -> None:
+            with manager.session() as session:
+                session.execute(_INSERT_RECEIPT, {"id": order_id})
+
+        tasks.add_task(record_receipt)
+        return {"order_id": order_id, "receipt": "queued"}
+
+    @app.post("/payments")
+    def create_payment(amount_cents: int, key: IdempotencyKey, session: SessionDep,
+                       response: Response) -> dict[str, object]:
+        """Store a payment once per ``Idempotency-Key``: 201 the first time, 200 on a retry.
+
+        A client that lost the answer (timeout, dropped connection, a 503) sends the same
+        request with the same key again; ``ON CONFLICT DO NOTHING`` makes the second
+        insert a no-op, even when both arrive at once. The same key with another amount
+        is a 422.
+        """
+        inserted = session.execute(_INSERT_PAYMENT, {"key": key, "amount": amount_cents}
+                                   ).first() is not None
+        stored = None if inserted else session.execute(_GET_PAYMENT, {"key": key}).scalar()
+        return _payment_answer(response, key, amount_cents, inserted, stored)
 
     return app
 
@@ -199,6 +441,7 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
         manager = AsyncSessionManager()
         manager.init(settings or Settings.from_env(env_file=".env"))
         app.state.db = manager
+        app.state.metrics = ServiceMetrics.attach(manager.engine)
         try:
             async with manager.connect() as conn:
                 for statement in _SCHEMA:
@@ -206,9 +449,29 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await manager.close()
+            app.state.metrics.detach()
 
     app = FastAPI(title="labkit example (async)", lifespan=lifespan)
     install_error_handlers(app)
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        """Liveness: the process and its event loop answer; never touches the database."""
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    @app.get("/health")
+    async def ready(response: Response) -> dict[str, object]:
+        """Readiness: 200 when the database answers within ``READY_TIMEOUT``, else 503."""
+        engine: AsyncEngine = app.state.db.engine
+        report = await async_health_check(engine, timeout=READY_TIMEOUT)
+        response.status_code = 200 if report.ok else 503
+        return report.to_dict()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Pool gauges, counters, checkout-wait histogram and errors, Prometheus format."""
+        return _metrics_response(app)
 
     @app.post("/orders/{order_id}", status_code=201)
     async def create_order(order_id: int, item: str,
@@ -228,12 +491,35 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
         rows = await session.execute(_LIST_ORDERS)
         return [{"id": r.id, "item": r.item} for r in rows]
 
-    @app.get("/health")
-    async def health(response: Response) -> dict[str, object]:
-        """Readiness: 200 when the database answers within the timeout, else 503."""
-        report = await async_health_check(app.state.db.engine, timeout=HEALTH_TIMEOUT)
-        response.status_code = 200 if report.ok else 503
-        return report.to_dict()
+    @app.get("/orders/export")
+    async def export_orders(session: AsyncSessionDep,
+                            delay: float = 0.0) -> StreamingResponse:
+        """Stream every order as NDJSON; the session is closed before streaming starts."""
+        rows = [{"id": r.id, "item": r.item} for r in await session.execute(_LIST_ORDERS)]
+        return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
+
+    @app.post("/orders/{order_id}/receipt", status_code=202)
+    async def send_receipt(order_id: int, tasks: BackgroundTasks) -> dict[str, object]:
+        """Record the receipt after the response, in a task with its own session."""
+        manager: AsyncSessionManager = app.state.db
+
+        async def record_receipt() -> None:
+            async with manager.session() as session:
+                await session.execute(_INSERT_RECEIPT, {"id": order_id})
+
+        tasks.add_task(record_receipt)
+        return {"order_id": order_id, "receipt": "queued"}
+
+    @app.post("/payments")
+    async def create_payment(amount_cents: int, key: IdempotencyKey,
+                             session: AsyncSessionDep,
+                             response: Response) -> dict[str, object]:
+        """Store a payment once per ``Idempotency-Key``: 201 the first time, 200 on a retry."""
+        result = await session.execute(_INSERT_PAYMENT, {"key": key, "amount": amount_cents})
+        inserted = result.first() is not None
+        stored = None if inserted else (
+            await session.execute(_GET_PAYMENT, {"key": key})).scalar()
+        return _payment_answer(response, key, amount_cents, inserted, stored)
 
     return app
 

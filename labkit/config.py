@@ -28,6 +28,7 @@ Environment variables (all optional except ``DATABASE_URL`` in production):
 | ``DB_TCP_KEEPALIVE_INTERVAL`` | between two unanswered probes | seconds |
 | ``DB_TCP_KEEPALIVE_COUNT`` | unanswered probes before the connection is dropped | |
 | ``DB_TCP_USER_TIMEOUT`` | drop the connection when sent data stays unacknowledged | seconds |
+| ``DB_BEHIND_POOLER`` | the URL is a transaction-mode pooler (PgBouncer) | true/false |
 
 In production the four TCP settings default to ``PRODUCTION_TCP`` (keepalive after 60 s
 of silence, every 10 s, 3 probes; ``tcp_user_timeout`` 30 s): idle pooled connections
@@ -587,6 +588,18 @@ class Settings:
 
     psycopg2 gets them as libpq's ``keepalives*`` and ``tcp_user_timeout`` parameters;
     asyncpg, which has none, gets them as socket options right after it connects.
+
+    ``behind_pooler``: the URL points at a pooler in *transaction* mode (PgBouncer's
+    ``pool_mode = transaction``), where consecutive transactions of one client
+    connection may run on different server connections. labkit then sends no session
+    state at connect time: no ``options`` / ``statement_timeout`` startup parameter
+    (PgBouncer refuses unknown startup parameters: "unsupported startup parameter"),
+    so ``statement_timeout_ms`` is applied per transaction with ``SET LOCAL`` at the
+    start of each one; asyncpg's statement caches are off and every prepared statement
+    gets a unique name (no ``prepared statement "__asyncpg_stmt_N__" already
+    exists``). ``application_name`` is still sent (PgBouncer accepts it). A URL with
+    ``options`` is then a ``ConfigurationError``: put such settings on the role
+    (``ALTER ROLE ... SET``) instead. psycopg2 needs nothing else.
     """
 
     url: URL
@@ -601,9 +614,18 @@ class Settings:
     tcp_keepalive_interval: int | None = None
     tcp_keepalive_count: int | None = None
     tcp_user_timeout: float | None = None
+    behind_pooler: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", parse_url(self.url))
+        if not isinstance(self.behind_pooler, bool):
+            raise ConfigurationError(
+                f"behind_pooler must be True or False, got {self.behind_pooler!r}")
+        if self.behind_pooler and _query_value(self.url, "options") is not None:
+            raise ConfigurationError(
+                "behind_pooler: the URL's 'options' would be sent at connect time, which "
+                "a transaction-mode pooler refuses or applies to a server connection "
+                "other clients share; set them on the role (ALTER ROLE ... SET) instead")
         object.__setattr__(self, "environment", Environment(self.environment))
         _check_seconds("connect_timeout", self.connect_timeout, MAX_CONNECT_TIMEOUT_S)
         if self.statement_timeout_ms is not None:
@@ -651,7 +673,8 @@ class Settings:
                 f"tcp_keepalive_idle={self.tcp_keepalive_idle}, "
                 f"tcp_keepalive_interval={self.tcp_keepalive_interval}, "
                 f"tcp_keepalive_count={self.tcp_keepalive_count}, "
-                f"tcp_user_timeout={self.tcp_user_timeout})")
+                f"tcp_user_timeout={self.tcp_user_timeout}, "
+                f"behind_pooler={self.behind_pooler})")
 
     __str__ = __repr__
 
@@ -752,7 +775,9 @@ class Settings:
                                  ("DB_TCP_USER_TIMEOUT", "tcp_user_timeout", float)):
             if env.get(var, "").strip():
                 tcp[field] = _parse_number(var, env[var], kind)
+        behind_pooler = (_parse_bool("DB_BEHIND_POOLER", env["DB_BEHIND_POOLER"])
+                         if env.get("DB_BEHIND_POOLER", "").strip() else False)
         return cls(url=url, environment=environment, pool=pool, echo=echo,
                    connect_timeout=connect_timeout, statement_timeout_ms=statement_timeout,
-                   command_timeout=command_timeout, **tcp)
+                   command_timeout=command_timeout, behind_pooler=behind_pooler, **tcp)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import uuid
 from typing import Any
 
 import sqlalchemy
@@ -69,6 +70,22 @@ def _sqlite_pool_kwargs(url: URL) -> dict[str, Any]:
     return {"connect_args": {"check_same_thread": False}}
 
 
+def _unique_statement_name() -> str:
+    # Unique across processes and connections: a transaction-mode pooler may run this
+    # client's next transaction on a server connection another client prepared on.
+    return f"__labkit_{uuid.uuid4().hex}__"
+
+
+# asyncpg arguments that keep prepared statements from outliving their transaction:
+# asyncpg's own cache off (pre-ping and introspection then use unnamed statements),
+# SQLAlchemy's adapter cache off, and unique names for what it still prepares.
+_POOLER_SAFE_ASYNCPG: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": _unique_statement_name,
+}
+
+
 def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, Any]:
     """Driver arguments from the settings, merged with the URL's ``options``.
 
@@ -81,14 +98,20 @@ def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, 
         return {}
     url_options = url.query.get("options")
     url_options = url_options if isinstance(url_options, str) else None
+    # Behind a transaction-mode pooler the statement timeout is set per transaction
+    # (_timeout_per_transaction), never at connect: see Settings.behind_pooler.
+    timeout_at_connect = (settings.statement_timeout_ms is not None
+                          and not settings.behind_pooler)
     if is_async:
         server_settings = (_server_settings_from_options(url_options)
                            if url_options is not None else {})
         server_settings["application_name"] = settings.application_name
-        if settings.statement_timeout_ms is not None:
+        if timeout_at_connect:
             server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
         args_async: dict[str, Any] = {"timeout": settings.connect_timeout,
                                       "server_settings": server_settings}
+        if settings.behind_pooler:
+            args_async.update(_POOLER_SAFE_ASYNCPG)
         if settings.effective_command_timeout is not None:
             # asyncpg's own client-side deadline for every statement.
             args_async["command_timeout"] = settings.effective_command_timeout
@@ -99,7 +122,7 @@ def _connect_args(settings: Settings, url: URL, *, is_async: bool) -> dict[str, 
         "application_name": settings.application_name,
     }
     options = [url_options] if url_options else []
-    if settings.statement_timeout_ms is not None:
+    if timeout_at_connect:
         # PostgreSQL applies '-c' switches in order: the last statement_timeout wins.
         options.append(f"-c statement_timeout={settings.statement_timeout_ms}")
     if options:
@@ -122,7 +145,9 @@ def engine_kwargs(settings: Settings, *, is_async: bool = False,
     ``connect_args`` hold the connect timeout, ``application_name``, the statement
     timeout and the URL's ``options``: for psycopg2 as one ``options`` string, for
     asyncpg as ``server_settings`` (so the ``options`` parameter must then leave the
-    URL, as ``create_async_engine`` does).
+    URL, as ``create_async_engine`` does). With ``settings.behind_pooler`` the statement
+    timeout is left out (the engine factories set it per transaction) and asyncpg gets
+    its statement caches off and unique prepared-statement names.
     """
     url = settings.async_url if is_async else settings.sync_url
     kwargs = _pool_kwargs(pool or settings.pool, url, is_async=is_async)
@@ -169,6 +194,7 @@ def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
     url = settings.sync_url
     kwargs = _merge(engine_kwargs(settings, pool=pool), overrides)
     engine: Engine = _build(sqlalchemy.create_engine, url, kwargs)
+    _timeout_per_transaction(engine, settings)
     bound_pre_ping(engine, settings.connect_timeout)
     if settings.effective_command_timeout is not None and url.get_backend_name() != "sqlite":
         bound_statements(engine, settings.effective_command_timeout)
@@ -186,10 +212,36 @@ def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
     url = settings.async_url
     kwargs = _merge(engine_kwargs(settings, is_async=True, pool=pool), overrides)
     engine: AsyncEngine = _build(sa_create_async_engine, url, kwargs)
+    _timeout_per_transaction(engine.sync_engine, settings)
     bound_pre_ping(engine.sync_engine, settings.connect_timeout)
     if url.get_backend_name() != "sqlite":
         _tune_async_sockets(engine.sync_engine, settings)
     return engine
+
+
+def _timeout_per_transaction(engine: Engine, settings: Settings) -> None:
+    """Behind a pooler, start every transaction with ``SET LOCAL statement_timeout``.
+
+    ``SET LOCAL`` ends with the transaction, so nothing is left on a server connection
+    the pooler hands to another client next. It goes through the driver's cursor, which
+    opens the transaction (psycopg2's implicit ``BEGIN``, SQLAlchemy's asyncpg adapter's
+    transaction) before SQLAlchemy sends the first statement. An engine in
+    ``AUTOCOMMIT`` has no transaction to bound: PostgreSQL ignores the ``SET LOCAL``
+    there with a warning.
+    """
+    if not settings.behind_pooler or settings.statement_timeout_ms is None:
+        return
+    if engine.url.get_backend_name() == "sqlite":
+        return
+    statement = f"SET LOCAL statement_timeout = {int(settings.statement_timeout_ms)}"
+
+    @event.listens_for(engine, "begin")
+    def set_local_timeout(conn: sqlalchemy.Connection) -> None:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
 
 
 def _tcp_socket_options(settings: Settings) -> list[tuple[int, int, int]]:

@@ -1,7 +1,14 @@
-"""Fixtures: a real PostgreSQL (DATABASE_URL, else the local server), never a mock."""
+"""Fixtures: a real PostgreSQL (DATABASE_URL, else the local server), never a mock.
+
+Two databases on that server. The kit's own (``db_url``: DATABASE_URL, else the local
+server's ``labkit``) for tests that commit and watch another connection see it; and
+``labkit_test`` for ``labkit.testing``'s fixtures (``labkit_session`` and the rest: every
+test's work rolled back), which refuse a database whose name does not say "test".
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import uuid
@@ -17,11 +24,39 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from labkit import Settings, TEST_POOL, create_async_engine, create_engine
 from labkit.lab import LocalServer, database_url
 
+# labkit.testing: rollback-per-test fixtures (labkit_session, ...); pytester runs the
+# plugin in pytest sessions of its own (tests/test_testing.py).
+pytest_plugins = ["labkit.testing", "pytester"]
+
+# The plugin's database when none is named: on the kit's server, created on first use.
+TEST_DATABASE = "labkit_test"
+
 
 @pytest.fixture(scope="session")
 def db_url() -> URL:
     """The shared server's URL: DATABASE_URL if set, else the local server (started once)."""
     return database_url()
+
+
+@pytest.fixture(scope="session")
+def labkit_db_url(pytestconfig: pytest.Config, db_url: URL) -> URL:
+    """``labkit.testing``'s database: ``--labkit-db-url`` or LABKIT_TEST_DATABASE_URL if
+    given, else ``labkit_test`` on the kit's server (created once).
+
+    Overrides the plugin's fixture only to leave DATABASE_URL out: in the kit it names the
+    shared ``labkit`` database, which the plugin rightly refuses. The plugin's engine
+    fixtures still check that the name says "test".
+    """
+    # Imported here, not at the top: pytest imports the plugin itself (and rewrites it).
+    from labkit.testing import configured_url, create_database
+
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    found = configured_url(pytestconfig.getoption("labkit_db_url"), env)
+    if found is not None:
+        return found[0]
+    url = db_url.set(database=TEST_DATABASE)
+    create_database(url)
+    return url
 
 
 @pytest.fixture(scope="session")

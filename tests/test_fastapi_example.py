@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ from labkit import (
     get_db,
 )
 from labkit.lab import LocalServer
+from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, scrape
+from labkit.lab.services import ServiceError, uvicorn_service
 
 ROOT = Path(__file__).resolve().parents[1]
 UVICORN_START_TIMEOUT = 30.0
@@ -123,48 +124,20 @@ def naive_async_app() -> FastAPI:
 
 
 @contextlib.contextmanager
-def uvicorn_server(target: str, db_url: URL, log: Path, *,
-                   factory: bool = False) -> Iterator[str]:
+def uvicorn_server(target: str, db_url: URL, log: Path, *, factory: bool = False,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
     """Run ``uvicorn target`` as a real process on a free port; yield its base URL.
 
-    It serves once its lifespan has started (uvicorn accepts connections only then),
+    ``labkit.lab.services.uvicorn_service``: it serves once its lifespan has started,
     and is stopped with SIGTERM, so its lifespan closes the pool.
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    command = [sys.executable, "-m", "uvicorn", target, "--app-dir", str(ROOT),
-               "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    if factory:
-        command.append("--factory")
-    env = {**os.environ, "DATABASE_URL": db_url.render_as_string(hide_password=False)}
-    env.pop("ENVIRONMENT", None)
-    base = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"uvicorn {target} exited with {process.returncode}:\n"
-                            f"{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/openapi.json", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() - start > UVICORN_START_TIMEOUT:
-                pytest.fail(f"uvicorn {target} did not serve within {UVICORN_START_TIMEOUT} s:"
-                            f"\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        print(f"uvicorn {target}: serving after {time.monotonic() - start:.2f} s")
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with uvicorn_service(target, database_url=db_url, factory=factory, log=log,
+                             env=env, start_timeout=UVICORN_START_TIMEOUT) as service:
+            print(f"uvicorn {target}: serving after {service.started_in_s:.2f} s")
+            yield service.base_url
+    except ServiceError as exc:
+        pytest.fail(str(exc))
 
 
 def wait_for_log(log: Path, needle: str, timeout: float = 10.0) -> str:
@@ -310,3 +283,161 @@ def test_health_is_503_within_its_timeout_when_the_database_is_stopped(
         assert recovered.status_code == 200
     with create_engine(Settings(url=throwaway_server.info().url()), pool=TEST_POOL).begin() as c:
         c.execute(text("DROP TABLE IF EXISTS example_orders"))
+
+
+# --- the reference service's routes, served by uvicorn ----------------------------------
+
+EXAMPLE_TARGETS = pytest.mark.parametrize(
+    "target", ["examples.fastapi_app:app", "examples.fastapi_app:async_app"],
+    ids=["sync", "async"])
+# A pool of one connection that gives up quickly: one held stream exhausts it.
+ONE_CONNECTION = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "0.5"}
+
+
+@pytest.fixture
+def clean_example_tables(observer: Engine, clean_orders: None) -> Iterator[None]:
+    """No example table before or after the test (the service creates them)."""
+    drop = "DROP TABLE IF EXISTS example_receipts, example_payments"
+    with observer.begin() as conn:
+        conn.execute(text(drop))
+    yield
+    with observer.begin() as conn:
+        conn.execute(text(drop))
+
+
+def _poll(observer: Engine, sql: str, *, until: object, timeout: float = 10.0) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        with observer.connect() as conn:
+            value = conn.execute(text(sql)).scalar()
+        if value == until or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+@EXAMPLE_TARGETS
+def test_live_stays_200_and_ready_is_503_within_its_timeout_while_the_database_is_down(
+        target: str, throwaway_server: LocalServer, tmp_path: Path) -> None:
+    """Pins: ``/live`` never touches the database, ``/ready`` is the bounded probe: during
+    an outage a real uvicorn process answers ``/live`` 200 and ``/ready`` 503 (naming a
+    labkit error, no password) within ``READY_TIMEOUT``, and ``/ready`` recovers."""
+    url = throwaway_server.info().url()
+    with uvicorn_server(target, url, tmp_path / "uvicorn.log",
+                        env={"DB_CONNECT_TIMEOUT": "1"}) as base, httpx.Client(
+                            base_url=base, timeout=10) as client:
+        up = client.get("/ready")
+        assert up.status_code == 200, up.text
+        assert up.json()["ok"] is True and up.json()["pool_saturated"] is False
+        throwaway_server.stop()
+        try:
+            live = client.get("/live")
+            start = time.monotonic()
+            down = client.get("/ready")
+            elapsed = time.monotonic() - start
+        finally:
+            throwaway_server.start()
+        assert live.status_code == 200 and live.json() == {"status": "alive"}
+        assert down.status_code == 503, down.text
+        assert down.json()["error"] in {"DatabaseUnavailableError", "ConnectionLostError"}
+        assert elapsed < example.READY_TIMEOUT + 1.0
+        assert throwaway_server.info().password not in down.text
+        assert client.get("/ready").status_code == 200
+    with create_engine(Settings(url=url), pool=TEST_POOL).begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS example_orders, example_receipts, "
+                          "example_payments"))
+
+
+@EXAMPLE_TARGETS
+def test_same_idempotency_key_sent_concurrently_stores_one_payment(
+        target: str, db_url: URL, observer: Engine, clean_example_tables: None,
+        tmp_path: Path) -> None:
+    """Pins: ``POST /payments`` stores a payment once per ``Idempotency-Key``: six
+    concurrent retries get one 201 and five 200 ``replayed``; one row; the key reused for
+    another amount is a 422; no key is a 422 (validation)."""
+    with uvicorn_server(target, db_url, tmp_path / "uvicorn.log") as base:
+        same = Call("POST", "/payments", params={"amount_cents": 1250},
+                    headers={"Idempotency-Key": "order-77"})
+        result = HttpLoad(base, [[same]] * 6, timeout=10)
+        with result:
+            pass
+        assert result.result.statuses() == {"201": 1, "200": 5}
+        with httpx.Client(base_url=base, timeout=10) as client:
+            other = client.post("/payments", params={"amount_cents": 99},
+                                headers={"Idempotency-Key": "order-77"})
+            assert other.status_code == 422
+            assert client.post("/payments", params={"amount_cents": 1}).status_code == 422
+    assert _poll(observer, "SELECT count(*) FROM example_payments", until=1) == 1
+    with observer.connect() as conn:
+        assert conn.execute(text("SELECT amount_cents FROM example_payments")).scalar() == 1250
+
+
+@EXAMPLE_TARGETS
+def test_background_receipt_is_written_after_the_response_by_its_own_session(
+        target: str, db_url: URL, observer: Engine, clean_example_tables: None,
+        tmp_path: Path) -> None:
+    """Pins: ``POST /orders/{id}/receipt`` answers 202 and its background task, with a
+    session of its own, commits the receipt afterwards; the pool ends with nothing
+    checked out."""
+    with uvicorn_server(target, db_url, tmp_path / "uvicorn.log") as base:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for order_id in (1, 2, 3):
+                assert client.post(f"/orders/{order_id}/receipt").status_code == 202
+        assert _poll(observer, "SELECT count(*) FROM example_receipts", until=3) == 3
+        time.sleep(0.2)
+        assert scrape(base)["labkit_pool_in_use"] == 0
+    assert "Traceback" not in (tmp_path / "uvicorn.log").read_text()
+
+
+@EXAMPLE_TARGETS
+def test_streamed_export_returns_its_connection_before_the_first_byte(
+        target: str, db_url: URL, observer: Engine, clean_example_tables: None,
+        tmp_path: Path) -> None:
+    """Pins: with ``SessionDep`` the export's session is closed before streaming, so four
+    slow streams (1 s each) share a pool of ONE connection: all 200, every line
+    delivered, no pool timeout, and ``/metrics`` shows no connection held for long."""
+    with uvicorn_server(target, db_url, tmp_path / "uvicorn.log", env=ONE_CONNECTION) as base:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for order_id in range(1, 6):
+                client.post(f"/orders/{order_id}", params={"item": f"item {order_id}"})
+        calls = [[Call("GET", "/orders/export", params={"delay": 0.25}, at=0.05 * n)]
+                 for n in range(4)]
+        with HttpLoad(base, calls, timeout=10) as run, MetricsSampler(
+                base, interval=0.05, t0=run.t0) as sampler:
+            run.wait()
+        assert run.result.statuses() == {"200": 4}
+        assert all(r.body.count("\n") == 5 for r in run.result.records)
+        assert min(r.end - r.start for r in run.result.records) >= 1.0  # really streamed
+        metrics = scrape(base)
+        assert metrics["labkit_pool_checkout_errors_total"] == 0
+        # Sampled while four streams were open: the connection was back in the pool.
+        assert sum(1 for v in sampler.series("labkit_pool_in_use")[1] if v > 0) <= 2
+
+
+def test_request_scoped_session_holds_its_connection_for_the_whole_stream(
+        db_url: URL, observer: Engine, clean_example_tables: None, tmp_path: Path) -> None:
+    """Documents the pitfall (examples/pitfalls.py): plain ``Depends(get_db)`` keeps the
+    connection until the stream ends. With a pool of one, a second export while the
+    first streams waits ``pool_timeout`` and is answered 503 ``PoolTimeoutError``; the
+    error, the failed checkout and the wait are on ``/metrics``."""
+    with observer.begin() as conn:
+        conn.execute(text("CREATE TABLE example_orders (id int PRIMARY KEY, item text)"))
+        conn.execute(text("INSERT INTO example_orders SELECT g, 'x' FROM generate_series(1, 6) g"))
+    with uvicorn_server("examples.pitfalls:create_pitfall_app", db_url,
+                        tmp_path / "uvicorn.log", factory=True, env=ONE_CONNECTION) as base:
+        calls = [[Call("GET", "/orders/export", params={"delay": 0.3}, label="slow")],
+                 [Call("GET", "/orders/export", at=0.4, label="second")]]
+        with HttpLoad(base, calls, timeout=10) as run:
+            time.sleep(0.2)
+            held = scrape(base)["labkit_pool_in_use"]
+            run.wait()
+        assert held == 1
+        assert run.result.statuses("slow") == {"200": 1}
+        assert run.result.statuses("second") == {"503": 1}
+        second = run.result.by_label("second")[0]
+        assert '"PoolTimeoutError"' in second.body
+        assert second.end - second.start >= 0.5  # it waited pool_timeout first
+        metrics = scrape(base)
+        assert metrics['labkit_errors_total{error="PoolTimeoutError"}'] == 1
+        assert metrics["labkit_pool_checkout_errors_total"] == 1
+        assert metrics["labkit_pool_checkout_wait_seconds_sum"] >= 0.5
+        assert metrics['labkit_pool_checkout_wait_seconds_bucket{le="1.0"}'] >= 2

@@ -1,0 +1,94 @@
+"""The same service with the session's scope left at FastAPI's default: not for copying.
+
+Notebook 08 and the tests serve this next to ``examples.fastapi_app`` to measure what
+the default costs. The only difference is the dependency: plain ``Depends(get_db)``,
+whose scope is ``"request"`` for a dependency with ``yield`` (FastAPI 0.118 and later).
+Its code after ``yield`` (the COMMIT, then closing the session) runs *after the response
+has been sent*:
+
+- ``POST /orders/{id}`` answers 201 before the COMMIT; a COMMIT that then fails (a
+  deferred constraint) leaves the client with a 201 and no row;
+- ``GET /orders/export?delay=...`` keeps its session, and the session's pooled
+  connection, checked out until the last byte of the stream has been sent: every slow
+  client holds one connection, and the pool runs out.
+
+Run it with ``uvicorn examples.pitfalls:create_pitfall_app --factory``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from examples.fastapi_app import (
+    _INSERT_ORDER,
+    _LIST_ORDERS,
+    ServiceMetrics,
+    _metrics_response,
+    _paced_lines,
+    install_error_handlers,
+)
+from labkit import SessionManager, Settings, get_db
+
+__all__ = ["RequestScopedSessionDep", "create_pitfall_app"]
+
+# The trap: no scope="function". Commit and close run after the response is sent.
+RequestScopedSessionDep = Annotated[Session, Depends(get_db)]
+
+
+def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
+    """Build the pitfall service; ``settings`` default to ``Settings.from_env()``.
+
+    It creates no table: the caller prepares ``example_orders``.
+
+    Args:
+        settings: The database settings; read from the environment at start-up when
+            ``None``.
+
+    Returns:
+        The application, not yet started.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = SessionManager()
+        manager.init(settings or Settings.from_env(env_file=".env"))
+        app.state.db = manager
+        app.state.metrics = ServiceMetrics.attach(manager.engine)
+        try:
+            yield
+        finally:
+            manager.close()
+            app.state.metrics.detach()
+
+    app = FastAPI(title="labkit pitfalls", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return _metrics_response(app)
+
+    @app.post("/orders/{order_id}", status_code=201)
+    def create_order(order_id: int, item: str,
+                     session: RequestScopedSessionDep) -> dict[str, object]:
+        """Answered 201 before the COMMIT runs."""
+        session.execute(_INSERT_ORDER, {"id": order_id, "item": item})
+        return {"id": order_id, "item": item}
+
+    @app.get("/orders/export")
+    def export_orders(session: RequestScopedSessionDep,
+                      delay: float = 0.0) -> StreamingResponse:
+        """The same code as the reference route; the connection is held while streaming."""
+        rows = [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
+        return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
+
+    return app

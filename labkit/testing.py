@@ -1,0 +1,563 @@
+"""A pytest plugin: every test runs against a real PostgreSQL, and leaves it as it found it.
+
+Enable it with one line in the top-level ``conftest.py`` (or ``-p labkit.testing`` on
+the command line; in a copied core, ``yourapp.db.testing``):
+
+```python
+pytest_plugins = ["labkit.testing"]
+```
+
+**Which database.** The first of these that is set, in this order:
+
+1. ``--labkit-db-url=postgresql://user:password@host:5432/app_test`` on the command line;
+2. ``LABKIT_TEST_DATABASE_URL`` in the environment;
+3. ``DATABASE_URL`` in the environment.
+
+Nothing is guessed: with none of them set, every test that asks for the database fails
+and says how to name one. To choose the database in code instead (create it, or derive
+it from another fixture), override the ``labkit_db_url`` fixture in your ``conftest.py``.
+
+**Only a test database.** The plugin refuses a database whose name does not contain
+``test`` as a word (``test``, ``app_test``, ``test-orders``, ``app_tests_gw1``; not
+``app``, ``contest`` or ``latest``), whichever way the URL was given, because a
+``DATABASE_URL`` left pointing at a real database is the usual accident. Pass
+``--labkit-allow-any-db`` to run against another name on purpose.
+
+**Isolation.** Each test gets a connection inside a transaction that is rolled back when
+the test ends. Sessions join it with SQLAlchemy's
+``join_transaction_mode="create_savepoint"``: the code under test may call
+``session.commit()`` (it releases a savepoint) and ``session.rollback()`` (it rolls back
+to that savepoint, keeping what the test set up), and nothing is ever committed. The
+schema is not per test: it is created once (override ``labkit_metadata``, or migrate the
+test database yourself) and stays.
+
+What rolling back cannot show, because the real ``COMMIT`` never happens: deferred
+constraints (checked at ``COMMIT``), serialization failures raised at ``COMMIT``, work
+another connection must see (a second engine, a worker process), ``NOTIFY``, and
+sequences (``nextval`` is never rolled back: ids keep growing from run to run). Test
+those with real commits on tables of their own.
+
+**Fixtures** (sync, then the async twins, which need ``pytest-asyncio``):
+
+| fixture | scope | what it is |
+|---|---|---|
+| ``labkit_db_url`` | session | the test database's URL (override to choose it in code) |
+| ``labkit_settings`` | session | ``Settings`` for it (``ENVIRONMENT=test``, a small pool) |
+| ``labkit_metadata`` | session | ``None``; override to return your ``MetaData`` |
+| ``labkit_engine`` | session | the sync engine; creates ``labkit_metadata``'s missing tables |
+| ``labkit_connection`` | test | a connection whose transaction is rolled back after the test |
+| ``labkit_sessionmaker`` | test | makes sessions joined to that transaction by savepoints |
+| ``labkit_session`` | test | one such session |
+| ``labkit_db_override`` | test | ``override(app)``: the app's ``get_db`` yields test sessions |
+| ``labkit_async_engine`` | session | async twin (on the session's event loop) |
+| ``labkit_async_connection``, ``labkit_async_sessionmaker``, ``labkit_async_session`` | test | async twins |
+| ``labkit_async_db_override`` | test | ``override(app)`` for ``get_async_db`` |
+
+**Event loops.** An asyncpg connection belongs to the event loop that opened it, and
+pytest-asyncio gives each test a new loop unless told otherwise. The async fixtures live
+on the session's loop (so the engine's pool is opened once), and a test that uses them
+must run on that loop too, or it fails with "attached to a different loop". The plugin
+checks this and names the fix: set ``asyncio_default_test_loop_scope = session`` in the
+pytest configuration, or mark the tests ``@pytest.mark.asyncio(loop_scope="session")``.
+
+Example:
+    ```python
+    # conftest.py
+    pytest_plugins = ["labkit.testing"]
+
+    @pytest.fixture(scope="session")
+    def labkit_metadata():
+        return Base.metadata          # missing tables are created once
+
+    @pytest.fixture
+    def client(labkit_db_override):
+        with TestClient(labkit_db_override(create_app())) as client:
+            yield client
+
+    # test_orders.py
+    def test_order_is_stored(client, labkit_session):
+        assert client.post("/orders", json={"item": "tea"}).status_code == 201
+        assert labkit_session.scalar(select(func.count()).select_from(Order)) == 1
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import pytest
+from sqlalchemy import Connection, MetaData, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from labkit.config import Environment, PoolProfile, Settings, mask_url, parse_url
+from labkit.engine import create_async_engine, create_engine
+from labkit.errors import ConfigurationError
+from labkit.session import async_session_scope, get_async_db, get_db, session_scope
+
+try:  # The async fixtures need pytest-asyncio; the sync ones work without it.
+    import pytest_asyncio
+    _HAS_PYTEST_ASYNCIO = True
+except ImportError:
+    _HAS_PYTEST_ASYNCIO = False
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "TESTING_POOL",
+    "TEST_DATABASE_URL_ENV",
+    "async_isolated_sessionmaker",
+    "check_test_database",
+    "configured_url",
+    "create_database",
+    "isolated_sessionmaker",
+    "looks_like_test_database",
+    "override_get_async_db",
+    "override_get_db",
+]
+
+TEST_DATABASE_URL_ENV = "LABKIT_TEST_DATABASE_URL"
+DATABASE_URL_ENV = "DATABASE_URL"
+
+# One test holds one connection; a few more for code that opens its own (a health check).
+# Pre-ping: a suite that outlives a server restart reconnects instead of failing.
+TESTING_POOL = PoolProfile(pool_size=2, max_overflow=8, pool_timeout=10.0,
+                           pool_pre_ping=True)
+
+# Transaction-scoped advisory lock key: two test runs creating the schema take turns.
+_SCHEMA_LOCK = 7411015
+
+_TEST_WORD = re.compile(r"tests?\d*|testing")
+
+
+# --- which database -----------------------------------------------------------------
+
+def looks_like_test_database(name: str | None) -> bool:
+    """Return True when ``name`` contains ``test``, ``tests`` or ``testing`` as a word.
+
+    Words are separated by anything but letters and digits; a word may end in digits
+    (``test1``, pytest-xdist's ``gw0`` is a word of its own). ``app_test``,
+    ``test-orders`` and ``labkit_tests_gw1`` are test databases; ``app``, ``contest``,
+    ``latest`` and ``testdata`` are not.
+    """
+    if not name:
+        return False
+    return any(_TEST_WORD.fullmatch(word)
+               for word in re.split(r"[^a-z0-9]+", name.lower()) if word)
+
+
+def check_test_database(url: URL, *, allow_any: bool = False, source: str = "the URL") -> None:
+    """Raise unless ``url`` names a test database (see ``looks_like_test_database``).
+
+    Args:
+        url: The database URL the tests are about to use.
+        allow_any: Accept any name (``--labkit-allow-any-db``).
+        source: Where the URL came from, for the message.
+
+    Raises:
+        ConfigurationError: The name does not look like a test database; the message
+            says how to point the tests elsewhere, or to allow it.
+    """
+    if allow_any or looks_like_test_database(url.database):
+        return
+    raise ConfigurationError(
+        f"labkit.testing refuses to use database {url.database!r} ({mask_url(url)}, from "
+        f"{source}): its name does not look like a test database, so it may hold data "
+        "that matters. Name a test database (one whose name contains 'test' as a word, "
+        "e.g. app_test) with --labkit-db-url or LABKIT_TEST_DATABASE_URL, or pass "
+        "--labkit-allow-any-db to use this one on purpose.")
+
+
+def configured_url(option: str | None = None,
+                   env: Mapping[str, str] | None = None) -> tuple[URL, str] | None:
+    """Return the test database's URL and where it came from, or ``None`` if none is set.
+
+    The first that is set wins: ``option`` (``--labkit-db-url``), then
+    ``LABKIT_TEST_DATABASE_URL``, then ``DATABASE_URL`` from ``env`` (``os.environ``
+    when ``None``). The URL is parsed, not checked: see ``check_test_database``.
+
+    Raises:
+        ConfigurationError: The chosen value is not a valid database URL.
+    """
+    env = os.environ if env is None else env
+    for value, source in ((option, "--labkit-db-url"),
+                          (env.get(TEST_DATABASE_URL_ENV), TEST_DATABASE_URL_ENV),
+                          (env.get(DATABASE_URL_ENV), DATABASE_URL_ENV)):
+        if value and value.strip():
+            return parse_url(value.strip()), source
+    return None
+
+
+def create_database(url: URL, *, allow_any: bool = False) -> bool:
+    """Create the database ``url`` names, on its server, unless it exists.
+
+    Connects to the server's ``postgres`` database as the URL's user (who needs the
+    ``CREATEDB`` privilege). Safe to call from two processes at once. The name is
+    checked like the plugin's (``check_test_database``).
+
+    Returns:
+        True if this call created it, False if it was already there.
+
+    Raises:
+        ConfigurationError: The name does not look like a test database.
+    """
+    check_test_database(url, allow_any=allow_any)
+    maintenance = create_engine(Settings(url=url.set(database="postgres")),
+                                poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with maintenance.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                  {"name": url.database}).first()
+            if exists is not None:
+                return False
+            quoted = conn.dialect.identifier_preparer.quote(str(url.database))
+            try:
+                conn.execute(text(f"CREATE DATABASE {quoted}"))
+            except sa_exc.DBAPIError as exc:
+                # Another process created it meanwhile: 42P04, or the catalog's 23505.
+                if getattr(exc.orig, "pgcode", None) in ("42P04", "23505"):
+                    return False
+                raise
+            return True
+    finally:
+        maintenance.dispose()
+
+
+# --- isolation, without pytest --------------------------------------------------------
+
+@contextlib.contextmanager
+def isolated_sessionmaker(engine: Engine) -> Iterator[sessionmaker[Session]]:
+    """Yield a session factory whose commits are savepoints in one transaction, rolled back.
+
+    Opens one connection, begins a transaction, and binds the factory to it with
+    ``join_transaction_mode="create_savepoint"``: each session works inside a
+    ``SAVEPOINT``; its ``commit()`` releases it (the work is visible to every later
+    session of the factory, not to other connections) and its ``rollback()`` rolls back to
+    it. On exit the transaction is rolled back and the connection goes back to the pool:
+    nothing was committed. Sessions are made like labkit's (``autoflush=False``,
+    ``expire_on_commit=False``).
+
+    Example:
+        ```python
+        with isolated_sessionmaker(engine) as factory:
+            with session_scope(factory) as session:   # commits: a RELEASE SAVEPOINT
+                session.add(Order(item="tea"))
+            with factory() as session:
+                assert session.scalar(select(func.count(Order.id))) == 1
+        # rolled back: the table is as it was
+        ```
+    """
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            yield _joined_sessionmaker(connection)
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
+
+
+@contextlib.asynccontextmanager
+async def async_isolated_sessionmaker(engine: AsyncEngine
+                                      ) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Async twin of ``isolated_sessionmaker``; use it on the event loop of ``engine``'s pool."""
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            yield _async_joined_sessionmaker(connection)
+        finally:
+            if transaction.is_active:
+                await transaction.rollback()
+
+
+def _joined_sessionmaker(connection: Connection) -> sessionmaker[Session]:
+    # The options of labkit.create_sessionmaker, plus the one that makes commit() safe.
+    return sessionmaker(bind=connection, autoflush=False, expire_on_commit=False,
+                        join_transaction_mode="create_savepoint")
+
+
+def _async_joined_sessionmaker(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(bind=connection, autoflush=False, expire_on_commit=False,
+                              join_transaction_mode="create_savepoint")
+
+
+def override_get_db(factory: sessionmaker[Session]) -> Callable[[], Iterator[Session]]:
+    """Return a replacement for ``get_db`` that yields sessions from ``factory``.
+
+    It behaves like ``get_db`` (a ``session_scope``: flush and commit when the handler
+    returns, roll back if it raises, close), on the test's factory instead of
+    ``request.app.state.db``. Install it with
+    ``app.dependency_overrides[get_db] = override_get_db(factory)``. FastAPI keeps the
+    scope declared at the route, so ``Depends(get_db, scope="function")`` still commits
+    before the response is sent.
+    """
+    def get_test_db() -> Iterator[Session]:
+        with session_scope(factory) as session:
+            yield session
+    return get_test_db
+
+
+def override_get_async_db(factory: async_sessionmaker[AsyncSession]
+                          ) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """Async twin of ``override_get_db``, for ``get_async_db``."""
+    async def get_test_async_db() -> AsyncIterator[AsyncSession]:
+        async with async_session_scope(factory) as session:
+            yield session
+    return get_test_async_db
+
+
+# --- the plugin -----------------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--labkit-db-url`` and ``--labkit-allow-any-db``."""
+    group = parser.getgroup("labkit", "labkit.testing: a real PostgreSQL per test")
+    group.addoption("--labkit-db-url", dest="labkit_db_url", default=None, metavar="URL",
+                    help="the test database (else LABKIT_TEST_DATABASE_URL, else "
+                         "DATABASE_URL)")
+    group.addoption("--labkit-allow-any-db", dest="labkit_allow_any_db", action="store_true",
+                    default=False,
+                    help="use the database even if its name does not contain 'test'")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Show which database the tests use (password masked), when it is configured."""
+    try:
+        found = configured_url(config.getoption("labkit_db_url"))
+    except ConfigurationError as exc:
+        return f"labkit.testing: {exc}"
+    if found is None:
+        return None
+    url, source = found
+    return f"labkit.testing: {mask_url(url)} (from {source})"
+
+
+class _HasDependencyOverrides(Protocol):
+    dependency_overrides: dict[Callable[..., Any], Callable[..., Any]]
+
+
+_App = TypeVar("_App", bound=_HasDependencyOverrides)
+
+
+def _fail(exc: ConfigurationError) -> NoReturn:
+    pytest.fail(str(exc), pytrace=False)
+
+
+def _checked(config: pytest.Config, url: URL) -> URL:
+    try:
+        check_test_database(url, allow_any=bool(config.getoption("labkit_allow_any_db")),
+                            source="labkit_db_url")
+    except ConfigurationError as exc:
+        _fail(exc)
+    return url
+
+
+@pytest.fixture(scope="session")
+def labkit_db_url(pytestconfig: pytest.Config) -> URL:
+    """The test database's URL: ``--labkit-db-url``, ``LABKIT_TEST_DATABASE_URL``, ``DATABASE_URL``.
+
+    Override this fixture to choose the database in code (the name is still checked).
+    """
+    try:
+        found = configured_url(pytestconfig.getoption("labkit_db_url"))
+    except ConfigurationError as exc:
+        _fail(exc)
+    if found is None:
+        pytest.fail("labkit.testing needs a test database and none is configured: pass "
+                    "--labkit-db-url=postgresql://user:password@host:5432/app_test, or set "
+                    "LABKIT_TEST_DATABASE_URL (or DATABASE_URL)", pytrace=False)
+    url, source = found
+    try:
+        check_test_database(url, allow_any=bool(pytestconfig.getoption("labkit_allow_any_db")),
+                            source=source)
+    except ConfigurationError as exc:
+        _fail(exc)
+    return url
+
+
+@pytest.fixture(scope="session")
+def labkit_settings(labkit_db_url: URL) -> Settings:
+    """``Settings`` for the test database: ``ENVIRONMENT=test``, ``TESTING_POOL``."""
+    return Settings(url=labkit_db_url, environment=Environment.TEST, pool=TESTING_POOL,
+                    application_name="labkit-tests")
+
+
+@pytest.fixture(scope="session")
+def labkit_metadata() -> MetaData | None:
+    """The tables the tests need: ``None``; override it to return your ``MetaData``.
+
+    Tables it lists that are missing are created once per test session, committed, and
+    left in place (like a migration; the test database keeps its schema, never its
+    test data).
+    """
+    return None
+
+
+@pytest.fixture(scope="session")
+def labkit_engine(pytestconfig: pytest.Config, labkit_settings: Settings,
+                  labkit_metadata: MetaData | None) -> Iterator[Engine]:
+    """The sync engine on the test database; disposed of when the session ends."""
+    _checked(pytestconfig, labkit_settings.url)
+    engine = create_engine(labkit_settings)
+    try:
+        if labkit_metadata is not None:
+            with engine.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+                labkit_metadata.create_all(conn, checkfirst=True)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def labkit_connection(labkit_engine: Engine) -> Iterator[Connection]:
+    """A connection inside a transaction that is rolled back when the test ends.
+
+    Use it for Core statements; do not call its ``commit()`` (that would commit for
+    real): take a session from ``labkit_sessionmaker`` for code that commits.
+    """
+    with labkit_engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            yield connection
+        finally:
+            if transaction.is_active:
+                transaction.rollback()
+
+
+@pytest.fixture
+def labkit_sessionmaker(labkit_connection: Connection) -> sessionmaker[Session]:
+    """Sessions joined to the test's transaction: ``commit()`` is a savepoint, never a COMMIT.
+
+    Pass it to code that takes a session factory, e.g. ``session_scope(labkit_sessionmaker)``.
+    """
+    return _joined_sessionmaker(labkit_connection)
+
+
+@pytest.fixture
+def labkit_session(labkit_sessionmaker: sessionmaker[Session]) -> Iterator[Session]:
+    """One session joined to the test's transaction; closed after the test."""
+    with labkit_sessionmaker() as session:
+        yield session
+
+
+@pytest.fixture
+def labkit_db_override(labkit_sessionmaker: sessionmaker[Session]
+                       ) -> Iterator[Callable[[_App], _App]]:
+    """A function ``override(app)`` that makes the app's ``get_db`` yield test sessions.
+
+    Each request gets a new session from ``labkit_sessionmaker``, committed (a savepoint)
+    when the handler returns, as ``get_db`` does. The override is removed from every app
+    it was installed on when the test ends. Returns the app, for chaining.
+    """
+    apps: list[_HasDependencyOverrides] = []
+
+    def override(app: _App) -> _App:
+        app.dependency_overrides[get_db] = override_get_db(labkit_sessionmaker)
+        apps.append(app)
+        return app
+
+    yield override
+    for app in apps:
+        app.dependency_overrides.pop(get_db, None)
+
+
+# --- async twins ----------------------------------------------------------------------
+
+_SESSION_LOOP_FIXTURES = ("labkit_async_engine", "labkit_async_connection",
+                          "labkit_async_sessionmaker", "labkit_async_session",
+                          "labkit_async_db_override")
+
+
+@pytest.fixture(autouse=True)
+def _labkit_session_loop_check(request: pytest.FixtureRequest) -> None:
+    """Fail, before any connection, a test that would use the async fixtures off their loop."""
+    used = [name for name in _SESSION_LOOP_FIXTURES if name in request.fixturenames]
+    if used:
+        _require_session_loop(request.node, used[0])
+
+
+def _require_session_loop(item: pytest.Item, fixture: str) -> None:
+    """Fail a test that would use a session-loop connection from its own event loop."""
+    marker = item.get_closest_marker("asyncio")
+    if marker is None:  # not an asyncio test: nothing awaits on another loop
+        return
+    scope = (marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")
+             or item.config.getini("asyncio_default_test_loop_scope") or "function")
+    if scope != "session":
+        pytest.fail(
+            f"{item.nodeid} uses {fixture}, whose connection belongs to the session's event "
+            f"loop, but the test runs on a {scope}-scoped loop: asyncpg would fail with "
+            "'attached to a different loop'. Run it on the session's loop: set "
+            "asyncio_default_test_loop_scope = session in the pytest configuration, or mark "
+            "it @pytest.mark.asyncio(loop_scope=\"session\").", pytrace=False)
+
+
+if _HAS_PYTEST_ASYNCIO:
+
+    @pytest_asyncio.fixture(scope="session", loop_scope="session")
+    async def labkit_async_engine(pytestconfig: pytest.Config, labkit_settings: Settings,
+                                  labkit_metadata: MetaData | None
+                                  ) -> AsyncIterator[AsyncEngine]:
+        """The async engine on the test database, on the session's event loop."""
+        _checked(pytestconfig, labkit_settings.url)
+        engine = create_async_engine(labkit_settings)
+        try:
+            if labkit_metadata is not None:
+                async with engine.begin() as conn:
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": _SCHEMA_LOCK})
+                    await conn.run_sync(labkit_metadata.create_all, checkfirst=True)
+            yield engine
+        finally:
+            await engine.dispose()
+
+    @pytest_asyncio.fixture(loop_scope="session")
+    async def labkit_async_connection(labkit_async_engine: AsyncEngine
+                                      ) -> AsyncIterator[AsyncConnection]:
+        """Async twin of ``labkit_connection``; the test must run on the session's loop."""
+        async with labkit_async_engine.connect() as connection:
+            transaction = await connection.begin()
+            try:
+                yield connection
+            finally:
+                if transaction.is_active:
+                    await transaction.rollback()
+
+    @pytest.fixture
+    def labkit_async_sessionmaker(labkit_async_connection: AsyncConnection
+                                  ) -> async_sessionmaker[AsyncSession]:
+        """Async twin of ``labkit_sessionmaker``."""
+        return _async_joined_sessionmaker(labkit_async_connection)
+
+    @pytest_asyncio.fixture(loop_scope="session")
+    async def labkit_async_session(labkit_async_sessionmaker: async_sessionmaker[AsyncSession]
+                                   ) -> AsyncIterator[AsyncSession]:
+        """Async twin of ``labkit_session``."""
+        async with labkit_async_sessionmaker() as session:
+            yield session
+
+    @pytest.fixture
+    def labkit_async_db_override(labkit_async_sessionmaker: async_sessionmaker[AsyncSession]
+                                 ) -> Iterator[Callable[[_App], _App]]:
+        """Async twin of ``labkit_db_override``, for ``get_async_db``.
+
+        Send the requests from the test's event loop (``httpx.AsyncClient`` with
+        ``ASGITransport``), not with ``TestClient``, which runs the app on a loop of
+        its own.
+        """
+        apps: list[_HasDependencyOverrides] = []
+
+        def override(app: _App) -> _App:
+            app.dependency_overrides[get_async_db] = override_get_async_db(
+                labkit_async_sessionmaker)
+            apps.append(app)
+            return app
+
+        yield override
+        for app in apps:
+            app.dependency_overrides.pop(get_async_db, None)

@@ -1,0 +1,273 @@
+"""labkit through a real PgBouncer (Debian's package) in front of a throwaway server.
+
+What ``Settings.behind_pooler`` changes is proven in both directions: with it, many
+transactions of both drivers pass through transaction mode and the statement timeout
+still holds; without it, PgBouncer refuses labkit's connect-time ``statement_timeout``
+and asyncpg's named prepared statements clash between worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, exc, text
+
+from labkit import (
+    TEST_POOL,
+    ConfigurationError,
+    Settings,
+    create_async_engine,
+    create_engine,
+)
+from labkit.engine import engine_kwargs
+from labkit.lab import pgbouncer as pgbouncer_module
+from labkit.lab.faults import throwaway_server
+from labkit.lab.pgbouncer import PgBouncer, PgBouncerError, pgbouncer, run_async_workers
+from labkit.lab.server import LocalServer
+
+APP = "labkit-pgb-test"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    with throwaway_server(prefix="labkit-pgbouncer-test-") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def admin(server: LocalServer) -> Iterator[Engine]:
+    """A direct connection to the server, to count what PgBouncer opened there."""
+    engine = create_engine(Settings(url=server.info().url(), application_name="labkit-admin"),
+                           pool=TEST_POOL)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def transaction_pooler(server: LocalServer) -> Iterator[PgBouncer]:
+    with pgbouncer(server.info(), mode="transaction", pool_size=2) as bouncer:
+        yield bouncer
+
+
+def server_backends(admin: Engine, application_name: str | None = None) -> int:
+    """Client backends on the server other than the admin's own."""
+    with admin.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid() AND datname = current_database()"
+            " AND (CAST(:app AS text) IS NULL OR application_name = :app)"),
+            {"app": application_name}).scalar_one())
+
+
+# --- the setting itself ---------------------------------------------------------------
+
+def test_behind_pooler_is_read_from_the_environment() -> None:
+    env = {"DATABASE_URL": "postgresql://u:p@db/x", "DB_BEHIND_POOLER": "true"}
+    assert Settings.from_env(env).behind_pooler is True
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u:p@db/x"}).behind_pooler is False
+    with pytest.raises(ConfigurationError, match="DB_BEHIND_POOLER"):
+        Settings.from_env({**env, "DB_BEHIND_POOLER": "maybe"})
+
+
+def test_behind_pooler_refuses_url_options() -> None:
+    with pytest.raises(ConfigurationError, match="ALTER ROLE"):
+        Settings(url="postgresql://u:p@db/x?options=-c%20search_path%3Dapp",
+                 behind_pooler=True)
+
+
+def test_behind_pooler_sends_no_session_state_at_connect() -> None:
+    settings = Settings(url="postgresql://u:p@db/x", statement_timeout_ms=1500,
+                        behind_pooler=True)
+    sync_args = engine_kwargs(settings)["connect_args"]
+    assert "options" not in sync_args
+    assert sync_args["application_name"] == "labkit"
+    async_args = engine_kwargs(settings, is_async=True)["connect_args"]
+    assert async_args["server_settings"] == {"application_name": "labkit"}
+    assert async_args["statement_cache_size"] == 0
+    assert async_args["prepared_statement_cache_size"] == 0
+    names = {async_args["prepared_statement_name_func"]() for _ in range(100)}
+    assert len(names) == 100
+    # Without the setting nothing changes: the timeout still goes at connect time.
+    direct = settings.replace(behind_pooler=False)
+    assert "statement_timeout=1500" in engine_kwargs(direct)["connect_args"]["options"]
+    assert "statement_cache_size" not in engine_kwargs(direct, is_async=True)["connect_args"]
+
+
+def test_missing_binary_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(pgbouncer_module, "_CANDIDATES", ())
+    with pytest.raises(PgBouncerError, match="apt-get install -y pgbouncer"):
+        pgbouncer_module.find_pgbouncer()
+
+
+# --- without the setting: what goes wrong -------------------------------------------
+
+def test_pgbouncer_refuses_connect_time_statement_timeout_psycopg2(
+        transaction_pooler: PgBouncer) -> None:
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=2000)
+    engine = create_engine(settings)
+    try:
+        with pytest.raises(exc.OperationalError, match="unsupported startup parameter: options"):
+            with engine.connect():
+                pass
+    finally:
+        engine.dispose()
+
+
+async def test_pgbouncer_refuses_connect_time_statement_timeout_asyncpg(
+        transaction_pooler: PgBouncer) -> None:
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=2000)
+    engine = create_async_engine(settings)
+    try:
+        with pytest.raises(exc.DBAPIError,
+                           match="unsupported startup parameter: statement_timeout"):
+            async with engine.connect():
+                pass
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.slow
+def test_asyncpg_prepared_statements_clash_between_processes_without_the_setting(
+        server: LocalServer) -> None:
+    # One server connection: the second worker's transactions run on the connection the
+    # first one left its named prepared statements on (transaction mode resets nothing).
+    with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
+        first, second = run_async_workers(bouncer.info.url(), processes=2, transactions=20,
+                                          behind_pooler=False)
+    assert first == {"ok": 20, "errors": {}}
+    assert second["ok"] < 20
+    assert any('prepared statement "__asyncpg_stmt_' in message and "already exists" in message
+               for message in second["errors"]), second
+
+
+@pytest.mark.slow
+def test_asyncpg_workers_behind_pooler_never_clash(server: LocalServer) -> None:
+    with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
+        results = run_async_workers(bouncer.info.url(), processes=3, transactions=30,
+                                    behind_pooler=True)
+    assert results == [{"ok": 30, "errors": {}}] * 3
+
+
+# --- with the setting: transaction mode works -----------------------------------------
+
+def test_psycopg2_many_transactions_share_two_server_connections(
+        transaction_pooler: PgBouncer, admin: Engine) -> None:
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=3000,
+                        behind_pooler=True, application_name=f"{APP}-sync")
+    engine = create_engine(settings, pool=settings.pool.replace(pool_size=8, max_overflow=0))
+    errors: list[BaseException] = []
+    timeouts: set[str] = set()
+    peak = [0]
+    barrier = threading.Barrier(8)
+
+    def client() -> None:
+        try:
+            barrier.wait(10)
+            for i in range(25):
+                with engine.begin() as conn:
+                    timeouts.add(conn.execute(text("SHOW statement_timeout")).scalar_one())
+                    conn.execute(text("SELECT pg_sleep(0.001)"))
+                    assert conn.execute(text("SELECT CAST(:i AS int)"), {"i": i}).scalar() == i
+                peak[0] = max(peak[0], transaction_pooler.pools()["cl_active"])
+        except BaseException as error:  # noqa: BLE001  (collected, asserted below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert timeouts == {"3s"}
+        # 8 client connections to PgBouncer, never more than 2 on the server.
+        assert peak[0] >= 2
+        assert server_backends(admin, f"{APP}-sync") <= 2
+        assert transaction_pooler.pools()["sv_used"] + transaction_pooler.pools()["sv_idle"] <= 2
+    finally:
+        engine.dispose()
+
+
+async def test_asyncpg_many_transactions_through_transaction_mode(
+        transaction_pooler: PgBouncer, admin: Engine) -> None:
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=3000,
+                        behind_pooler=True, application_name=f"{APP}-async")
+    engine = create_async_engine(settings,
+                                 pool=settings.pool.replace(pool_size=10, max_overflow=0))
+
+    async def client(n: int) -> set[str]:
+        seen = set()
+        for i in range(20):
+            async with engine.begin() as conn:
+                seen.add((await conn.execute(text("SHOW statement_timeout"))).scalar_one())
+                value = (await conn.execute(text("SELECT CAST(:i AS int) + :n"),
+                                            {"i": i, "n": n})).scalar_one()
+                assert value == i + n
+        return seen
+
+    try:
+        seen = await asyncio.gather(*(client(n) for n in range(10)))
+        assert set().union(*seen) == {"3s"}
+        assert await asyncio.to_thread(server_backends, admin, f"{APP}-async") <= 2
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_statement_timeout_per_transaction_cancels_and_leaves_nothing_behind(
+        transaction_pooler: PgBouncer, driver: str) -> None:
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=200,
+                        behind_pooler=True)
+    plain = Settings(url=transaction_pooler.info.url(), behind_pooler=True)
+
+    def run_sync() -> str:
+        engine, other = create_engine(settings), create_engine(plain)
+        try:
+            with pytest.raises(exc.OperationalError, match="statement timeout"):
+                with engine.begin() as conn:
+                    conn.execute(text("SELECT pg_sleep(2)"))
+            # SET LOCAL ended with the transaction: the server connections are clean.
+            with other.begin() as conn:
+                return str(conn.execute(text("SHOW statement_timeout")).scalar_one())
+        finally:
+            engine.dispose()
+            other.dispose()
+
+    async def run_async() -> str:
+        engine, other = create_async_engine(settings), create_async_engine(plain)
+        try:
+            with pytest.raises(exc.DBAPIError, match="statement timeout"):
+                async with engine.begin() as conn:
+                    await conn.execute(text("SELECT pg_sleep(2)"))
+            async with other.begin() as conn:
+                return str((await conn.execute(text("SHOW statement_timeout"))).scalar_one())
+        finally:
+            await engine.dispose()
+            await other.dispose()
+
+    left = run_sync() if driver == "psycopg2" else asyncio.run(run_async())
+    assert left == "0"
+
+
+def test_session_mode_holds_a_server_connection_per_client_transaction_mode_does_not(
+        server: LocalServer, admin: Engine) -> None:
+    held: dict[str, int] = {}
+    for mode in ("session", "transaction"):
+        with pgbouncer(server.info(), mode=mode, pool_size=10) as bouncer:
+            info = bouncer.info
+            clients = [info.connect(application_name=f"{APP}-{mode}") for _ in range(6)]
+            try:
+                for conn in clients:  # one finished transaction each, then idle
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+                    conn.commit()
+                held[mode] = server_backends(admin, f"{APP}-{mode}")
+            finally:
+                for conn in clients:
+                    conn.close()
+    assert held["session"] == 6
+    assert held["transaction"] <= 1
