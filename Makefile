@@ -24,9 +24,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 install: $(STAMP)
 
 # The tests drive Debian's chromium (site check), docker-compose (compose file
-# validation; no Docker engine needed) and nft (notebook 07's partitions, inside a network
-# namespace); as root they are installed here. Each entry is command:package.
-SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose nft:nftables
+# validation; no Docker engine needed), nft (notebook 07's partitions, inside a network
+# namespace) and pgbouncer (notebook 09, tests/test_pgbouncer.py); as root they are
+# installed here. Each entry is command:package.
+SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose nft:nftables pgbouncer:pgbouncer
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -255,7 +255,8 @@ def _labkit_label(r: dict[str, Any]) -> str:
     what = "throughput" if r["metric"] == "tps" else "tx per CPU-second"
     if r["concurrency"] == "pooled":
         return f"{side}: {what}\n(workers {', '.join(map(str, r['pooled_over']))} pooled)"
-    return f"{side}: {what}\n({r['concurrency']} workers)"
+    workers = "worker" if r["concurrency"] == 1 else "workers"
+    return f"{side}: {what}\n({r['concurrency']} {workers})"
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
@@ -267,12 +268,12 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
     concurrencies = meta["concurrency"]
-    fig, (left, middle, right) = plt.subplots(
-        1, 3, figsize=(17, 6.8), layout="constrained",
-        gridspec_kw={"width_ratios": [1.1, 1.0, 1.0]})
+    fig = plt.figure(figsize=(17, 7.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[6.3, 1.3])  # type: ignore[misc]
+    left, middle, right = top.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0]})
     _throughput(left, summary, concurrencies)
-    fig.legend(*left.get_legend_handles_labels(), loc="outside lower left", ncol=4,
-               fontsize=9, title="throughput panel", title_fontsize=9)
+    bottom.legend(*left.get_legend_handles_labels(), loc="center left", ncol=4, fontsize=9,
+                  title="throughput panel (dashed: labkit)", title_fontsize=9)
 
     others = [r for r in ratios if r["headline"] and not r["name"].startswith("labkit")]
     _forest(middle, others, [r["name"].replace(" / ", "\n/ ") for r in others], log=True)
@@ -286,19 +287,19 @@ def chart(result: dict[str, Any], path: Path) -> None:
                                str(r["concurrency"])))
     _forest(right, labkit, [_labkit_label(r) for r in labkit], log=False)
     right.axvspan(0.97, 1.03, color="#fdae6b", alpha=0.3, linewidth=0)
-    right.annotate("±3 %", (1.0, -0.6), ha="center", va="bottom", fontsize=8,
+    right.annotate("±3 %", (1.0, -0.6), ha="center", va="bottom", fontsize=9,
                    color="#a63603")
     right.set_title("labkit / the SQLAlchemy session it wraps\n"
                     f"(median of paired rounds, {PCT} interval)")
-    right.set_xlabel("throughput ratio (1 = no cost; < 1 = labkit slower)")
+    right.set_xlabel("ratio (1 = no cost; < 1 = labkit slower or costlier)")
     for ax in (left, middle, right):
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"labkit benchmark: check out, SELECT by primary key, commit — "
-                 f"{meta['rounds']} interleaved rounds × {meta['slice_s']:g} s slices, "
-                 f"{meta['cores']} cores, PostgreSQL over TCP on 127.0.0.1, "
-                 f"Python {meta['python']}", fontsize=11)
-    fig.text(0.99, 0.01, "\n".join(textwrap.wrap(result["resolution"]["statement"], 80)),
-             ha="right", va="bottom", fontsize=10, color="#a63603")
+    top.suptitle(f"labkit benchmark: check out, SELECT by primary key, commit — "
+                 f"{meta['rounds']} interleaved rounds × {meta['slice_s']:g} s slices in "
+                 f"{meta['processes']} processes, {meta['cores']} cores, PostgreSQL over TCP "
+                 f"on 127.0.0.1, Python {meta['python']}", fontsize=11)
+    bottom.text(0.99, 0.5, "\n".join(textwrap.wrap(result["resolution"]["statement"], 95)),
+                ha="right", va="center", fontsize=10, color="#a63603")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

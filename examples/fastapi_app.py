@@ -20,6 +20,7 @@ What it serves (``app`` with sync handlers, ``async_app`` with async ones, same 
 | ``GET /orders/export`` | a streamed response whose session is closed before streaming |
 | ``POST /orders/{id}/receipt`` | a background task that opens its own session |
 | ``POST /payments`` | an idempotent write: ``Idempotency-Key`` header + ``ON CONFLICT`` |
+| ``GET /reports/slow`` | a slow query (``pg_sleep``) that blocks neither the event loop nor ``/live`` |
 | ``GET /metrics`` | ``PoolMetrics`` in the Prometheus text format (``prometheus-client``) |
 
 Every handler takes its session as ``SessionDep`` (``AsyncSessionDep``), that is
@@ -43,7 +44,16 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import (
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -76,6 +86,7 @@ __all__ = [
     "AsyncSessionDep",
     "CHECKOUT_WAIT_BUCKETS_S",
     "HEALTH_TIMEOUT",
+    "MAX_REPORT_SECONDS",
     "READY_TIMEOUT",
     "ServiceMetrics",
     "SessionDep",
@@ -124,6 +135,8 @@ _INSERT_PAYMENT = text("INSERT INTO example_payments (idempotency_key, amount_ce
                        "VALUES (:key, :amount) ON CONFLICT (idempotency_key) DO NOTHING "
                        "RETURNING idempotency_key")
 _GET_PAYMENT = text("SELECT amount_cents FROM example_payments WHERE idempotency_key = :key")
+_SLOW_REPORT = text("SELECT pg_sleep(:seconds), count(*) AS orders FROM example_orders")
+MAX_REPORT_SECONDS = 5.0
 
 
 def _sub_dependencies(dependant: Dependant) -> Iterator[Dependant]:
@@ -308,6 +321,7 @@ async def _paced_lines(rows: list[dict[str, object]], delay: float) -> AsyncIter
 
 
 IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
+ReportSeconds = Annotated[float, Query(ge=0, le=MAX_REPORT_SECONDS)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -421,6 +435,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stored = None if inserted else session.execute(_GET_PAYMENT, {"key": key}).scalar()
         return _payment_answer(response, key, amount_cents, inserted, stored)
 
+    @app.get("/reports/slow")
+    def slow_report(session: SessionDep, seconds: ReportSeconds = 1.0) -> dict[str, object]:
+        """A slow query, ``seconds`` long. A ``def`` handler: FastAPI runs it in its
+        threadpool, so the event loop (and ``/live``) keeps answering meanwhile; a sync
+        session inside ``async def`` would block them all."""
+        orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
+        return {"orders": orders, "seconds": seconds}
+
     return app
 
 
@@ -520,6 +542,13 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
         stored = None if inserted else (
             await session.execute(_GET_PAYMENT, {"key": key})).scalar()
         return _payment_answer(response, key, amount_cents, inserted, stored)
+
+    @app.get("/reports/slow")
+    async def slow_report(session: AsyncSessionDep,
+                          seconds: ReportSeconds = 1.0) -> dict[str, object]:
+        """A slow query, ``seconds`` long, awaited: the event loop serves others meanwhile."""
+        row = (await session.execute(_SLOW_REPORT, {"seconds": seconds})).one()
+        return {"orders": row.orders, "seconds": seconds}
 
     return app
 

@@ -12,6 +12,10 @@ has been sent*:
   connection, checked out until the last byte of the stream has been sent: every slow
   client holds one connection, and the pool runs out.
 
+One more mistake, of another kind: ``GET /reports/slow`` runs a *sync* session inside an
+``async def`` handler. The query blocks the event loop for its whole duration, and every
+other request of the process, ``/live`` included, waits for it.
+
 Run it with ``uvicorn examples.pitfalls:create_pitfall_app --factory``.
 """
 
@@ -28,6 +32,8 @@ from sqlalchemy.orm import Session
 from examples.fastapi_app import (
     _INSERT_ORDER,
     _LIST_ORDERS,
+    _SLOW_REPORT,
+    ReportSeconds,
     ServiceMetrics,
     _metrics_response,
     _paced_lines,
@@ -90,5 +96,13 @@ def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
         """The same code as the reference route; the connection is held while streaming."""
         rows = [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
         return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
+
+    @app.get("/reports/slow")
+    async def slow_report(seconds: ReportSeconds = 1.0) -> dict[str, object]:
+        """A sync session in ``async def``: the event loop stops for ``seconds``."""
+        manager: SessionManager = app.state.db
+        with manager.session() as session:
+            orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
+        return {"orders": orders, "seconds": seconds}
 
     return app

@@ -206,8 +206,10 @@ def _query_sync(connection: Any, dialect_name: str, timeout: float) -> str:
     cursor = connection.cursor()
     try:
         if dialect_name == "postgresql":
-            # One round trip; the server also cancels a probe that is merely slow.
-            cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}; "
+            # One round trip, one implicit transaction: the server also cancels a probe
+            # that is merely slow, and SET LOCAL leaves nothing behind on the connection
+            # (which a pooler in transaction mode would hand to another client).
+            cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}; "
                            f"{_VERSION_SQL}")
         else:
             cursor.execute("SELECT sqlite_version()")
@@ -314,8 +316,9 @@ async def _probe_async(prober: _Prober, timeout: float) -> str:
         fileno = connection_fileno(connection)
         ticket = watchdog.arm(fileno, timeout) if fileno is not None else None
         try:
-            await driver.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
-            version = str(await driver.fetchval(_VERSION_SQL))
+            # asyncpg's own timeout cancels a probe that is merely slow (the connection
+            # survives); the watchdog ends one the server never answers.
+            version = str(await driver.fetchval(_VERSION_SQL, timeout=timeout))
         except Exception as exc:
             fired = ticket.disarm() if ticket is not None else False
             _close_quietly(connection)

@@ -468,9 +468,10 @@ def labkit_db_override(labkit_sessionmaker: sessionmaker[Session]
 
 # --- async twins ----------------------------------------------------------------------
 
-_SESSION_LOOP_FIXTURES = ("labkit_async_engine", "labkit_async_connection",
-                          "labkit_async_sessionmaker", "labkit_async_session",
-                          "labkit_async_db_override")
+# Most specific first: the error names the fixture the test most likely asked for.
+_SESSION_LOOP_FIXTURES = ("labkit_async_session", "labkit_async_db_override",
+                          "labkit_async_sessionmaker", "labkit_async_connection",
+                          "labkit_async_engine")
 
 
 @pytest.fixture(autouse=True)

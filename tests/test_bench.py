@@ -116,6 +116,8 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
         assert sorted(s["client"] for s in in_round) == sorted(bench.CLIENTS)
         orders.append(tuple(s["client"] for s in in_round))
     assert len(set(orders)) > 1, "the order must change between rounds"
+    # The rounds are shared among fresh processes.
+    assert {s["process"] for s in slices} == set(range(meta["processes"])) and meta["processes"] > 1
     for s in slices:
         assert s["tps"] > 0 and s["transactions"] > 0
 

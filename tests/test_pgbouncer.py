@@ -271,3 +271,37 @@ def test_session_mode_holds_a_server_connection_per_client_transaction_mode_does
                     conn.close()
     assert held["session"] == 6
     assert held["transaction"] <= 1
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_health_check_leaves_no_statement_timeout_behind_pooler(
+        server: LocalServer, driver: str) -> None:
+    """Pins: the probe's timeout is transaction-local, so a pooler hands on nothing.
+
+    Before, the probe ran a session-level ``SET statement_timeout`` on its connection;
+    behind PgBouncer's transaction mode the next client of that server connection
+    inherited it.
+    """
+    from labkit import async_health_check, health_check
+
+    with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
+        settings = Settings(url=bouncer.info.url(), behind_pooler=True)
+        if driver == "psycopg2":
+            engine = create_engine(settings)
+            try:
+                assert health_check(engine, timeout=3).ok
+                with engine.begin() as conn:
+                    left = conn.execute(text("SHOW statement_timeout")).scalar_one()
+            finally:
+                engine.dispose()
+        else:
+            async def probe_then_show() -> str:
+                async_engine = create_async_engine(settings)
+                try:
+                    assert (await async_health_check(async_engine, timeout=3)).ok
+                    async with async_engine.begin() as conn:
+                        return str((await conn.execute(text("SHOW statement_timeout"))).scalar_one())
+                finally:
+                    await async_engine.dispose()
+            left = asyncio.run(probe_then_show())
+    assert left == "0"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -683,6 +683,21 @@ def test_a_bare_project_passes_its_committing_tests_twice_and_leaves_its_databas
         return subprocess.run([str(py), *args], cwd=project, capture_output=True, text=True,
                               timeout=300, env=env)
 
+    try:
+        check_twice(run, url, password)
+        lab = run("-c", "import importlib.util as u; print(u.find_spec('labkit'))")
+        assert lab.stdout.strip() == "None"
+    finally:
+        admin = create_engine(Settings(url=url, pool=TEST_POOL))
+        with admin.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS notes"))
+        admin.dispose()
+        shutil.rmtree(venv)
+
+
+def check_twice(run: Callable[..., subprocess.CompletedProcess[str]], url: URL,
+                password: str) -> None:
+    """Migrate, then run the bare project's tests twice, fingerprinting the database."""
     migrated = run("-m", "myapp.migrate")
     assert migrated.returncode == 0, migrated.stderr[-3000:]
     before = fingerprint(url)
@@ -699,6 +714,3 @@ def test_a_bare_project_passes_its_committing_tests_twice_and_leaves_its_databas
     # Rolled back is not undone: nextval() is never rolled back, so the identity grows.
     sequences = [before[1]] + [fp[1] for fp in runs]
     assert [s["notes_id_seq"] for s in sequences] == [1, 4, 7], json.dumps(sequences)
-    lab = run("-c", "import importlib.util as u; print(u.find_spec('labkit'))")
-    assert lab.stdout.strip() == "None"
-    shutil.rmtree(venv)

@@ -139,18 +139,20 @@ class HttpResult:
         """Count outcomes (``"200"``, ``"503"``, ``"ReadTimeout"``), of one label or all."""
         return Counter(r.outcome for r in self.records if label is None or r.label == label)
 
-    def open_over_time(self, label: str | None = None, *, after_headers: bool = False
-                       ) -> tuple[list[float], list[int]]:
+    def open_over_time(self, label: str | None = None, *, after_headers: bool = False,
+                       ok_only: bool = False) -> tuple[list[float], list[int]]:
         """Return the number of requests in flight at every start and end, as steps.
 
         Args:
             label: Only the requests of this label.
             after_headers: Count a request only once its headers arrived, i.e. open
                 *streams* rather than requests waiting for an answer.
+            ok_only: Only requests answered with a 1xx-3xx status (e.g. streams that
+                were served, not the error answers).
         """
         events: list[tuple[float, int]] = [(0.0, 0)]
         for r in self.records:
-            if label is not None and r.label != label:
+            if (label is not None and r.label != label) or (ok_only and not r.ok):
                 continue
             begin = r.headers_at if after_headers else r.start
             if begin is None:
