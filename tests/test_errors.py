@@ -33,10 +33,12 @@ def test_statement_timeout_is_a_query_timeout(db_url):
     engine.dispose()
 
 
-def test_duplicate_key_is_an_integrity_error_not_transient(engine, table):
+def test_duplicate_key_is_an_integrity_error_not_transient(labkit_connection):
+    """Runs inside ``labkit.testing``'s rolled-back transaction: the table never outlives it."""
+    labkit_connection.execute(text("CREATE TABLE dup_keys (id int PRIMARY KEY)"))
     with pytest.raises(IntegrityError) as info:
-        with translating_errors(), engine.begin() as conn:
-            conn.execute(text(f"INSERT INTO {table} VALUES (1, 'a'), (1, 'b')"))
+        with translating_errors(), labkit_connection.begin_nested():
+            labkit_connection.execute(text("INSERT INTO dup_keys VALUES (1), (1)"))
     assert not is_transient(info.value.__cause__)
 
 

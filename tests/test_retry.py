@@ -75,16 +75,17 @@ def test_retry_respects_its_time_budget():
     assert time.monotonic() - start < 0.5 + 0.5
 
 
-def test_non_transient_database_errors_are_not_retried(engine, table):
-    factory = create_sessionmaker(engine)
+def test_non_transient_database_errors_are_not_retried(labkit_connection, labkit_sessionmaker):
+    """Runs inside ``labkit.testing``'s rolled-back transaction, though the work commits."""
+    labkit_connection.execute(text("CREATE TABLE dup_orders (id int PRIMARY KEY, note text)"))
     calls = []
 
     def duplicate(session) -> None:
         calls.append(1)
-        session.execute(text(f"INSERT INTO {table} VALUES (1, 'a'), (1, 'b')"))
+        session.execute(text("INSERT INTO dup_orders VALUES (1, 'a'), (1, 'b')"))
 
     with pytest.raises(IntegrityError):
-        run_in_transaction(factory, duplicate, policy=FAST)
+        run_in_transaction(labkit_sessionmaker, duplicate, policy=FAST)
     assert len(calls) == 1
 
 
