@@ -441,3 +441,33 @@ def test_request_scoped_session_holds_its_connection_for_the_whole_stream(
         assert metrics["labkit_pool_checkout_errors_total"] == 1
         assert metrics["labkit_pool_checkout_wait_seconds_sum"] >= 0.5
         assert metrics['labkit_pool_checkout_wait_seconds_bucket{le="1.0"}'] >= 2
+
+
+@pytest.mark.parametrize(("target", "factory", "blocks"), [
+    ("examples.fastapi_app:app", False, False),
+    ("examples.fastapi_app:async_app", False, False),
+    ("examples.pitfalls:create_pitfall_app", True, True),
+], ids=["def-handler", "async-session", "sync-session-in-async-def"])
+def test_a_slow_query_blocks_live_only_with_a_sync_session_in_async_def(
+        target: str, factory: bool, blocks: bool, db_url: URL, observer: Engine,
+        clean_example_tables: None, tmp_path: Path) -> None:
+    """Pins: the example's ``/reports/slow`` (a ``def`` handler, or ``AsyncSession``) leaves
+    the event loop free: ``/live`` keeps answering in milliseconds during a 1 s query.
+    Documents the pitfall: a sync session inside ``async def`` holds every other request,
+    ``/live`` included, until its query ends."""
+    with observer.begin() as conn:
+        conn.execute(text("CREATE TABLE example_orders (id int PRIMARY KEY, item text)"))
+    with uvicorn_server(target, db_url, tmp_path / "uvicorn.log", factory=factory) as base:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            assert client.get("/reports/slow", params={"seconds": 60}).status_code == 422
+        calls = [[Call("GET", "/reports/slow", params={"seconds": 1.0}, label="report")],
+                 [Call("GET", "/live", at=0.4 + 0.1 * k) for k in range(4)]]
+        with HttpLoad(base, calls, timeout=10) as run:
+            pass
+    assert run.result.statuses("report") == {"200": 1}
+    assert run.result.statuses("/live") == {"200": 4}
+    slowest = max(r.end - r.start for r in run.result.by_label("/live"))
+    if blocks:
+        assert slowest > 0.4, slowest  # waited for the query (sent 0.4 s into a 1 s sleep)
+    else:
+        assert slowest < 0.3, slowest
