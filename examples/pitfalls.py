@@ -12,9 +12,15 @@ has been sent*:
   connection, checked out until the last byte of the stream has been sent: every slow
   client holds one connection, and the pool runs out.
 
-One more mistake, of another kind: ``GET /reports/slow`` runs a *sync* session inside an
-``async def`` handler. The query blocks the event loop for its whole duration, and every
-other request of the process, ``/live`` included, waits for it.
+Two more mistakes, of other kinds:
+
+- ``GET /reports/slow`` runs a *sync* session inside an ``async def`` handler. The query
+  blocks the event loop for its whole duration, and every other request of the process,
+  ``/live`` included, waits for it.
+- ``POST /orders/{id}/receipt`` hands the request's session to a background task. The
+  task runs after ``get_db`` has committed and closed that session: its write starts a
+  new transaction that nobody commits, and is rolled back when the session is garbage
+  collected. The client got its 202; the receipt is never stored.
 
 Run it with ``uvicorn examples.pitfalls:create_pitfall_app --factory``.
 """
@@ -25,16 +31,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Response
+from fastapi import BackgroundTasks, Depends, FastAPI, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from examples.fastapi_app import (
     _INSERT_ORDER,
+    _INSERT_RECEIPT,
     _LIST_ORDERS,
     _SLOW_REPORT,
     ReportSeconds,
     ServiceMetrics,
+    SessionDep,
     _metrics_response,
     _paced_lines,
     install_error_handlers,
@@ -96,6 +104,17 @@ def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
         """The same code as the reference route; the connection is held while streaming."""
         rows = [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
         return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
+
+    @app.post("/orders/{order_id}/receipt", status_code=202)
+    def send_receipt(order_id: int, tasks: BackgroundTasks,
+                     session: SessionDep) -> dict[str, object]:
+        """The request's session, used by a task that runs after it was committed and closed."""
+
+        def record_receipt() -> None:
+            session.execute(_INSERT_RECEIPT, {"id": order_id})
+
+        tasks.add_task(record_receipt)
+        return {"order_id": order_id, "receipt": "queued"}
 
     @app.get("/reports/slow")
     async def slow_report(seconds: ReportSeconds = 1.0) -> dict[str, object]:
