@@ -471,3 +471,20 @@ def test_a_slow_query_blocks_live_only_with_a_sync_session_in_async_def(
         assert slowest > 0.4, slowest  # waited for the query (sent 0.4 s into a 1 s sleep)
     else:
         assert slowest < 0.3, slowest
+
+
+def test_background_task_with_the_request_session_loses_its_write(
+        db_url: URL, observer: Engine, clean_example_tables: None, tmp_path: Path) -> None:
+    """Documents the pitfall (examples/pitfalls.py): a background task handed the
+    request's session runs after ``get_db`` closed it; its write begins a transaction
+    nobody commits. The client got 202 three times; nothing is stored."""
+    with observer.begin() as conn:
+        conn.execute(text("CREATE TABLE example_receipts (order_id int PRIMARY KEY, "
+                          "sent_at timestamptz NOT NULL DEFAULT now())"))
+    with uvicorn_server("examples.pitfalls:create_pitfall_app", db_url,
+                        tmp_path / "uvicorn.log", factory=True) as base:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            assert [client.post(f"/orders/{n}/receipt").status_code
+                    for n in (1, 2, 3)] == [202, 202, 202]
+        time.sleep(0.5)
+    assert _poll(observer, "SELECT count(*) FROM example_receipts", until=0, timeout=1) == 0
