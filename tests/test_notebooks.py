@@ -28,6 +28,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 BUSY_CORES = int(os.environ.get("LABKIT_BUSY_CORES") or 0)
 EXECUTED = ROOT / "build" / ("notebooks-busy" if BUSY_CORES > 0 else "notebooks")
 # Charts each notebook must draw at least (the issue for each notebook says how many).
+# Run one after another on one worker, followed by the site built from their output
+# (``make test`` runs two workers: these on one, the rest of the suite on the other).
+pytestmark = pytest.mark.xdist_group("notebooks-then-site")
+
 MIN_CHARTS = {"02_pool_behaviour": 3, "03_commit_semantics": 3, "04_failure_cases": 5,
               "05_async_vs_sync": 2, "06_pool_sizing": 3, "07_network": 5, "08_request_lifecycle": 5,
               "09_beyond_one_process": 4, "10_testing": 2}

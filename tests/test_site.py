@@ -43,7 +43,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-pytestmark = pytest.mark.slow
+# The site is built from the executed notebooks: same worker as them, after them.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("notebooks-then-site")]
 
 
 @pytest.fixture(scope="module")
