@@ -59,8 +59,12 @@ db-down: install
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
+# Two workers, one test file each at a time (files share tables between their own tests,
+# never across files; the notebooks get a database of their own); then the site, built
+# from the notebooks just executed.
 test: install system-tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/test_site.py
+	$(PY) -m pytest tests/test_site.py
 
 # Execute the notebooks once; executed copies go to build/notebooks/ for the site.
 notebooks: install

@@ -232,25 +232,45 @@ def _probe_sync(prober: _Prober, timeout: float) -> str:
                 raise _connect_error(exc) from exc
             if prober.dialect_name == "postgresql":
                 connection.autocommit = True
-        fileno = connection_fileno(connection)
-        ticket = watchdog.arm(fileno, timeout) if fileno is not None else None
+        ticket = _arm(connection, timeout)
         try:
             version = _query_sync(connection, prober.dialect_name, timeout)
         except Exception as exc:
-            fired = ticket.disarm() if ticket is not None else False
-            _close_quietly(connection)
-            connection = None
-            if fired:
-                raise _timeout_error(timeout) from exc
-            if reused:
-                reused = False  # the kept connection died while idle: one fresh try
-                continue
-            raise
-        if ticket is not None and ticket.disarm():
-            _close_quietly(connection)
-            raise _timeout_error(timeout)
-        prober.keep(connection, generation)
+            _after_failure(connection, ticket, exc, timeout, fresh_try=reused)
+            connection, reused = None, False  # the kept connection died while idle
+            continue
+        _after_success(prober, connection, ticket, generation, timeout)
         return version
+
+
+def _arm(connection: Any, timeout: float) -> Any:
+    """Let the watchdog cut the probe's socket if no answer comes within ``timeout``."""
+    fileno = connection_fileno(connection)
+    return watchdog.arm(fileno, timeout) if fileno is not None else None
+
+
+def _after_failure(connection: Any, ticket: Any, exc: Exception, timeout: float, *,
+                   fresh_try: bool) -> None:
+    """Close a probe connection that failed; raise unless a fresh connection may try.
+
+    A kept connection that died while idle earns one try on a new connection; a failure
+    the watchdog caused is the probe's timeout.
+    """
+    fired = ticket.disarm() if ticket is not None else False
+    _close_quietly(connection)
+    if fired:
+        raise _timeout_error(timeout) from exc
+    if not fresh_try:
+        raise exc
+
+
+def _after_success(prober: _Prober, connection: Any, ticket: Any, generation: int,
+                   timeout: float) -> None:
+    """Keep the connection for the next probe, unless the answer came after the deadline."""
+    if ticket is not None and ticket.disarm():
+        _close_quietly(connection)
+        raise _timeout_error(timeout)
+    prober.keep(connection, generation)
 
 
 def _connect_error(exc: BaseException) -> LabkitError:
@@ -313,26 +333,16 @@ async def _probe_async(prober: _Prober, timeout: float) -> str:
             except Exception as exc:
                 raise _connect_error(exc) from exc
         driver = connection.driver_connection
-        fileno = connection_fileno(connection)
-        ticket = watchdog.arm(fileno, timeout) if fileno is not None else None
+        ticket = _arm(connection, timeout)
         try:
             # asyncpg's own timeout cancels a probe that is merely slow (the connection
             # survives); the watchdog ends one the server never answers.
             version = str(await driver.fetchval(_VERSION_SQL, timeout=timeout))
         except Exception as exc:
-            fired = ticket.disarm() if ticket is not None else False
-            _close_quietly(connection)
-            connection = None
-            if fired:
-                raise _timeout_error(timeout) from exc
-            if reused:
-                reused = False
-                continue
-            raise
-        if ticket is not None and ticket.disarm():
-            _close_quietly(connection)
-            raise _timeout_error(timeout)
-        prober.keep(connection, generation)
+            _after_failure(connection, ticket, exc, timeout, fresh_try=reused)
+            connection, reused = None, False
+            continue
+        _after_success(prober, connection, ticket, generation, timeout)
         return version
 
 

@@ -41,7 +41,7 @@ except ImportError:  # the core works without it
 
 from labkit.config import Settings
 from labkit.engine import create_async_engine, create_engine
-from labkit.errors import CommitOutcomeUnknownError, LabkitError, redact
+from labkit.errors import CommitOutcomeUnknownError, LabkitError, _sqlstate, redact
 
 __all__ = [
     "AsyncSessionManager",
@@ -77,14 +77,6 @@ _COMMIT_OUTCOME_UNKNOWN = (
     "run the work again blindly, it could be stored twice. Check whether it was stored "
     "(look it up by a key you chose), or make the work idempotent (an idempotency key with "
     "ON CONFLICT DO NOTHING) and retry it with run_in_transaction(..., idempotent=True).")
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    for candidate in (exc, getattr(exc, "orig", None), getattr(exc, "__cause__", None)):
-        code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
-        if isinstance(code, str) and len(code) == 5:
-            return code
-    return None
 
 
 def _commit_outcome_unknown(exc: BaseException) -> bool:

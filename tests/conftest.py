@@ -160,23 +160,3 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``), keep each module on one worker.
-
-    Modules share fixed table names and example apps between their tests, so a module's
-    tests run one after another; the notebooks and the site built from them share one
-    group (``notebooks-then-site``), in that order.
-    """
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__ if item.module else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))
-
-
-# Modules whose tests run the example service's apps on the shared database: its
-# ``example_*`` tables are created by one and dropped by the other.
-_SHARED_GROUPS = {"tests.test_fastapi_example": "example-service",
-                  "tests.test_services": "example-service"}

@@ -22,15 +22,18 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from sqlalchemy.engine import URL
+
+from labkit.testing import create_database
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 BUSY_CORES = int(os.environ.get("LABKIT_BUSY_CORES") or 0)
 EXECUTED = ROOT / "build" / ("notebooks-busy" if BUSY_CORES > 0 else "notebooks")
+# ``make test`` runs this module on one worker while the rest of the suite runs on the
+# other, so the notebooks get a database of their own on the same server.
+NOTEBOOK_DATABASE = "labkit_notebooks"
 # Charts each notebook must draw at least (the issue for each notebook says how many).
-# Run one after another on one worker, followed by the site built from their output
-# (``make test`` runs two workers: these on one, the rest of the suite on the other).
-pytestmark = pytest.mark.xdist_group("notebooks-then-site")
 
 MIN_CHARTS = {"02_pool_behaviour": 3, "03_commit_semantics": 3, "04_failure_cases": 5,
               "05_async_vs_sync": 2, "06_pool_sizing": 3, "07_network": 5, "08_request_lifecycle": 5,
@@ -77,6 +80,21 @@ def busy_cores() -> Iterator[list[subprocess.Popen[bytes]]]:
             burner.wait()
 
 
+@pytest.fixture(scope="module")
+def notebook_url(db_url: URL) -> Iterator[URL]:
+    """The notebooks' own database beside the suite's, handed to their kernels as
+    ``DATABASE_URL`` (which every notebook honours), so no table is shared with a test
+    running at the same time."""
+    url = db_url.set(database=NOTEBOOK_DATABASE)
+    create_database(url, allow_any=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+    try:
+        yield url
+    finally:
+        patch.undo()
+
+
 def test_notebooks_are_found():
     assert len(NOTEBOOKS) >= 3
 
@@ -84,7 +102,7 @@ def test_notebooks_are_found():
 @pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path: Path, db_url, busy_cores) -> None:
+def test_notebook_runs_top_to_bottom(path: Path, notebook_url: URL, busy_cores) -> None:
     nb = nbformat.read(path, as_version=4)
     assert not any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
         f"{path.name} is committed with outputs; clear them"
@@ -110,6 +128,6 @@ def test_notebook_runs_top_to_bottom(path: Path, db_url, busy_cores) -> None:
                  for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
     print(f"{path.name}: {elapsed:.1f} s, {images} charts{busy}")
     assert images >= MIN_CHARTS.get(path.stem, 1), f"{path.name} drew only {images} charts"
-    password = db_url.password or ""
+    password = notebook_url.password or ""
     if password:
         assert password not in nbformat.writes(nb), f"{path.name} printed the password"

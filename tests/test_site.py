@@ -43,8 +43,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-# The site is built from the executed notebooks: same worker as them, after them.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("notebooks-then-site")]
+# The site is built from the executed notebooks, so ``make test`` runs this module after
+# the rest of the suite (a second pytest run), never beside the notebooks.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
