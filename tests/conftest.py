@@ -8,6 +8,7 @@ test's work rolled back), which refuse a database whose name does not say "test"
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -92,15 +93,24 @@ def observer(db_url: URL) -> Iterator[Engine]:
     eng.dispose()
 
 
+@contextlib.contextmanager
+def fresh_table(observer: Engine, prefix: str, columns: str) -> Iterator[str]:
+    """Create a uniquely named table ``prefix_<hex> (columns)``; drop it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with observer.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {name} ({columns})"))
+    try:
+        yield name
+    finally:
+        with observer.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
 @pytest.fixture
 def table(observer: Engine) -> Iterator[str]:
     """A fresh table ``(id int primary key, note text not null)`` dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with observer.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {name} (id int PRIMARY KEY, note text NOT NULL)"))
-    yield name
-    with observer.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+    with fresh_table(observer, "t", "id int PRIMARY KEY, note text NOT NULL") as name:
+        yield name
 
 
 def count_rows(observer: Engine, table: str) -> int:

@@ -44,6 +44,7 @@ from labkit import (
 )
 from labkit.lab.network import FaultProxy
 from labkit.retry import Attempt
+from tests.conftest import count_rows, fresh_table
 
 FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05, rng=random.Random(3))
 DRIVERS = ["psycopg2", "asyncpg"]
@@ -65,28 +66,15 @@ def proxied(db_url: URL, proxy: FaultProxy) -> Settings:
 @pytest.fixture
 def payments(observer: Engine) -> Iterator[str]:
     """A table with NO unique key: a commit stored twice shows as two rows."""
-    name = f"pay_{uuid.uuid4().hex[:12]}"
-    with observer.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {name} (payer text NOT NULL, amount int NOT NULL)"))
-    yield name
-    with observer.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+    with fresh_table(observer, "pay", "payer text NOT NULL, amount int NOT NULL") as name:
+        yield name
 
 
 @pytest.fixture
 def keyed_payments(observer: Engine) -> Iterator[str]:
     """A table keyed by a client-chosen idempotency key."""
-    name = f"kpay_{uuid.uuid4().hex[:12]}"
-    with observer.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {name} (key text PRIMARY KEY, amount int NOT NULL)"))
-    yield name
-    with observer.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-
-
-def rows(observer: Engine, table: str) -> int:
-    with observer.connect() as conn:
-        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+    with fresh_table(observer, "kpay", "key text PRIMARY KEY, amount int NOT NULL") as name:
+        yield name
 
 
 @dataclass
@@ -168,7 +156,7 @@ async def test_lost_commit_answer_is_reported_not_retried_and_stored_once(
     except Exception as exc:  # noqa: BLE001 - checked below, after the rows
         error = exc
     assert proxy.get_stats()["replies_dropped"] == 1
-    assert rows(observer, payments) == 1, "the payment was stored twice"  # server committed
+    assert count_rows(observer, payments) == 1, "the payment was stored twice"  # server committed
     assert isinstance(error, CommitOutcomeUnknownError), error
     assert client.calls == 1 and seen == []   # no second attempt, no retry callback
     assert isinstance(error.__cause__, sa_exc.DBAPIError)
@@ -188,7 +176,7 @@ async def test_idempotent_work_is_retried_after_a_lost_commit_answer_and_stored_
     await client.run(f"INSERT INTO {keyed_payments} VALUES (:key, 100) ON CONFLICT DO NOTHING",
                      {"key": "order-42"}, policy=FAST, on_retry=retries(seen),
                      idempotent=True)
-    assert rows(observer, keyed_payments) == 1
+    assert count_rows(observer, keyed_payments) == 1
     assert client.calls == 2
     assert client.rowcounts == [1, 0]   # the retry found the first attempt's row
     assert [type(a.error) for a in seen] == [CommitOutcomeUnknownError]
@@ -208,7 +196,7 @@ async def test_idempotent_retries_that_run_out_say_the_work_may_be_stored(
     assert isinstance(info.value.last_error, CommitOutcomeUnknownError)
     assert "may have been stored" in str(info.value)
     assert info.value.attempts == 2
-    assert rows(observer, keyed_payments) == 1
+    assert count_rows(observer, keyed_payments) == 1
 
 
 async def test_deferred_unique_violation_at_commit_is_an_integrity_error(
@@ -219,21 +207,15 @@ async def test_deferred_unique_violation_at_commit_is_an_integrity_error(
     server answers: a deferred unique constraint fails at COMMIT as ``IntegrityError``,
     once, with nothing stored.
     """
-    name = f"dpay_{uuid.uuid4().hex[:12]}"
-    with observer.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {name} (key text NOT NULL, "
-                          f"UNIQUE (key) DEFERRABLE INITIALLY DEFERRED)"))
-    try:
+    with fresh_table(observer, "dpay",
+                     "key text NOT NULL, UNIQUE (key) DEFERRABLE INITIALLY DEFERRED") as name:
         with pytest.raises(IntegrityError):
             await client.run(f"INSERT INTO {name} VALUES ('same')", {}, repeat=2,
                              policy=FAST)
         assert client.calls == 1
         assert client.rowcounts == [1, 1]   # both INSERTs ran: the check waited for COMMIT
-        assert rows(observer, name) == 0
+        assert count_rows(observer, name) == 0
         assert proxy.get_stats()["commits"] == 1
-    finally:
-        with observer.begin() as conn:
-            conn.execute(text(f"DROP TABLE {name}"))
 
 
 async def test_connection_lost_before_commit_is_retried_and_stored_once(
@@ -248,7 +230,7 @@ async def test_connection_lost_before_commit_is_retried_and_stored_once(
     proxy.drop_reply("INSERT", times=1)
     await client.run(f"INSERT INTO {payments} VALUES ('bob', 100)", {}, policy=FAST,
                      on_retry=retries(seen))
-    assert rows(observer, payments) == 1
+    assert count_rows(observer, payments) == 1
     assert client.calls == 2
     # A lost connection (how each driver words it is test_errors' business): transient.
     assert len(seen) == 1 and isinstance(seen[0].error, TransientError)
@@ -268,7 +250,7 @@ def test_session_scope_raises_outcome_unknown_when_the_commit_answer_is_lost(
         with pytest.raises(CommitOutcomeUnknownError):
             with session_scope(create_sessionmaker(engine)) as session:
                 session.execute(text(f"INSERT INTO {payments} VALUES ('carol', 5)"))
-        assert rows(observer, payments) == 1
+        assert count_rows(observer, payments) == 1
         assert engine.pool.checkedout() == 0   # the dead connection went back (discarded)
     finally:
         engine.dispose()
@@ -286,7 +268,7 @@ async def test_async_session_scope_raises_outcome_unknown_when_the_commit_answer
         with pytest.raises(CommitOutcomeUnknownError):
             async with async_session_scope(create_async_sessionmaker(engine)) as session:
                 await session.execute(text(f"INSERT INTO {payments} VALUES ('carol', 5)"))
-        assert rows(observer, payments) == 1
+        assert count_rows(observer, payments) == 1
         assert engine.sync_engine.pool.checkedout() == 0
     finally:
         await engine.dispose()
@@ -316,14 +298,14 @@ def test_session_scope_flush_failure_is_not_reported_as_unknown(
             with session_scope(factory) as session:
                 session.add(Payment(id=1))        # pending: sent when the scope flushes
         assert proxy.get_stats()["commits"] == 0
-        assert rows(observer, Payment.__tablename__) == 0
+        assert count_rows(observer, Payment.__tablename__) == 0
 
         seen: list[Attempt] = []
         proxy.drop_reply("INSERT", times=1)
         run_in_transaction(factory, lambda session: session.add(Payment(id=2)), policy=FAST,
                            on_retry=seen.append)
         assert [type(a.error) for a in seen] == [ConnectionLostError]
-        assert rows(observer, Payment.__tablename__) == 1
+        assert count_rows(observer, Payment.__tablename__) == 1
     finally:
         engine.dispose()
         Base.metadata.drop_all(observer)
@@ -342,10 +324,10 @@ def test_manager_connect_raises_outcome_unknown_when_the_commit_answer_is_lost(
         with pytest.raises(CommitOutcomeUnknownError):
             with manager.connect() as conn:
                 conn.execute(text(f"INSERT INTO {payments} VALUES ('dave', 7)"))
-        assert rows(observer, payments) == 1
+        assert count_rows(observer, payments) == 1
         with manager.connect() as conn:   # and commits as before when nothing breaks
             conn.execute(text(f"INSERT INTO {payments} VALUES ('erin', 8)"))
-        assert rows(observer, payments) == 2
+        assert count_rows(observer, payments) == 2
     finally:
         manager.close()
 
@@ -363,10 +345,10 @@ async def test_async_manager_connect_raises_outcome_unknown_when_the_commit_answ
         with pytest.raises(CommitOutcomeUnknownError):
             async with manager.connect() as conn:
                 await conn.execute(text(f"INSERT INTO {payments} VALUES ('dave', 7)"))
-        assert rows(observer, payments) == 1
+        assert count_rows(observer, payments) == 1
         async with manager.connect() as conn:
             await conn.execute(text(f"INSERT INTO {payments} VALUES ('erin', 8)"))
-        assert rows(observer, payments) == 2
+        assert count_rows(observer, payments) == 2
     finally:
         await manager.close()
 
