@@ -59,11 +59,11 @@ db-down: install
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-# Two workers, one test file each at a time (files share tables between their own tests,
-# never across files; the notebooks get a database of their own); then the site, built
-# from the notebooks just executed.
+# Two workers (a module's tests stay on one; each notebook is a unit of its own and has
+# its own database or server: tests/conftest.py), then the site, built from the notebooks
+# just executed.
 test: install system-tools
-	$(PY) -m pytest -n 2 --dist loadfile --ignore=tests/test_site.py
+	$(PY) -m pytest -n 2 --dist loadscope --ignore=tests/test_site.py
 	$(PY) -m pytest tests/test_site.py
 
 # Execute the notebooks once; executed copies go to build/notebooks/ for the site.

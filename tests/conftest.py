@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio  # noqa: F401  (registers the asyncio mode)
@@ -170,3 +171,37 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- running on two workers (``make test``: ``pytest -n 2``) -------------------------------
+
+# A module's tests share tables and servers, so each module runs on one worker; modules
+# named here share the example service's tables with each other, so they run together.
+_SHARED_SCOPES: dict[str, str] = {"tests/test_services.py": "tests/test_fastapi_example.py"}
+_NOTEBOOKS = "tests/test_notebooks.py"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Schedule by module, except the notebooks: each one is a unit of its own.
+
+    Notebooks are the longest tests (30-90 s each) and need nothing from one another (they
+    have their own database, or a throwaway server each), so they start first, spread over
+    both workers, and the short modules fill the gaps.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesNotebooksApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path == _NOTEBOOKS:
+                return nodeid
+            return _SHARED_SCOPES.get(path, path)
+
+    config.option.loadscopereorder = False  # keep the collection order set below
+    return ModulesNotebooksApart(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a worker, collect the notebooks first, so they are scheduled first."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.nodeid.split("::", 1)[0] != _NOTEBOOKS)

@@ -10,7 +10,10 @@ exercises are covered as soon as they are registered.
 from __future__ import annotations
 
 import ast
+import sys
 import time
+import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +58,15 @@ def tagged_cells(path: Path) -> dict[str, str]:
 
 
 def run_alone(source: str, filename: str) -> dict[str, Any]:
-    """Execute ``source`` in a fresh namespace, as a learner's kernel would."""
-    namespace: dict[str, Any] = {"__name__": "__exercise__"}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own files
-    return namespace
+    """Execute ``source`` in a fresh module, as a learner's new kernel would.
+
+    A module of its own in ``sys.modules`` (like a kernel's ``__main__``): SQLAlchemy
+    resolves a model's ``Mapped[...]`` annotations through it.
+    """
+    module = types.ModuleType(f"labkit_exercise_{uuid.uuid4().hex[:12]}")
+    sys.modules[module.__name__] = module
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our own files
+    return module.__dict__
 
 
 def run_check(exercise_id: str, namespace: dict[str, Any], url: URL) -> tuple[CheckResult, float]:
@@ -104,7 +112,8 @@ def test_check_on_an_empty_namespace_names_what_is_missing(exercise_id: str, db_
 def test_solution_file_says_what_was_wrong(exercise_id: str) -> None:
     solution = SOLUTIONS / REGISTERED[exercise_id].solution_name
     docstring = ast.get_docstring(ast.parse(solution.read_text()))
-    assert docstring and docstring.strip(), f"{solution.name} has no docstring saying what was wrong"
+    assert docstring and docstring.strip(), \
+        f"{solution.name} has no docstring saying what was wrong"
 
 
 def test_every_tagged_cell_has_a_check_and_a_solution() -> None:
@@ -153,7 +162,8 @@ def test_missing_name_is_not_yet_and_does_not_raise(made_up, db_url: URL,
 
 def test_wrong_kind_and_learner_exception_are_not_yet(made_up, db_url: URL) -> None:
     wrong_kind = made_up(2, lambda namespace, url: require(namespace, "get_db", callable))
-    assert "`get_db` is not callable" in check(wrong_kind, {"get_db": 3}, db_url).message
+    result = check(wrong_kind, {"get_db": 3}, db_url)
+    assert "`get_db` should be callable, not int" in result.message
 
     def raises(namespace: Any, url: URL) -> str:
         namespace["work"]()
@@ -198,3 +208,20 @@ def test_ids_are_validated() -> None:
         exercises.exercise("1.1", title="t", hint="h")
     with pytest.raises(KeyError, match="no exercise"):
         check("98.9", {})
+
+
+def test_exercises_page_lists_every_exercise_with_its_solution() -> None:
+    # docs/_hooks/exercises.py builds the site's Exercises page from the registry and
+    # solutions/: each exercise under its notebook, its solution folded.
+    sys.path.insert(0, str(ROOT / "docs" / "_hooks"))
+    try:
+        from exercises import exercises_markdown  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(ROOT / "docs" / "_hooks"))
+    markdown, problems = exercises_markdown(ROOT)
+    assert problems == []
+    for exercise_id, exercise in REGISTERED.items():
+        assert f"### {exercise_id} · {exercise.title}" in markdown
+        assert f'??? success "Solution {exercise_id}: `solutions/{exercise.solution_name}`"' \
+            in markdown
+    assert "{exercises}" in (ROOT / "docs" / "exercises.md").read_text()

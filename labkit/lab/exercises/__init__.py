@@ -32,7 +32,10 @@ def leaky_dependency(namespace, url):
 A check function takes the learner's namespace and the server's URL, returns a short
 success detail or raises ``ExerciseFailed``. It leaves nothing behind (unique table
 names from ``unique_name``, dropped; engines disposed) and is bounded in time even on
-broken code (short pool timeouts, ``statement_timeout``, timeouts on threads);
+broken code (short pool timeouts, ``statement_timeout``, timeouts on threads):
+``scratch_schema``, ``scratch_engine`` and ``scratch_async_engine`` give a fresh schema
+and engines with short timeouts whose ``search_path`` is that schema, so the learner's
+SQL can name plain tables (``accounts``) without meeting anyone else's;
 ``check`` also gives up on a check after ``timeout`` seconds. The reference solution of
 exercise NN.k is ``solutions/NN_k.py`` at the repository root; the test suite runs every
 registered check on the starting cell (must fail) and on the solution (must pass).
@@ -40,17 +43,23 @@ registered check on the starting cell (must fail) and on the solution (must pass
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import re
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
+from labkit.config import to_async_url, to_sync_url
 from labkit.errors import redact
 
 __all__ = [
@@ -61,6 +70,9 @@ __all__ = [
     "exercise",
     "registry",
     "require",
+    "scratch_async_engine",
+    "scratch_engine",
+    "scratch_schema",
     "unique_name",
 ]
 
@@ -180,7 +192,8 @@ def _sort_key(id: str) -> tuple[int, int]:
 
 
 def require(namespace: Mapping[str, Any], name: str,
-            kind: Callable[[Any], bool] | type | None = None) -> Any:
+            kind: Callable[[Any], bool] | type | None = None, *,
+            what: str | None = None) -> Any:
     """Return ``namespace[name]``, or fail the check with a message naming it.
 
     Args:
@@ -188,6 +201,7 @@ def require(namespace: Mapping[str, Any], name: str,
         name: The name the exercise's cell defines.
         kind: A type the value must be an instance of, or a predicate such as
             ``callable``; None accepts anything.
+        what: How to name the expected kind in the message, e.g. "an async function".
 
     Returns:
         The value.
@@ -200,17 +214,114 @@ def require(namespace: Mapping[str, Any], name: str,
                              "first (and keep the name)")
     value = namespace[name]
     if isinstance(kind, type):
-        if not isinstance(value, kind):
-            raise ExerciseFailed(f"`{name}` should be a {kind.__name__}, "
-                                 f"got {type(value).__name__}")
-    elif kind is not None and not kind(value):
-        raise ExerciseFailed(f"`{name}` is not {getattr(kind, '__name__', 'as expected')}")
+        ok = isinstance(value, kind)
+        what = what or f"a {kind.__name__}"
+    else:
+        ok = kind is None or bool(kind(value))
+        what = what or getattr(kind, "__name__", "what the exercise expects")
+    if not ok:
+        raise ExerciseFailed(f"`{name}` should be {what}, not {type(value).__name__}")
     return value
 
 
 def unique_name(prefix: str = "ex") -> str:
     """Return a fresh SQL identifier such as ``ex_3f2a9c1b0d4e`` for a scratch table."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+# Server-side bounds of every scratch connection (milliseconds).
+STATEMENT_TIMEOUT_MS = 5000
+LOCK_TIMEOUT_MS = 2000
+
+
+@contextlib.contextmanager
+def scratch_schema(url: URL) -> Iterator[str]:
+    """Create a fresh schema for one check and drop it (with everything in it) afterwards.
+
+    Args:
+        url: The server.
+
+    Yields:
+        The schema's name; pass it to ``scratch_engine`` or ``scratch_async_engine``.
+    """
+    schema = unique_name("ex")
+    admin = scratch_engine(url, application_name="labkit-exercise-admin", pool_size=1)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        yield schema
+    finally:
+        try:
+            with admin.begin() as conn:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        finally:
+            admin.dispose()
+
+
+def scratch_engine(url: URL, *, schema: str | None = None,
+                   application_name: str = "labkit-exercise", pool_size: int = 5,
+                   max_overflow: int = 0, pool_timeout: float = 2.0,
+                   **kwargs: Any) -> Engine:
+    """Return a psycopg2 engine whose every wait is short: for a check, not for an app.
+
+    Connect timeout 3 s, ``pool_timeout`` 2 s, ``statement_timeout`` 5 s and
+    ``lock_timeout`` 2 s on the server; ``search_path`` set to ``schema`` when given.
+
+    Args:
+        url: The server.
+        schema: The schema the connections' unqualified table names resolve to.
+        application_name: Shown in ``pg_stat_activity``: count a check's connections by it.
+        pool_size: Connections kept.
+        max_overflow: Connections opened beyond ``pool_size`` under load.
+        pool_timeout: Seconds a checkout waits for a free connection.
+        **kwargs: Passed on to ``sqlalchemy.create_engine``.
+
+    Returns:
+        The engine; dispose of it when done.
+    """
+    options = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}"
+    if schema is not None:
+        options += f" -c search_path={schema}"
+    sync_url = to_sync_url(url)
+    if "options" in sync_url.query:
+        options = f"{sync_url.query['options']} {options}"
+    connect_args = {"connect_timeout": 3, "application_name": application_name,
+                    "options": options, **kwargs.pop("connect_args", {})}
+    return sqlalchemy.create_engine(sync_url, pool_size=pool_size, max_overflow=max_overflow,
+                                    pool_timeout=pool_timeout, connect_args=connect_args,
+                                    **kwargs)
+
+
+def scratch_async_engine(url: URL, *, schema: str | None = None,
+                         application_name: str = "labkit-exercise", pool_size: int = 5,
+                         max_overflow: int = 0, pool_timeout: float = 2.0,
+                         **kwargs: Any) -> AsyncEngine:
+    """Async twin of ``scratch_engine`` (asyncpg), with ``command_timeout`` 5 s as well.
+
+    Create, use and dispose of it inside one event loop.
+
+    Args:
+        url: The server.
+        schema: The schema the connections' unqualified table names resolve to.
+        application_name: Shown in ``pg_stat_activity``.
+        pool_size: Connections kept.
+        max_overflow: Connections opened beyond ``pool_size`` under load.
+        pool_timeout: Seconds a checkout waits for a free connection.
+        **kwargs: Passed on to ``sqlalchemy.ext.asyncio.create_async_engine``.
+
+    Returns:
+        The engine; ``await engine.dispose()`` when done.
+    """
+    settings = {"statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                "lock_timeout": str(LOCK_TIMEOUT_MS), "application_name": application_name}
+    if schema is not None:
+        settings["search_path"] = schema
+    async_url = to_async_url(url).difference_update_query(["options"])
+    connect_args = {"timeout": 3, "command_timeout": STATEMENT_TIMEOUT_MS / 1000,
+                    "server_settings": settings, **kwargs.pop("connect_args", {})}
+    return _create_async_engine(async_url, pool_size=pool_size, max_overflow=max_overflow,
+                                pool_timeout=pool_timeout, connect_args=connect_args,
+                                **kwargs)
 
 
 def check(id: str, namespace: Mapping[str, Any], url: URL | None = None) -> CheckResult:
