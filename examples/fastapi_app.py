@@ -21,6 +21,8 @@ What it serves (``app`` with sync handlers, ``async_app`` with async ones, same 
 | ``POST /orders/{id}/receipt`` | a background task that opens its own session |
 | ``POST /payments`` | an idempotent write: ``Idempotency-Key`` header + ``ON CONFLICT`` |
 | ``GET /reports/slow`` | a slow query (``pg_sleep``) that blocks neither the event loop nor ``/live`` |
+| ``GET /reports/feed`` | a streamed report, each chunk read by a short session of its own |
+| ``GET /orders/summary`` | a dependency (``Caller``) that shares the request's session |
 | ``GET /metrics`` | ``PoolMetrics`` in the Prometheus text format (``prometheus-client``) |
 
 Every handler takes its session as ``SessionDep`` (``AsyncSessionDep``), that is
@@ -83,9 +85,12 @@ from labkit import metrics as pool_keys
 from labkit.errors import is_database_error, translate_error
 
 __all__ = [
+    "AsyncCaller",
     "AsyncSessionDep",
     "CHECKOUT_WAIT_BUCKETS_S",
+    "Caller",
     "HEALTH_TIMEOUT",
+    "MAX_FEED_CHUNKS",
     "MAX_REPORT_SECONDS",
     "READY_TIMEOUT",
     "ServiceMetrics",
@@ -136,7 +141,10 @@ _INSERT_PAYMENT = text("INSERT INTO example_payments (idempotency_key, amount_ce
                        "RETURNING idempotency_key")
 _GET_PAYMENT = text("SELECT amount_cents FROM example_payments WHERE idempotency_key = :key")
 _SLOW_REPORT = text("SELECT pg_sleep(:seconds), count(*) AS orders FROM example_orders")
+_CALLER = text("SELECT current_user")
+_SUMMARY = text("SELECT pg_sleep(:seconds), count(*) AS orders FROM example_orders")
 MAX_REPORT_SECONDS = 5.0
+MAX_FEED_CHUNKS = 100
 
 
 def _sub_dependencies(dependant: Dependant) -> Iterator[Dependant]:
@@ -322,6 +330,30 @@ async def _paced_lines(rows: list[dict[str, object]], delay: float) -> AsyncIter
 
 IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 ReportSeconds = Annotated[float, Query(ge=0, le=MAX_REPORT_SECONDS)]
+FeedChunks = Annotated[int, Query(ge=1, le=MAX_FEED_CHUNKS)]
+
+
+def _feed_line(chunk: int, orders: int) -> str:
+    return json.dumps({"chunk": chunk, "orders": orders}) + "\n"
+
+
+# A dependency that needs the database takes the request's session, it does not open one:
+# FastAPI resolves SessionDep once per request, so the handler and its dependencies share
+# one session and one pooled connection. A dependency opening a session of its own makes
+# every request hold two connections at once, and a pool smaller than twice the
+# concurrency then deadlocks until pool_timeout (notebook 08 measures it).
+def get_caller(session: SessionDep) -> str:
+    """Return the database role serving the request, read on the request's session."""
+    return str(session.execute(_CALLER).scalar_one())
+
+
+async def get_async_caller(session: AsyncSessionDep) -> str:
+    """Async twin of ``get_caller``."""
+    return str((await session.execute(_CALLER)).scalar_one())
+
+
+Caller = Annotated[str, Depends(get_caller)]
+AsyncCaller = Annotated[str, Depends(get_async_caller)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -443,6 +475,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
         return {"orders": orders, "seconds": seconds}
 
+    @app.get("/reports/feed")
+    def report_feed(chunks: FeedChunks = 3,
+                    seconds: ReportSeconds = 0.5) -> StreamingResponse:
+        """Stream a report in ``chunks`` NDJSON lines, each one a ``seconds``-long query.
+
+        Each chunk is read by a short session of its own, closed before the line is
+        sent: between chunks the stream holds no connection. A client that hangs up
+        stops the stream at the next chunk; the chunk being read runs to its end in its
+        threadpool thread (a thread cannot be cancelled), then its session is closed.
+        """
+        manager: SessionManager = app.state.db
+
+        def lines() -> Iterator[str]:
+            for chunk in range(chunks):
+                with manager.session() as session:
+                    orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
+                yield _feed_line(chunk, orders)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/orders/summary")
+    def orders_summary(session: SessionDep, caller: Caller,
+                       seconds: ReportSeconds = 0.0) -> dict[str, object]:
+        """Count the orders for ``caller``: one request, one session, one connection.
+
+        ``Caller`` reads on the request's own session (``SessionDep`` is resolved once
+        per request), so the request never holds two pooled connections at once.
+        """
+        orders = session.execute(_SUMMARY, {"seconds": seconds}).one().orders
+        return {"orders": orders, "caller": caller}
+
     return app
 
 
@@ -549,6 +612,33 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
         """A slow query, ``seconds`` long, awaited: the event loop serves others meanwhile."""
         row = (await session.execute(_SLOW_REPORT, {"seconds": seconds})).one()
         return {"orders": row.orders, "seconds": seconds}
+
+    @app.get("/reports/feed")
+    async def report_feed(chunks: FeedChunks = 3,
+                          seconds: ReportSeconds = 0.5) -> StreamingResponse:
+        """Stream a report in chunks, each read by a short session of its own.
+
+        A client that hangs up cancels the stream (Starlette cancels it when the
+        server reports the disconnect), mid-query if need be: ``async_session_scope``
+        rolls back and closes the session under a shield, and a connection cancelled
+        mid-query is closed by SQLAlchemy's pool instead of being returned half-used.
+        """
+        manager: AsyncSessionManager = app.state.db
+
+        async def lines() -> AsyncIterator[str]:
+            for chunk in range(chunks):
+                async with manager.session() as session:
+                    row = (await session.execute(_SLOW_REPORT, {"seconds": seconds})).one()
+                yield _feed_line(chunk, row.orders)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/orders/summary")
+    async def orders_summary(session: AsyncSessionDep, caller: AsyncCaller,
+                             seconds: ReportSeconds = 0.0) -> dict[str, object]:
+        """Count the orders for ``caller``, on the request's one session."""
+        row = (await session.execute(_SUMMARY, {"seconds": seconds})).one()
+        return {"orders": row.orders, "caller": caller}
 
     return app
 

@@ -12,7 +12,7 @@ has been sent*:
   connection, checked out until the last byte of the stream has been sent: every slow
   client holds one connection, and the pool runs out.
 
-Two more mistakes, of other kinds:
+Three more mistakes, of other kinds:
 
 - ``GET /reports/slow`` runs a *sync* session inside an ``async def`` handler. The query
   blocks the event loop for its whole duration, and every other request of the process,
@@ -21,25 +21,40 @@ Two more mistakes, of other kinds:
   task runs after ``get_db`` has committed and closed that session: its write starts a
   new transaction that nobody commits, and is rolled back when the session is garbage
   collected. The client got its 202; the receipt is never stored.
+- ``GET /orders/summary`` takes a dependency (``OwnSessionCaller``) that opens a session
+  of its own and holds it for the request, next to the request's ``SessionDep``: every
+  request needs two pooled connections at once. With as many concurrent requests as the
+  pool has connections, each holds one and waits for a second that never frees: nothing
+  moves until ``pool_timeout``, then 503s.
 
 Run it with ``uvicorn examples.pitfalls:create_pitfall_app --factory``.
+
+``create_cancellation_app`` is a small async service of another kind: a stream that
+keeps its session open, idle in a transaction, across an ``await`` that is not the
+database, to compare clean-ups that a disconnect cancels (``GET /reports/held``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Response
+import anyio
+
+from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from examples.fastapi_app import (
+    _CALLER,
     _INSERT_ORDER,
     _INSERT_RECEIPT,
     _LIST_ORDERS,
     _SLOW_REPORT,
+    _SUMMARY,
     ReportSeconds,
     ServiceMetrics,
     SessionDep,
@@ -47,12 +62,23 @@ from examples.fastapi_app import (
     _paced_lines,
     install_error_handlers,
 )
-from labkit import SessionManager, Settings, get_db
+from labkit import AsyncSessionManager, SessionManager, Settings, get_db
 
-__all__ = ["RequestScopedSessionDep", "create_pitfall_app"]
+__all__ = ["OwnSessionCaller", "RequestScopedSessionDep", "create_cancellation_app",
+           "create_pitfall_app"]
 
 # The trap: no scope="function". Commit and close run after the response is sent.
 RequestScopedSessionDep = Annotated[Session, Depends(get_db)]
+
+
+def get_caller_own_session(request: Request) -> Iterator[str]:
+    """The trap: a dependency with a session of its own, held until the request ends."""
+    manager: SessionManager = request.app.state.db
+    with manager.session() as session:
+        yield str(session.execute(_CALLER).scalar_one())
+
+
+OwnSessionCaller = Annotated[str, Depends(get_caller_own_session)]
 
 
 def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
@@ -123,5 +149,88 @@ def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
         with manager.session() as session:
             orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
         return {"orders": orders, "seconds": seconds}
+
+    @app.get("/orders/summary")
+    def orders_summary(session: SessionDep, caller: OwnSessionCaller,
+                       seconds: ReportSeconds = 0.0) -> dict[str, object]:
+        """Two connections per request: the dependency's, then the handler's."""
+        orders = session.execute(_SUMMARY, {"seconds": seconds}).one().orders
+        return {"orders": orders, "caller": caller}
+
+    return app
+
+
+CleanUp = Literal["session_scope", "anyio_shield", "unshielded"]
+
+
+def create_cancellation_app(settings: Settings | None = None) -> FastAPI:
+    """Build an async service whose stream is cancelled with its session idle in a transaction.
+
+    ``GET /reports/held?cleanup=...&seconds=...`` opens a session, runs a statement (the
+    transaction begins), then awaits ``seconds`` of something that is not the database
+    (another service, a pacing delay) before its one line. A client that hangs up
+    meanwhile makes Starlette cancel the stream there, and the clean-up runs inside the
+    cancelled anyio scope, where every unshielded ``await`` is cancelled again:
+
+    - ``session_scope``: labkit's ``manager.session()``, rollback and close under
+      ``asyncio.shield``;
+    - ``anyio_shield``: ``finally`` with ``anyio.CancelScope(shield=True)`` around
+      ``await session.close()``;
+    - ``unshielded``: ``finally: await session.close()``, the code that looks right.
+
+    Args:
+        settings: The database settings; read from the environment at start-up when
+            ``None``.
+
+    Returns:
+        The application, not yet started.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = AsyncSessionManager()
+        manager.init(settings or Settings.from_env(env_file=".env"))
+        app.state.db = manager
+        app.state.metrics = ServiceMetrics.attach(manager.engine)
+        try:
+            yield
+        finally:
+            await manager.close()
+            app.state.metrics.detach()
+
+    app = FastAPI(title="labkit cancelled clean-ups", lifespan=lifespan)
+
+    @app.get("/live")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return _metrics_response(app)
+
+    @app.get("/reports/held")
+    async def held(cleanup: CleanUp, seconds: ReportSeconds = 1.0) -> StreamingResponse:
+        """A stream holding its session idle in a transaction while it awaits ``seconds``."""
+        manager: AsyncSessionManager = app.state.db
+
+        async def lines() -> AsyncIterator[str]:
+            if cleanup == "session_scope":
+                async with manager.session() as session:
+                    await session.execute(text("SELECT 1"))
+                    await asyncio.sleep(seconds)
+            else:
+                session = manager.factory()
+                try:
+                    await session.execute(text("SELECT 1"))
+                    await asyncio.sleep(seconds)
+                finally:
+                    if cleanup == "anyio_shield":
+                        with anyio.CancelScope(shield=True):
+                            await session.close()
+                    else:
+                        await session.close()  # cancelled again at its first await
+            yield "done\n"
+
+        return StreamingResponse(lines(), media_type="text/plain")
 
     return app

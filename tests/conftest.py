@@ -175,9 +175,7 @@ def closed_port() -> int:
 
 # --- running on two workers (``make test``: ``pytest -n 2``) -------------------------------
 
-# A module's tests share tables and servers, so each module runs on one worker; modules
-# named here share the example service's tables with each other, so they run together.
-_SHARED_SCOPES: dict[str, str] = {"tests/test_services.py": "tests/test_fastapi_example.py"}
+# A module's tests share tables and servers, so each module runs on one worker.
 _NOTEBOOKS = "tests/test_notebooks.py"
 
 
@@ -195,7 +193,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             path = nodeid.split("::", 1)[0]
             if path == _NOTEBOOKS:
                 return nodeid
-            return _SHARED_SCOPES.get(path, path)
+            return path
 
     config.option.loadscopereorder = False  # keep the collection order set below
     return ModulesNotebooksApart(config, log)

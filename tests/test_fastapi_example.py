@@ -50,6 +50,26 @@ DEFERRED_ORDERS = ("CREATE TABLE example_orders (id int NOT NULL, item text NOT 
                    "DEFERRABLE INITIALLY DEFERRED)")
 
 
+# This module's own PostgreSQL schema: the example service creates its tables where the
+# URL's search_path points (``options=-c search_path=...``), so test modules running at
+# the same time (pytest-xdist) and notebook 01 never share ``example_orders``. Every
+# fixture built on ``db_url`` (``settings``, ``observer``) follows it.
+SCHEMA = "labkit_test_fastapi_example"
+
+
+@pytest.fixture(scope="session")
+def db_url(db_url: URL) -> Iterator[URL]:
+    """The shared server's URL with ``search_path`` set to this module's schema."""
+    admin = create_engine(Settings(url=db_url, pool=TEST_POOL))
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
+    yield db_url.update_query_dict({"options": f"-c search_path={SCHEMA}"})
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+    admin.dispose()
+
+
 @pytest.fixture
 def clean_orders(observer: Engine) -> Iterator[None]:
     with observer.begin() as conn:
@@ -488,3 +508,127 @@ def test_background_task_with_the_request_session_loses_its_write(
                     for n in (1, 2, 3)] == [202, 202, 202]
         time.sleep(0.5)
     assert _poll(observer, "SELECT count(*) FROM example_receipts", until=0, timeout=1) == 0
+
+
+# --- a client that hangs up; a dependency with a session of its own ----------------------
+
+# What the service's connections are doing, seen by the server (the observer's own
+# backend excluded): "active" while a query runs, "idle in transaction" if one leaked.
+_SERVICE_STATES = ("SELECT state, count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                   "AND datname = current_database() "
+                   "AND query LIKE '%AS orders FROM example_orders%' GROUP BY state")
+
+
+def _hang_up(base: str, path: str, params: dict[str, float], *, after: float
+             ) -> tuple[float, MetricsSampler]:
+    """Send one request, give up after ``after`` s (read timeout: the socket is closed);
+    return when it hung up, on the sampler's clock, with ``/metrics`` sampled for 2 s."""
+    with HttpLoad(base, [[Call("GET", path, params=params)]], timeout=after) as run, \
+            MetricsSampler(base, interval=0.02, t0=run.t0) as sampler:
+        run.wait()
+        time.sleep(2.0)
+    (record,) = run.result.records
+    assert record.error == "ReadTimeout", record
+    return record.end, sampler
+
+
+def _in_use_until(sampler: MetricsSampler, after: float) -> float:
+    """The last sampled time (after ``after``) at which a connection was checked out."""
+    times, in_use = sampler.series("labkit_pool_in_use")
+    return max((t for t, v in zip(times, in_use) if v > 0 and t >= after), default=after)
+
+
+@EXAMPLE_TARGETS
+def test_a_client_hanging_up_frees_its_connection_only_when_the_query_ends(
+        target: str, db_url: URL, observer: Engine, clean_example_tables: None,
+        tmp_path: Path) -> None:
+    """Pins what a disconnect does to a plain request, sync and async: nothing cancels
+    the handler, so its 1.5 s query runs on and the connection is checked in when it
+    ends (about 1.2 s after a hang-up at 0.3 s), cleanly: no invalidation, nothing left
+    idle in transaction."""
+    with uvicorn_server(target, db_url, tmp_path / "uvicorn.log") as base:
+        hung_up, sampler = _hang_up(base, "/reports/slow", {"seconds": 1.5}, after=0.3)
+        held_for = _in_use_until(sampler, hung_up) - hung_up
+        metrics = scrape(base)
+    assert 0.7 < held_for < 2.0, held_for
+    assert sampler.series("labkit_pool_in_use")[1][-1] == 0
+    assert metrics["labkit_pool_invalidations_total"] == 0
+    with observer.connect() as conn:
+        assert dict(conn.execute(text(_SERVICE_STATES)).all()) == {}
+
+
+def test_a_cancelled_async_stream_gives_its_connection_back_at_once(
+        db_url: URL, observer: Engine, clean_example_tables: None, tmp_path: Path) -> None:
+    """Pins the async stream's clean-up under cancellation: Starlette cancels the stream
+    when its client hangs up, mid-query here; ``manager.session()`` (rollback and close
+    shielded) and SQLAlchemy's pool hand the connection back within a few sampling
+    intervals, closed (invalidated) rather than reused half-read, and the server is
+    left with no connection idle in transaction. The query itself runs on server-side."""
+    with uvicorn_server("examples.fastapi_app:async_app", db_url,
+                        tmp_path / "uvicorn.log") as base:
+        hung_up, sampler = _hang_up(base, "/reports/feed", {"seconds": 1.5, "chunks": 1},
+                                    after=0.3)
+        held_for = _in_use_until(sampler, hung_up) - hung_up
+        metrics = scrape(base)
+        with observer.connect() as conn:
+            states = dict(conn.execute(text(_SERVICE_STATES)).all())
+    assert held_for < 0.4, held_for
+    assert metrics["labkit_pool_invalidations_total"] == 1
+    assert metrics["labkit_pool_checkins_total"] == metrics["labkit_pool_checkouts_total"]
+    assert "idle in transaction" not in states, states
+
+
+def test_a_dependency_with_its_own_session_stalls_a_small_pool_and_a_shared_one_does_not(
+        db_url: URL, observer: Engine, clean_example_tables: None, tmp_path: Path) -> None:
+    """Pins ``GET /orders/summary`` with a pool of 2: the reference's ``Caller`` shares
+    the request's session (one connection per request), so six requests at once are all
+    answered. Documents the pitfall: a dependency with a session of its own makes each
+    request hold one connection while it waits for a second; they stall until
+    ``pool_timeout`` and are answered 503 ``PoolTimeoutError``."""
+    with observer.begin() as conn:
+        conn.execute(text("CREATE TABLE example_orders (id int PRIMARY KEY, item text)"))
+    pool = {"DB_POOL_SIZE": "2", "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "1"}
+    burst = [[Call("GET", "/orders/summary", params={"seconds": 0.2})] for _ in range(6)]
+    outcomes = {}
+    for name, target, factory in [("shared", "examples.fastapi_app:app", False),
+                                  ("own", "examples.pitfalls:create_pitfall_app", True)]:
+        with uvicorn_server(target, db_url, tmp_path / f"{name}.log", factory=factory,
+                            env=pool) as base:
+            with HttpLoad(base, burst, timeout=10) as run:
+                pass
+            outcomes[name] = run.result
+    assert outcomes["shared"].statuses() == {"200": 6}
+    assert {r.body.count('"caller"') for r in outcomes["shared"].records} == {1}
+    failed = [r for r in outcomes["own"].records if not r.ok]
+    assert failed, outcomes["own"].statuses()
+    assert all(r.status == 503 and '"PoolTimeoutError"' in r.body
+               and r.end - r.start >= 0.9 for r in failed)
+
+
+
+@pytest.mark.parametrize(("cleanup", "invalidated"), [
+    ("session_scope", 0), ("anyio_shield", 0), ("unshielded", 1)])
+def test_a_cancelled_clean_up_needs_a_shield_to_roll_back_and_reuse_the_connection(
+        cleanup: str, invalidated: int, db_url: URL, observer: Engine, tmp_path: Path) -> None:
+    """Pins what protects an async clean-up that Starlette cancels (client hung up while
+    the stream's session was idle in a transaction): shielded (labkit's
+    ``manager.session()``, or ``anyio.CancelScope(shield=True)``), the ROLLBACK runs and
+    the connection goes back to the pool for reuse. Documents the unshielded
+    ``await session.close()``: cancelled again at once, so the pool closes the connection
+    instead (one invalidation, a new connection for the next request). Either way nothing
+    stays checked out or idle in transaction."""
+    with uvicorn_server("examples.pitfalls:create_cancellation_app", db_url,
+                        tmp_path / "uvicorn.log", factory=True) as base:
+        hung_up, sampler = _hang_up(base, "/reports/held", {"cleanup": cleanup, "seconds": 2.0},
+                                    after=0.3)
+        held_for = _in_use_until(sampler, hung_up) - hung_up
+        metrics = scrape(base)
+        with observer.connect() as conn:
+            idle_in_transaction = conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+                "datname = current_database() AND state = 'idle in transaction' AND "
+                "query = 'SELECT 1'")).scalar()
+    assert held_for < 0.4, held_for
+    assert metrics["labkit_pool_in_use"] == 0
+    assert metrics["labkit_pool_invalidations_total"] == invalidated, metrics
+    assert idle_in_transaction == 0

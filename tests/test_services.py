@@ -5,14 +5,37 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
+from labkit import TEST_POOL, Settings, create_engine
 from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, every, run_http, scrape
 from labkit.lab.services import ServiceError, free_port, uvicorn_service
+
+
+# This module's own PostgreSQL schema: the example service creates its tables where the
+# URL's search_path points (``options=-c search_path=...``), so test modules running at
+# the same time (pytest-xdist) and notebook 01 never share ``example_orders``. Every
+# fixture built on ``db_url`` (``settings``, ``observer``) follows it.
+SCHEMA = "labkit_test_services"
+
+
+@pytest.fixture(scope="session")
+def db_url(db_url: URL) -> Iterator[URL]:
+    """The shared server's URL with ``search_path`` set to this module's schema."""
+    admin = create_engine(Settings(url=db_url, pool=TEST_POOL))
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
+    yield db_url.update_query_dict({"options": f"-c search_path={SCHEMA}"})
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
+    admin.dispose()
 
 
 def _alive(pid: int) -> bool:
@@ -122,3 +145,22 @@ def test_load_and_sampler_refuse_nonsense_arguments() -> None:
         HttpLoad("http://127.0.0.1:1", [], timeout=0)
     with pytest.raises(ValueError, match="interval must be > 0"):
         MetricsSampler("http://127.0.0.1:1", interval=0)
+
+
+def test_the_example_creates_its_tables_in_the_schema_the_url_names(db_url: URL) -> None:
+    """Pins: ``options=-c search_path=...`` in ``DATABASE_URL`` is all it takes to give a
+    service (here, this module's) tables of its own: the lifespan's ``CREATE TABLE``
+    lands in that schema, sync and async, and the service reads and writes there."""
+    for target in ("examples.fastapi_app:app", "examples.fastapi_app:async_app"):
+        with uvicorn_service(target, database_url=db_url) as service:
+            assert httpx.post(f"{service.base_url}/orders/7", params={"item": "tea"},
+                              timeout=10).status_code in {201, 409}
+    observer = create_engine(Settings(url=db_url, pool=TEST_POOL))
+    try:
+        with observer.connect() as conn:
+            found = conn.execute(text(
+                "SELECT to_regclass(:name) IS NOT NULL"), {"name": f"{SCHEMA}.example_orders"})
+            assert found.scalar() is True
+            assert conn.execute(text("SELECT id FROM example_orders")).scalars().all() == [7]
+    finally:
+        observer.dispose()
