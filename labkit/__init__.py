@@ -81,6 +81,14 @@ from labkit.session import (
     get_db,
     session_scope,
 )
+from labkit.sizing import (
+    PoolRecommendation,
+    connections_in_use,
+    erlang_c,
+    mean_queue_wait,
+    queue_wait_percentile,
+    recommend_pool,
+)
 
 __version__ = "0.1.0"
 
@@ -106,6 +114,7 @@ __all__ = [
     "LockNotAvailableError",
     "PoolMetrics",
     "PoolProfile",
+    "PoolRecommendation",
     "PoolTimeoutError",
     "ProgrammingError",
     "QueryTimeoutError",
@@ -127,20 +136,25 @@ __all__ = [
     "async_wait_for_database",
     "build_url",
     "check_database",
+    "connections_in_use",
     "create_async_engine",
     "create_async_sessionmaker",
     "create_engine",
     "create_sessionmaker",
     "dispose_engine",
+    "erlang_c",
     "get_async_db",
     "get_db",
     "health_check",
     "is_healthy",
     "is_transient",
     "mask_url",
+    "mean_queue_wait",
     "parse_url",
     "pool_profile_for",
+    "queue_wait_percentile",
     "read_env_file",
+    "recommend_pool",
     "redact",
     "retry",
     "run_in_transaction",

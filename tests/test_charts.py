@@ -253,3 +253,23 @@ def test_progress_goes_to_stdout_not_stderr(capsys):
     meter.tick(12)
     out, err = capsys.readouterr()
     assert "run:" in out and "12 ops" in out and err == ""
+
+
+def test_a_model_band_is_shaded_behind_the_measurement_and_named():
+    xs = [3, 4, 5, 6]
+    model = [8.0, 1.5, 0.5, 0.1]
+    fig = charts.line_chart({"measured": (xs, [9.0, 2.0, 0.8, 0.3])},
+                            models={"Erlang C": (xs, model)},
+                            bands={"asserted band": (xs, [m / 3 for m in model],
+                                                     [3 * m + 1 for m in model])},
+                            title="t", xlabel="pool size", ylabel="wait (ms)")
+    ax = fig.axes[0]
+    shaded = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(shaded) == 1 and shaded[0].get_label() == "asserted band"
+    assert shaded[0].get_zorder() < ax.get_lines()[0].get_zorder()   # behind the points
+    assert "asserted band" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plain = charts.line_chart({"measured": (xs, model)}, title="t", xlabel="x", ylabel="y")
+    assert not [c for c in plain.axes[0].collections if isinstance(c, PolyCollection)]
+    with pytest.raises(ValueError, match="differ in length"):
+        charts.line_chart({"m": (xs, model)}, bands={"b": (xs, [1.0], [2.0])},
+                          title="t", xlabel="x", ylabel="y")

@@ -311,16 +311,30 @@ def _models(ax: Axes, models: Mapping[str, tuple[Sequence[float], Sequence[float
     return ys_all
 
 
+def _bands(ax: Axes, bands: Mapping[str, tuple[Sequence[float], Sequence[float],
+                                              Sequence[float]]] | None) -> None:
+    """Shade what a model allows: ``{name: (xs, lows, highs)}``, light grey, labelled."""
+    for name, (x, low, high) in (bands or {}).items():
+        xs, lows, highs = list(x), [float(v) for v in low], [float(v) for v in high]
+        if not len(lows) == len(highs) == len(xs):
+            raise ValueError(f"band {name!r}: xs, lows and highs differ in length")
+        ax.fill_between(xs, lows, highs, color=COLORS["model"], alpha=0.15,
+                        linewidth=0, label=name, zorder=1.2)
+
+
 def _line_or_step(step: bool, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                   title: str, xlabel: str, ylabel: str,
                   hlines: Mapping[str, float] | None,
                   windows: Sequence[tuple[float, float, str]] | None,
                   vlines: Mapping[str, float] | None,
                   models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None,
-                  markers: bool | None, log: bool, ymin: float | None) -> Figure:
+                  markers: bool | None, log: bool, ymin: float | None,
+                  bands: Mapping[str, tuple[Sequence[float], Sequence[float],
+                                            Sequence[float]]] | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=_SIZE)
     ys = _series(ax, series, step=step, markers=markers)
     ys += _models(ax, models)
+    _bands(ax, bands)
     _hlines(ax, hlines)
     _vlines(ax, vlines)
     _windows(ax, windows)
@@ -340,7 +354,9 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                vlines: Mapping[str, float] | None = None,
                models: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                markers: bool | None = None, log: bool = False,
-               ymin: float | None = 0.0) -> Figure:
+               ymin: float | None = 0.0,
+               bands: Mapping[str, tuple[Sequence[float], Sequence[float],
+                                         Sequence[float]]] | None = None) -> Figure:
     """Plot named ``(x, y)`` series as lines.
 
     Args:
@@ -358,12 +374,15 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
         log: A log y axis, for when ratios are the lesson (ticks still read ``1, 10``).
         ymin: Where the y axis starts (default 0: counts and times); ``None`` lets
             matplotlib choose. Ignored when the data go below it.
+        bands: Ranges a model allows, ``{"asserted band": (xs, lows, highs)}``, shaded
+            light grey behind the series (e.g. around a ``models`` line: the band the
+            measurement is asserted to stay in). On a log axis give lows above 0.
 
     Returns:
         The figure (closed to pyplot, so a notebook shows it once).
     """
     return _line_or_step(False, series, title, xlabel, ylabel, hlines, windows, vlines,
-                         models, markers, log, ymin)
+                         models, markers, log, ymin, bands)
 
 
 @_styled
