@@ -207,16 +207,32 @@ def _wrap(text: str, width: int) -> str:
                      for line in text.split("\n"))
 
 
-def _hlines(ax: Axes, hlines: Mapping[str, float] | None, color: str | None = None) -> None:
-    """Dashed limits, each named at the right end, just above its line."""
+def _hlines(ax: Axes, hlines: Mapping[str, float] | None, color: str | None = None, *,
+            in_legend: bool = False) -> None:
+    """Dashed limits, each named at the right end, just above its line.
+
+    With ``in_legend`` each is named in the legend instead (bar charts: their value labels
+    would collide with a name written at the line).
+    """
     for name, value in (hlines or {}).items():
         c = color or COLORS["limit"]
-        ax.axhline(value, linestyle="--", color=c, linewidth=1.2, zorder=1.5)
+        ax.axhline(value, linestyle="--", color=c, linewidth=1.2, zorder=1.5,
+                   label=name if in_legend else None)
+        if in_legend:
+            continue
         ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"),
                     xytext=(-4, 2), textcoords="offset points", ha="right", va="bottom",
                     fontsize=SMALL_PT, color=c, zorder=5,
                     bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
                           "edgecolor": "none", "alpha": 0.75})
+
+
+def _bar_labels(ax: Axes, bars: Any, labels: list[str]) -> None:
+    """Each bar's value at its end, on a white backing that limit lines pass behind."""
+    for text in ax.bar_label(bars, labels=labels, padding=2, fontsize=SMALL_PT):
+        text.set_bbox({"boxstyle": "square,pad=0.1", "facecolor": "white",
+                       "edgecolor": "none", "alpha": 0.8})
+        text.set_zorder(5)
 
 
 def _vlines(ax: Axes, vlines: Mapping[str, float] | None) -> None:
@@ -455,23 +471,21 @@ def bar_chart(values: Mapping[str, float] | Mapping[str, Mapping[str, float]], *
             color = (colors or {}).get(name, _CYCLE[i % len(_CYCLE)])
             bars = draw(xs, ys, width, label=name, color=color)
             if annotate:
-                ax.bar_label(bars, labels=[_fmt(v) + unit for v in ys], padding=2,
-                             fontsize=SMALL_PT)
+                _bar_labels(ax, bars, [_fmt(v) + unit for v in ys])
     else:
         ys = [float(v) for v in values.values()]  # type: ignore[arg-type]
         all_values += ys
         color_list = [(colors or {}).get(label, _CYCLE[0]) for label in labels]
         bars = draw(positions, ys, 0.6, color=color_list)
         if annotate:
-            ax.bar_label(bars, labels=[_fmt(v) + unit for v in ys], padding=2,
-                         fontsize=SMALL_PT)
+            _bar_labels(ax, bars, [_fmt(v) + unit for v in ys])
     if horizontal:
         ax.set_yticks(positions, shown)
         ax.grid(False, axis="y")
     else:
         ax.set_xticks(positions, shown)
         ax.grid(False, axis="x")
-        _hlines(ax, hlines)
+        _hlines(ax, hlines, in_legend=True)
     value_axis = "x" if horizontal else "y"
     if log:
         (ax.set_xscale if horizontal else ax.set_yscale)("log")
@@ -484,8 +498,12 @@ def bar_chart(values: Mapping[str, float] | Mapping[str, Mapping[str, float]], *
         _from_zero(ax, all_values, value_axis)
         if _all_integers(all_values):
             _integer_ticks(ax, value_axis)
+    handles, names = ax.get_legend_handles_labels()
+    if handles:  # below the bars: inside the axes it would cover some of them
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(handles), 2),
+                   frameon=False)
     return _finish(fig, ax, title, ylabel if horizontal else xlabel,
-                   xlabel if horizontal else ylabel)
+                   xlabel if horizontal else ylabel, legend=False)
 
 
 @_styled
