@@ -216,6 +216,7 @@ def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
     bound_pre_ping(engine.sync_engine, settings.connect_timeout)
     if url.get_backend_name() != "sqlite":
         _tune_async_sockets(engine.sync_engine, settings)
+        _discard_connections_left_in_a_transaction(engine.sync_engine)
     return engine
 
 
@@ -283,6 +284,26 @@ def _tune_async_sockets(engine: Engine, settings: Settings) -> None:
         finally:
             sock.close()
 
+
+def _discard_connections_left_in_a_transaction(engine: Engine) -> None:
+    """Close a returned asyncpg connection whose transaction its adapter has lost track of.
+
+    When a COMMIT or ROLLBACK is refused because another statement is still running on
+    the connection (asyncpg's "another operation is in progress": one session shared by
+    concurrent tasks), SQLAlchemy's asyncpg adapter forgets the transaction although the
+    server still has it open. The pool's reset on return then rolls nothing back, and the
+    connection would be lent out *idle in transaction*, with locks and uncommitted rows,
+    to the next, unrelated request. Such a connection is closed here instead (a new one
+    is opened on its next checkout).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def discard(dbapi_connection: Any, record: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is None or not hasattr(driver, "is_in_transaction"):
+            return
+        if driver.is_in_transaction() and getattr(dbapi_connection, "_transaction", 0) is None:
+            record.invalidate()
 
 
 def _build(factory: Any, url: URL, kwargs: dict[str, Any]) -> Any:

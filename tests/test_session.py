@@ -6,17 +6,21 @@ of the database would see it.
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from labkit import (
+    DEVELOPMENT_POOL,
     AsyncSessionManager,
     LabkitError,
     PoolMetrics,
     SessionManager,
     async_session_scope,
+    create_async_engine,
     create_async_sessionmaker,
     create_sessionmaker,
     get_async_db,
@@ -218,3 +222,35 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+async def test_a_commit_refused_mid_statement_lends_no_open_transaction_to_the_next_request(
+        settings, observer):
+    """Regression: one ``AsyncSession`` shared by two tasks, one commits during the other's
+    statement.
+
+    asyncpg refuses that COMMIT ("another operation is in progress") and SQLAlchemy's
+    adapter forgets the transaction the server still has open. Without labkit's check-in
+    guard the connection went back to the pool idle in transaction, and the next, unrelated
+    request failed on it. Now it is closed at check-in, and the next request gets a clean one.
+    """
+    engine = create_async_engine(settings,
+                                 pool=DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0))
+    factory = create_async_sessionmaker(engine)
+    try:
+        async with factory() as shared:
+            await shared.execute(text("SELECT 1"))
+            raw = await (await shared.connection()).get_raw_connection()
+            pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]
+            _, refused = await asyncio.gather(shared.execute(text("SELECT pg_sleep(0.1)")),
+                                              shared.commit(), return_exceptions=True)
+        assert isinstance(refused, sa_exc.InterfaceError)        # the race did happen
+        assert "another operation is in progress" in str(refused)
+        with observer.connect() as conn:
+            state = conn.execute(text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
+                                 {"pid": pid}).scalar()
+        assert state != "idle in transaction"
+        async with factory() as next_request:
+            assert (await next_request.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
