@@ -107,6 +107,25 @@ def fresh_table(observer: Engine, prefix: str, columns: str) -> Iterator[str]:
             conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
 
 
+@contextlib.contextmanager
+def own_schema(db_url: URL, schema: str) -> Iterator[URL]:
+    """``db_url`` with ``search_path`` set to a fresh schema ``schema``, dropped afterwards.
+
+    Whatever the code under test creates lands there (both drivers apply the URL's
+    ``options``), so modules running at the same time never share a table.
+    """
+    admin = create_engine(Settings(url=db_url, pool=TEST_POOL))
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        yield db_url.update_query_dict({"options": f"-c search_path={schema}"})
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture
 def table(observer: Engine) -> Iterator[str]:
     """A fresh table ``(id int primary key, note text not null)`` dropped afterwards."""

@@ -39,6 +39,7 @@ from labkit import (
 from labkit.lab import LocalServer
 from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, scrape
 from labkit.lab.services import ServiceError, uvicorn_service
+from tests.conftest import own_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 UVICORN_START_TIMEOUT = 30.0
@@ -60,14 +61,8 @@ SCHEMA = "labkit_test_fastapi_example"
 @pytest.fixture(scope="session")
 def db_url(db_url: URL) -> Iterator[URL]:
     """The shared server's URL with ``search_path`` set to this module's schema."""
-    admin = create_engine(Settings(url=db_url, pool=TEST_POOL))
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
-    yield db_url.update_query_dict({"options": f"-c search_path={SCHEMA}"})
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-    admin.dispose()
+    with own_schema(db_url, SCHEMA) as url:
+        yield url
 
 
 @pytest.fixture

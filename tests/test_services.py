@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from labkit import TEST_POOL, Settings, create_engine
 from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, every, run_http, scrape
 from labkit.lab.services import ServiceError, free_port, uvicorn_service
+from tests.conftest import own_schema
 
 
 # This module's own PostgreSQL schema: the example service creates its tables where the
@@ -28,14 +29,8 @@ SCHEMA = "labkit_test_services"
 @pytest.fixture(scope="session")
 def db_url(db_url: URL) -> Iterator[URL]:
     """The shared server's URL with ``search_path`` set to this module's schema."""
-    admin = create_engine(Settings(url=db_url, pool=TEST_POOL))
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        conn.execute(text(f"CREATE SCHEMA {SCHEMA}"))
-    yield db_url.update_query_dict({"options": f"-c search_path={SCHEMA}"})
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-    admin.dispose()
+    with own_schema(db_url, SCHEMA) as url:
+        yield url
 
 
 def _alive(pid: int) -> bool:

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, text
 
 from labkit.config import Settings
 from labkit.engine import create_engine
-from labkit.lab.load import LoadResult, OpRecord, _record, percentile
+from labkit.lab.load import LoadResult, OpRecord, percentile, timed_operation
 from labkit.lab.sampler import Sampler
 from labkit.metrics import PoolMetrics
 
@@ -119,20 +119,7 @@ def run_poisson_load(engine: Engine, work: Callable[[Connection], Any], *,
 
     def worker(n: int) -> None:
         while jobs.get() is not None:
-            start = clock()
-            got: float | None = None
-            released: float | None = None
-            try:
-                with engine.connect() as conn:
-                    got = clock()
-                    try:
-                        with conn.begin():
-                            work(conn)
-                    finally:
-                        released = clock()
-                rec = _record(n, t0, start, got, released, clock())
-            except Exception as exc:  # noqa: BLE001 - recorded for the chart
-                rec = _record(n, t0, start, got, released, clock(), exc)
+            rec = timed_operation(engine, work, n, t0)
             with lock:
                 ops.append(rec)
 

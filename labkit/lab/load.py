@@ -33,7 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from labkit.errors import translate_error
 
-__all__ = ["LoadResult", "OpRecord", "percentile", "run_async_load", "run_sync_load"]
+__all__ = ["LoadResult", "OpRecord", "percentile", "run_async_load", "run_sync_load",
+           "timed_operation"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,29 @@ def _record(worker: int, t0: float, start: float, got: float | None, released: f
                     None if released is None else released - t0)
 
 
+def timed_operation(engine: Engine, work: Callable[[Connection], Any], worker: int,
+                    t0: float) -> OpRecord:
+    """Check out a connection, run ``work`` in a transaction, return it; record each moment.
+
+    Failures are recorded (with their labkit class), not raised: a load run charts them.
+    """
+    clock = time.perf_counter
+    start = clock()
+    got: float | None = None
+    released: float | None = None
+    try:
+        with engine.connect() as conn:
+            got = clock()
+            try:
+                with conn.begin():
+                    work(conn)
+            finally:
+                released = clock()
+        return _record(worker, t0, start, got, released, clock())
+    except Exception as exc:  # noqa: BLE001 - recorded for the chart
+        return _record(worker, t0, start, got, released, clock(), exc)
+
+
 def _check_budget(duration: float | None, count: int | None) -> None:
     if (duration is None) == (count is None):
         raise ValueError("give exactly one of duration (seconds) or count (ops per worker)")
@@ -274,20 +298,7 @@ def run_sync_load(engine: Engine, work: Callable[[Connection], Any], *, workers:
     def worker(n: int) -> None:
         done = 0
         while (count is None or done < count) and clock() < deadline:
-            start = clock()
-            got: float | None = None
-            released: float | None = None
-            try:
-                with engine.connect() as conn:
-                    got = clock()
-                    try:
-                        with conn.begin():
-                            work(conn)
-                    finally:
-                        released = clock()
-                rec = _record(n, t0, start, got, released, clock())
-            except Exception as exc:  # noqa: BLE001 - recorded for the chart
-                rec = _record(n, t0, start, got, released, clock(), exc)
+            rec = timed_operation(engine, work, n, t0)
             with lock:
                 ops.append(rec)
             done += 1
