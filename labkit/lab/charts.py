@@ -253,7 +253,9 @@ def _windows(ax: Axes, windows: Sequence[tuple[float, float, str]] | None, *,
             ax.annotate(name, (start, 1.0 - 0.09 * (i % 2)),
                         xycoords=("data", "axes fraction"), xytext=(3, -3),
                         textcoords="offset points", ha="left", va="top",
-                        fontsize=SMALL_PT, color="#A01818", zorder=5)
+                        fontsize=SMALL_PT, color="#A01818", zorder=5,
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                              "edgecolor": "none", "alpha": 0.8})
 
 
 def _title(fig: Figure, title: str) -> None:
