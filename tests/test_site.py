@@ -131,6 +131,27 @@ def test_browser_shows_notebook_charts_and_search_finds_a_notebook(browser, site
     page.close()
 
 
+# Charts worth a look on every run, as the site shows them: (page, chart number, file name).
+CHART_SHOTS = [("02_pool_behaviour", 1, "02-1-request-timeline.png"),
+               ("02_pool_behaviour", 4, "02-2-erlang-c-mean-wait.png"),
+               ("06_pool_sizing", 3, "06-2-erlang-c-p99-recommend-pool.png")]
+
+
+def test_browser_shows_the_timeline_and_the_model_charts(browser, site_url):
+    """The request timeline and the model overlays, as a reader sees them (screenshots)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    for name, number, shot in CHART_SHOTS:
+        page.goto(f"{site_url}/notebooks/{name}/")
+        page.wait_for_load_state("load")
+        chart = page.locator(".jp-RenderedImage img").nth(number - 1)
+        chart.scroll_into_view_if_needed()
+        shown = chart.evaluate("e => e.complete ? e.getBoundingClientRect().width : 0")
+        assert shown >= 700, f"{name} chart {number} is shown {shown} px wide"
+        chart.screenshot(path=str(SHOTS / shot))
+    page.close()
+
+
 # --- what the built pages contain ---------------------------------------------------------
 
 
