@@ -198,6 +198,7 @@ def closed_port() -> int:
 _NOTEBOOKS = "tests/test_notebooks.py"
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Schedule by module, except the notebooks: each one is a unit of its own.
 
