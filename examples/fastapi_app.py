@@ -47,6 +47,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import (
+    APIRouter,
     BackgroundTasks,
     Depends,
     FastAPI,
@@ -101,6 +102,7 @@ __all__ = [
     "create_async_app",
     "install_error_handlers",
     "require_commit_before_response",
+    "service_routes",
 ]
 
 logger = logging.getLogger("labkit.example")
@@ -253,9 +255,24 @@ class _PoolCollector(Collector):
                                       value=snapshot[key])
 
 
-def _metrics_response(app: FastAPI) -> Response:
-    metrics: ServiceMetrics = app.state.metrics
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+# --- routes every service here shares ---------------------------------------------------
+
+# ``app.include_router(service_routes)``: liveness and metrics, the same in every app.
+service_routes = APIRouter()
+
+
+@service_routes.get("/live")
+async def live() -> dict[str, str]:
+    """Liveness: the process and its event loop answer. Never touches the database, so a
+    database outage never makes an orchestrator restart the service."""
+    return {"status": "alive"}
+
+
+@service_routes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Pool gauges, counters, checkout-wait histogram and errors, Prometheus format."""
+    exposition: ServiceMetrics = request.app.state.metrics
+    return Response(exposition.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -385,12 +402,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="labkit example", lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.get("/live")
-    async def live() -> dict[str, str]:
-        """Liveness: the process and its event loop answer. Never touches the database,
-        so a database outage never makes an orchestrator restart the service."""
-        return {"status": "alive"}
+    app.include_router(service_routes)
 
     @app.get("/ready")
     @app.get("/health")
@@ -403,11 +415,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         report = health_check(app.state.db.engine, timeout=READY_TIMEOUT)
         response.status_code = 200 if report.ok else 503
         return report.to_dict()
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Pool gauges, counters, checkout-wait histogram and errors, Prometheus format."""
-        return _metrics_response(app)
 
     @app.post("/orders/{order_id}", status_code=201)
     def create_order(order_id: int, item: str, session: SessionDep) -> dict[str, object]:
@@ -538,11 +545,7 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="labkit example (async)", lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.get("/live")
-    async def live() -> dict[str, str]:
-        """Liveness: the process and its event loop answer; never touches the database."""
-        return {"status": "alive"}
+    app.include_router(service_routes)
 
     @app.get("/ready")
     @app.get("/health")
@@ -552,11 +555,6 @@ def create_async_app(settings: Settings | None = None) -> FastAPI:
         report = await async_health_check(engine, timeout=READY_TIMEOUT)
         response.status_code = 200 if report.ok else 503
         return report.to_dict()
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Pool gauges, counters, checkout-wait histogram and errors, Prometheus format."""
-        return _metrics_response(app)
 
     @app.post("/orders/{order_id}", status_code=201)
     async def create_order(order_id: int, item: str,

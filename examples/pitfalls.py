@@ -43,7 +43,7 @@ from typing import Annotated, Literal
 
 import anyio
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -58,9 +58,9 @@ from examples.fastapi_app import (
     ReportSeconds,
     ServiceMetrics,
     SessionDep,
-    _metrics_response,
     _paced_lines,
     install_error_handlers,
+    service_routes,
 )
 from labkit import AsyncSessionManager, SessionManager, Settings, get_db
 
@@ -108,14 +108,7 @@ def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="labkit pitfalls", lifespan=lifespan)
     install_error_handlers(app)
-
-    @app.get("/live")
-    async def live() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return _metrics_response(app)
+    app.include_router(service_routes)
 
     @app.post("/orders/{order_id}", status_code=201)
     def create_order(order_id: int, item: str,
@@ -199,14 +192,7 @@ def create_cancellation_app(settings: Settings | None = None) -> FastAPI:
             app.state.metrics.detach()
 
     app = FastAPI(title="labkit cancelled clean-ups", lifespan=lifespan)
-
-    @app.get("/live")
-    async def live() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return _metrics_response(app)
+    app.include_router(service_routes)
 
     @app.get("/reports/held")
     async def held(cleanup: CleanUp, seconds: ReportSeconds = 1.0) -> StreamingResponse:
