@@ -54,7 +54,7 @@ compose-down:
 	docker compose down
 
 db-down: install
-	$(PY) -m labkit db down
+	$(PY) -m labkit.lab db down
 
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)

@@ -1,6 +1,8 @@
-"""``python -m labkit``: db status, health --json; never a password in the output.
+"""``python -m labkit health --json`` and ``python -m labkit.lab db up|down|status|url``;
+never a password in the output.
 
-Exit codes: 0 healthy, 1 not healthy, 2 usage or configuration error.
+Exit codes: 0 healthy (running), 1 not healthy (not running), 2 usage or configuration
+error.
 """
 
 from __future__ import annotations
@@ -13,19 +15,29 @@ import time
 from pathlib import Path
 
 import pytest
-
-from labkit.config import url_as_text
+from sqlalchemy.engine import URL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def url_as_text(url: URL) -> str:
+    """The URL with its password, as DATABASE_URL or ``--url`` takes it."""
+    return url.render_as_string(hide_password=False)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+            cwd: Path = ROOT, module: str = "labkit") -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("DATABASE_URL", "ENVIRONMENT")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "labkit", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_lab(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m labkit.lab ...``: the local server's commands."""
+    return run_cli(*args, env=env, timeout=timeout, module="labkit.lab")
 
 
 def test_health_json_ok_on_the_server_under_test(db_url, password):
@@ -100,16 +112,16 @@ def test_health_with_wrong_password_says_authentication(db_url):
 
 def test_db_commands_on_a_private_server(tmp_path):
     env = {"LABKIT_HOME": str(tmp_path / "home")}
-    assert run_cli("db", "status", env=env).returncode == 1
-    up = run_cli("db", "up", env=env)
+    assert run_lab("db", "status", env=env).returncode == 1
+    up = run_lab("db", "up", env=env)
     assert up.returncode == 0, up.stderr
     last_line = up.stdout.strip().splitlines()[-1]
     assert last_line.startswith("postgresql://postgres:***@127.0.0.1:")
     try:
-        assert run_cli("db", "status", env=env).returncode == 0
-        again = run_cli("db", "up", env=env)  # reuses the running server
+        assert run_lab("db", "status", env=env).returncode == 0
+        again = run_lab("db", "up", env=env)  # reuses the running server
         assert again.stdout.strip().splitlines()[-1] == last_line
-        revealed = run_cli("db", "url", "--reveal", env=env).stdout.strip()
+        revealed = run_lab("db", "url", "--reveal", env=env).stdout.strip()
         password = revealed.split(":")[2].split("@")[0]
         assert len(password) > 10
         healthy = run_cli("health", "--json", env=env)
@@ -117,13 +129,52 @@ def test_db_commands_on_a_private_server(tmp_path):
         for proc in (up, again, healthy):
             assert password not in proc.stdout + proc.stderr
     finally:
-        assert run_cli("db", "down", env=env).returncode == 0
+        assert run_lab("db", "down", env=env).returncode == 0
     start = time.monotonic()
     down = run_cli("health", "--json", "--timeout", "2", env=env)
     assert down.returncode == 1 and time.monotonic() - start < 3 + 1.0
     assert json.loads(down.stdout)["error"] == "DatabaseUnavailableError"
-    assert run_cli("db", "status", env=env).returncode == 1
-    run_cli("db", "down", "--destroy", env=env)
+    assert run_lab("db", "status", env=env).returncode == 1
+    run_lab("db", "down", "--destroy", env=env)
+
+
+def test_lab_db_usage_errors_exit_2():
+    for args in ((), ("db",), ("db", "restart"), ("db", "url", "--bogus")):
+        proc = run_lab(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "usage: python -m labkit.lab" in proc.stderr
+
+
+def test_lab_db_url_without_a_server_exits_1(tmp_path):
+    env = {"LABKIT_HOME": str(tmp_path / "home")}
+    for args in (("db", "url"), ("db", "url", "--reveal")):
+        proc = run_lab(*args, env=env)
+        assert proc.returncode == 1
+        assert proc.stdout == "" and "no local server initialised" in proc.stderr
+    status = run_lab("db", "status", env=env)
+    assert status.returncode == 1 and status.stdout.strip() == "not-initialized"
+
+
+def test_lab_envfile_reads_key_values_and_warns_when_others_can_read(tmp_path, caplog):
+    from labkit.errors import ConfigurationError
+    from labkit.lab.envfile import read_env_file
+
+    path = tmp_path / ".env"
+    assert read_env_file(path) == {}  # a missing file reads as empty
+    path.write_text("# comment\nexport DATABASE_URL='postgresql://u:hunter2@h/d'\n\n"
+                    "DB_POOL_SIZE=7  # seven\nENVIRONMENT=\"test\"\n")
+    path.chmod(0o600)
+    with caplog.at_level("WARNING"):
+        assert read_env_file(path) == {"DATABASE_URL": "postgresql://u:hunter2@h/d",
+                                       "DB_POOL_SIZE": "7", "ENVIRONMENT": "test"}
+    assert not caplog.records
+    path.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        read_env_file(path)
+    assert "chmod 600" in caplog.text and "hunter2" not in caplog.text
+    path.write_text("not a setting\n")
+    with pytest.raises(ConfigurationError, match=":1: expected KEY=VALUE"):
+        read_env_file(path)
 
 
 SPECIAL = "p@ss:w/rd?#%&= '\"x"

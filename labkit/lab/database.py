@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from labkit.config import Settings, read_env_file
+from labkit.config import Settings
+from labkit.lab.envfile import read_env_file
 from labkit.lab.server import default_server
 
 __all__ = ["database_url", "environment", "local_settings"]
