@@ -1,166 +1,89 @@
-"""labkit: PostgreSQL connection management patterns for SQLAlchemy, measured.
+"""labkit: PostgreSQL connection management for SQLAlchemy, small enough to copy.
 
-The core (config, engine, session, health, metrics, retry, errors) depends on
-SQLAlchemy and a driver only; copy it into a project as it is. ``labkit.lab`` holds the
-notebook side (local server, load generators, charts) and is never imported here.
+The core (config, engine, session, health, retry, errors, metrics) needs SQLAlchemy and
+the drivers only and uses relative imports: copy ``labkit/`` under any name. Optional
+modules beside it: ``web`` (FastAPI dependencies, lifespan managers), ``testing`` (a
+pytest plugin), ``deadline`` (client-side statement deadlines), ``sizing`` (Little's
+law, Erlang C). ``labkit.lab`` is the notebooks' side and never imported here.
 """
 
-from labkit.config import (
+from .config import (
     DEVELOPMENT_POOL,
     PRODUCTION_POOL,
     TEST_POOL,
-    Environment,
     PoolProfile,
     Settings,
     build_url,
     mask_url,
-    parse_url,
-    pool_profile_for,
-    read_env_file,
-    to_async_url,
-    to_sync_url,
 )
-from labkit.engine import (
-    async_dispose_engine,
-    create_async_engine,
-    create_engine,
-    dispose_engine,
-)
-from labkit.errors import (
-    AuthenticationError,
+from .engine import create_async_engine, create_engine
+from .errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
     ConnectionLostError,
     DatabaseError,
     DatabaseUnavailableError,
-    DataError,
-    HealthCheckTimeoutError,
     IntegrityError,
     LabkitError,
-    LockNotAvailableError,
     PoolTimeoutError,
-    ProgrammingError,
     QueryTimeoutError,
     RetryExhaustedError,
     SerializationError,
-    ServerError,
-    TooManyConnectionsError,
     TransientError,
-    is_transient,
-    redact,
-    translate_error,
 )
-from labkit.health import (
-    HealthReport,
-    async_check_database,
-    async_health_check,
-    async_is_healthy,
-    check_database,
-    health_check,
-    is_healthy,
-)
-from labkit.metrics import PoolMetrics
-from labkit.retry import (
+from .health import HealthReport, async_health_check, health_check
+from .metrics import PoolMetrics
+from .retry import (
     DEFAULT_RETRY,
-    STARTUP_RETRY,
     RetryPolicy,
-    async_retry,
     async_run_in_transaction,
     async_wait_for_database,
-    retry,
     run_in_transaction,
     wait_for_database,
 )
-from labkit.session import (
-    AsyncSessionManager,
-    SessionManager,
+from .session import (
     async_session_scope,
     create_async_sessionmaker,
     create_sessionmaker,
-    get_async_db,
-    get_db,
     session_scope,
 )
-from labkit.sizing import (
-    PoolRecommendation,
-    connections_in_use,
-    erlang_c,
-    mean_queue_wait,
-    queue_wait_percentile,
-    recommend_pool,
-)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_RETRY",
     "DEVELOPMENT_POOL",
     "PRODUCTION_POOL",
-    "STARTUP_RETRY",
     "TEST_POOL",
-    "AsyncSessionManager",
-    "AuthenticationError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectionLostError",
-    "DataError",
     "DatabaseError",
     "DatabaseUnavailableError",
-    "Environment",
-    "HealthCheckTimeoutError",
     "HealthReport",
     "IntegrityError",
     "LabkitError",
-    "LockNotAvailableError",
     "PoolMetrics",
     "PoolProfile",
-    "PoolRecommendation",
     "PoolTimeoutError",
-    "ProgrammingError",
     "QueryTimeoutError",
     "RetryExhaustedError",
     "RetryPolicy",
     "SerializationError",
-    "ServerError",
-    "SessionManager",
     "Settings",
-    "TooManyConnectionsError",
     "TransientError",
-    "async_check_database",
-    "async_dispose_engine",
     "async_health_check",
-    "async_is_healthy",
-    "async_retry",
     "async_run_in_transaction",
     "async_session_scope",
     "async_wait_for_database",
     "build_url",
-    "check_database",
-    "connections_in_use",
     "create_async_engine",
     "create_async_sessionmaker",
     "create_engine",
     "create_sessionmaker",
-    "dispose_engine",
-    "erlang_c",
-    "get_async_db",
-    "get_db",
     "health_check",
-    "is_healthy",
-    "is_transient",
     "mask_url",
-    "mean_queue_wait",
-    "parse_url",
-    "pool_profile_for",
-    "queue_wait_percentile",
-    "read_env_file",
-    "recommend_pool",
-    "redact",
-    "retry",
     "run_in_transaction",
     "session_scope",
-    "to_async_url",
-    "to_sync_url",
-    "translate_error",
     "wait_for_database",
 ]

@@ -97,10 +97,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from labkit.config import Environment, PoolProfile, Settings, mask_url, parse_url
-from labkit.engine import create_async_engine, create_engine
-from labkit.errors import ConfigurationError
-from labkit.session import async_session_scope, get_async_db, get_db, session_scope
+from .config import PoolProfile, Settings, mask_url, parse_url
+from .engine import create_async_engine, create_engine
+from .errors import ConfigurationError
+from .session import async_session_scope, session_scope
+from .web import get_async_db, get_db
 
 try:  # The async fixtures need pytest-asyncio; the sync ones work without it.
     import pytest_asyncio
@@ -152,22 +153,29 @@ def looks_like_test_database(name: str | None) -> bool:
                for word in re.split(r"[^a-z0-9]+", name.lower()) if word)
 
 
-def check_test_database(url: URL, *, allow_any: bool = False, source: str = "the URL") -> None:
-    """Raise unless ``url`` names a test database (see ``looks_like_test_database``).
+def database_names(url: URL) -> list[str | None]:
+    """Every database name ``url`` may connect to: its path, ``?dbname=``, ``?database=``.
 
-    Args:
-        url: The database URL the tests are about to use.
-        allow_any: Accept any name (``--labkit-allow-any-db``).
-        source: Where the URL came from, for the message.
-
-    Raises:
-        ConfigurationError: The name does not look like a test database; the message
-            says how to point the tests elsewhere, or to allow it.
+    ``None`` stands for a name left to libpq's defaults (``PGDATABASE``, the user name)
+    or to a ``?service=`` file: it cannot be checked.
     """
-    if allow_any or looks_like_test_database(url.database):
+    names: list[str | None] = [url.database] if url.database else []
+    for key in ("dbname", "database"):
+        value = url.query.get(key)
+        names += [value] if isinstance(value, str) else list(value or ())
+    if "service" in url.query or not names:
+        names.append(None)
+    return names
+
+
+def check_test_database(url: URL, *, allow_any: bool = False, source: str = "the URL") -> None:
+    """Raise ``ConfigurationError`` unless every name ``url`` may connect to is a test
+    database (``looks_like_test_database``), however the URL gives it."""
+    wrong = [name for name in database_names(url) if not looks_like_test_database(name)]
+    if allow_any or not wrong:
         return
     raise ConfigurationError(
-        f"labkit.testing refuses to use database {url.database!r} ({mask_url(url)}, from "
+        f"labkit.testing refuses to use database {wrong[0]!r} ({mask_url(url)}, from "
         f"{source}): its name does not look like a test database, so it may hold data "
         "that matters. Name a test database (one whose name contains 'test' as a word, "
         "e.g. app_test) with --labkit-db-url or LABKIT_TEST_DATABASE_URL, or pass "
@@ -382,7 +390,7 @@ def labkit_db_url(pytestconfig: pytest.Config) -> URL:
 @pytest.fixture(scope="session")
 def labkit_settings(labkit_db_url: URL) -> Settings:
     """``Settings`` for the test database: ``ENVIRONMENT=test``, ``TESTING_POOL``."""
-    return Settings(url=labkit_db_url, environment=Environment.TEST, pool=TESTING_POOL,
+    return Settings(url=labkit_db_url, environment="test", pool=TESTING_POOL,
                     application_name="labkit-tests")
 
 

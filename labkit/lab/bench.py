@@ -21,12 +21,20 @@ slices are spread over the whole run. ``summarize`` reports the median and sprea
 those slices, and ``paired_ratio`` compares two clients round by round: the median of the
 per-round ratios with a distribution-free interval (``median_interval``), whose width is
 the smallest difference the run can resolve.
+
+For labkit's own cost, a few percent at most, even that is too coarse. ``cost_blocks``
+runs labkit's scope and the SQLAlchemy session one transaction at a time and measures
+what load from other processes barely changes: the calls per transaction
+(``count_calls``, nearly deterministic) and the CPU time per transaction with the two
+alternating transaction by transaction; ``cost_ratio`` compares them block by block and
+judges the claim "at most 3 % more".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
 import gc
 import math
 import os
@@ -66,12 +74,18 @@ __all__ = [
     "ASYNC_CLIENTS",
     "BLOCKS",
     "CLIENTS",
+    "COST_PAIRS",
+    "OVERHEAD_BOUND",
     "PGBENCH",
     "PGBENCH_SELECT",
     "RATIOS",
     "ROWS",
     "SYNC_CLIENTS",
     "BenchItem",
+    "cost_blocks",
+    "cost_ratio",
+    "count_calls",
+    "count_calls_async",
     "interleaved_rounds",
     "iter_plan",
     "median_interval",
@@ -255,9 +269,10 @@ ASYNC_CLIENTS = ["asyncpg raw (pool)", "SQLAlchemy ORM session (async)",
                  "labkit async_session_scope (async)"]
 
 
-async def run_async_client(url: URL, client: str, concurrency: int,
-                           duration: float) -> dict[str, Any]:
-    """Run one async client from ``concurrency`` tasks for ``duration`` seconds."""
+async def _async_client(url: URL, client: str, concurrency: int
+                        ) -> tuple[Callable[[int], Awaitable[None]],
+                                   list[Callable[[], Awaitable[Any]]]]:
+    """Return (the operation of one transaction, the closers to await when done)."""
     closers: list[Callable[[], Awaitable[Any]]] = []
     if client == "asyncpg raw (pool)":
         import asyncpg
@@ -272,22 +287,30 @@ async def run_async_client(url: URL, client: str, concurrency: int,
             async with pool.acquire() as conn:
                 async with conn.transaction():
                     await conn.fetchrow(sql, key)
-    else:
-        engine = create_async_engine(Settings(url=url, application_name="labkit-bench"),
-                                     pool=_bench_pool(concurrency))
-        closers.append(engine.dispose)
-        factory = create_async_sessionmaker(engine)
-        orm_stmt = select(BenchItem)
-        if client == "SQLAlchemy ORM session (async)":
-            async def op(key: int) -> None:
-                async with factory.begin() as session:
-                    (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
-        elif client == "labkit async_session_scope (async)":
-            async def op(key: int) -> None:
-                async with async_session_scope(factory) as session:
-                    (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
-        else:
-            raise ValueError(f"unknown async client {client!r}")
+        return op, closers
+    engine = create_async_engine(Settings(url=url, application_name="labkit-bench"),
+                                 pool=_bench_pool(concurrency))
+    closers.append(engine.dispose)
+    factory = create_async_sessionmaker(engine)
+    orm_stmt = select(BenchItem)
+    if client == "SQLAlchemy ORM session (async)":
+        async def orm(key: int) -> None:
+            async with factory.begin() as session:
+                (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
+        return orm, closers
+    if client == "labkit async_session_scope (async)":
+        async def labkit_scope(key: int) -> None:
+            async with async_session_scope(factory) as session:
+                (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
+        return labkit_scope, closers
+    await engine.dispose()
+    raise ValueError(f"unknown async client {client!r}")
+
+
+async def run_async_client(url: URL, client: str, concurrency: int,
+                           duration: float) -> dict[str, Any]:
+    """Run one async client from ``concurrency`` tasks for ``duration`` seconds."""
+    op, closers = await _async_client(url, client, concurrency)
     await asyncio.gather(*(op(1) for _ in range(concurrency)))  # warm the pool
     latencies: list[float] = []
     clock = time.perf_counter
@@ -731,6 +754,239 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
             "high": round(high, 4), "confidence": round(reached, 4),
             "resolves_pct": round(resolves, 1), "verdict": verdict,
             "per_round": [round(r, 4) for r in ratios]}
+
+
+# --- labkit's cost per transaction: calls and CPU time, transaction by transaction ----------
+
+COST_PAIRS: list[tuple[str, str, str]] = RATIOS[:2]
+"""labkit's scopes and the SQLAlchemy sessions they wrap: ``(name, labkit, SQLAlchemy)``."""
+
+OVERHEAD_BOUND = 1.03
+"""The claim ``cost_ratio`` judges: labkit costs at most 3 % more per transaction."""
+
+
+def _profiled_calls(profile: cProfile.Profile) -> int:
+    # Every call cProfile saw (Python functions, C functions and methods, coroutine
+    # resumptions), except the profiler's own ``disable``.
+    return sum(entry.callcount for entry in profile.getstats()
+               if not (isinstance(entry.code, str) and "_lsprof.Profiler" in entry.code))
+
+
+def count_calls(fn: Callable[[], Any], n: int = 1) -> float:
+    """Return the calls per invocation of ``fn()``, run ``n`` times under ``cProfile``.
+
+    Counted: every Python function call (``fn`` itself included), every call of a C
+    function or method, and every resumption of a generator or coroutine: a count that
+    does not depend on how busy the machine is, so two layers can be compared to a
+    fraction of a percent where their timings differ by several percent from run to
+    run. It weighs every call alike, so it is a proxy for CPU time, not CPU time itself.
+
+    Example:
+        ```python
+        def ten() -> None:
+            for x in range(10):
+                abs(x)
+
+        count_calls(ten, n=100)  # 11.0: ten itself and ten calls of abs
+        ```
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        for _ in range(n):
+            fn()
+    finally:
+        profile.disable()
+    return _profiled_calls(profile) / n
+
+
+async def count_calls_async(fn: Callable[[], Awaitable[Any]], n: int = 1) -> float:
+    """Async twin of ``count_calls``: calls per ``await fn()``, the event loop's included.
+
+    Run it as the only task: the loop's own work while ``fn`` waits (selecting,
+    scheduling callbacks) is counted with it.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        for _ in range(n):
+            await fn()
+    finally:
+        profile.disable()
+    return _profiled_calls(profile) / n
+
+
+def _cost_records(block: int, name: str, sides: Sequence[str], calls: dict[str, float],
+                  cpu: dict[str, float], calls_n: int, cpu_n: int) -> list[dict[str, Any]]:
+    cpu_n = 2 * ((cpu_n + 1) // 2)  # the A B B A pattern runs in whole groups of four
+    return [{"block": block, "pair": name, "client": c,
+             "calls_per_tx": round(calls[c], 3),
+             "cpu_us_per_tx": round(cpu[c] / cpu_n * 1e6, 3),
+             "calls_transactions": calls_n, "cpu_transactions": cpu_n} for c in sides]
+
+
+def _sync_cost_block(url: URL, block: int, name: str, sides: Sequence[str], rng: random.Random,
+                     calls_n: int, cpu_n: int, warmup: int) -> list[dict[str, Any]]:
+    made = [_sync_client(url, client, 1) for client in sides]
+    ops = {client: make() for client, (make, _) in zip(sides, made)}
+    try:
+        for client in sides:
+            for key in range(1, warmup + 1):
+                ops[client](key)
+        calls: dict[str, float] = {}
+        keyseed = rng.randrange(2**32)
+        for client in rng.sample(list(sides), len(sides)):
+            keys = random.Random(keyseed)
+            op = ops[client]
+            calls[client] = count_calls(lambda: op(keys.randint(1, ROWS)), calls_n)
+        # CPU time of this thread, one transaction at a time, the sides alternating
+        # A B B A A B ...: a burst of load from elsewhere falls on both alike.
+        cpu = dict.fromkeys(sides, 0.0)
+        first, second = rng.sample(list(sides), 2)
+        clock = time.thread_time
+        for i in range(4 * ((cpu_n + 1) // 2)):
+            key = rng.randint(1, ROWS)
+            client = first if i % 4 in (0, 3) else second
+            op = ops[client]
+            t = clock()
+            op(key)
+            cpu[client] += clock() - t
+    finally:
+        for _, engine in made:
+            if engine is not None:
+                engine.dispose()
+    return _cost_records(block, name, sides, calls, cpu, calls_n, cpu_n)
+
+
+async def _async_cost_block(url: URL, block: int, name: str, sides: Sequence[str],
+                            rng: random.Random, calls_n: int, cpu_n: int, warmup: int
+                            ) -> list[dict[str, Any]]:
+    ops: dict[str, Callable[[int], Awaitable[None]]] = {}
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    try:
+        for client in sides:
+            ops[client], more = await _async_client(url, client, 1)
+            closers += more
+            for key in range(1, warmup + 1):
+                await ops[client](key)
+        calls: dict[str, float] = {}
+        keyseed = rng.randrange(2**32)
+        for client in rng.sample(list(sides), len(sides)):
+            keys = random.Random(keyseed)
+            op = ops[client]
+            calls[client] = await count_calls_async(lambda: op(keys.randint(1, ROWS)),
+                                                    calls_n)
+        cpu = dict.fromkeys(sides, 0.0)
+        first, second = rng.sample(list(sides), 2)
+        clock = time.thread_time
+        for i in range(4 * ((cpu_n + 1) // 2)):
+            key = rng.randint(1, ROWS)
+            client = first if i % 4 in (0, 3) else second
+            op = ops[client]
+            t = clock()
+            await op(key)
+            cpu[client] += clock() - t
+    finally:
+        for close in closers:
+            await close()
+    return _cost_records(block, name, sides, calls, cpu, calls_n, cpu_n)
+
+
+def cost_blocks(url: URL, blocks: Iterable[int], *, calls_transactions: int = 200,
+                cpu_transactions: int = 400, warmup: int = 50, seed: int = 0,
+                pairs: Sequence[tuple[str, str, str]] = COST_PAIRS,
+                on_block: Callable[[int, float], None] | None = None,
+                ) -> list[dict[str, Any]]:
+    """Measure labkit's cost per transaction against SQLAlchemy's, block by block.
+
+    In every block, for every pair of ``pairs`` (in a random order), both clients get a
+    fresh engine with one connection and ``warmup`` unrecorded transactions, then:
+
+    - **calls**: ``calls_transactions`` transactions per client under ``cProfile``
+      (``count_calls``), the same keys for both; nearly deterministic.
+    - **CPU time**: ``cpu_transactions`` per client (rounded up to even), alternating transaction by
+      transaction (A B B A ...), each timed with this thread's CPU clock. Other
+      processes take the CPU away from both sides alike; they hardly change what one
+      transaction costs once it runs.
+
+    The same read transaction as the load clients (check out, SELECT by primary key,
+    commit), one at a time against the real server. Run ``seed`` (the function) first.
+
+    Returns:
+        Per block and client: ``block``, ``pair``, ``client``, ``calls_per_tx``,
+        ``cpu_us_per_tx``, ``calls_transactions`` and ``cpu_transactions``; compare the
+        two sides with ``cost_ratio``.
+    """
+    if calls_transactions < 1 or cpu_transactions < 1:
+        raise ValueError("calls_transactions and cpu_transactions must be >= 1")
+    out: list[dict[str, Any]] = []
+    with _settled_gc() as collect:
+        for block in blocks:
+            rng = random.Random(seed * 1_000_003 + block)
+            started = time.perf_counter()
+            for name, labkit_client, sqlalchemy_client in rng.sample(list(pairs), len(pairs)):
+                sides = (labkit_client, sqlalchemy_client)
+                collect()
+                if all(c in SYNC_CLIENTS for c in sides):
+                    out += _sync_cost_block(url, block, name, sides, rng, calls_transactions,
+                                            cpu_transactions, warmup)
+                elif all(c in ASYNC_CLIENTS for c in sides):
+                    out += _run_coroutine(_async_cost_block(
+                        url, block, name, sides, rng, calls_transactions, cpu_transactions,
+                        warmup))
+                else:
+                    raise ValueError(f"{name}: both clients must be sync, or both async")
+            if on_block is not None:
+                on_block(block, time.perf_counter() - started)
+    return out
+
+
+def cost_ratio(records: Iterable[dict[str, Any]], numerator: str, denominator: str, *,
+               metric: str = "calls_per_tx", confidence: float = 0.95,
+               name: str | None = None, bound: float = OVERHEAD_BOUND) -> dict[str, Any]:
+    """Compare two clients' cost per transaction block by block, and judge the claim.
+
+    Each block's ratio is ``numerator / denominator`` of ``metric`` (a cost: above 1,
+    the numerator costs more). The interval is ``median_interval`` of the blocks'
+    ratios; ``half_width`` is its wider half (``half_width_pct`` in percent of the
+    median). The claim "the numerator costs at most ``bound`` times the denominator"
+    is ``"confirmed"`` when the whole interval lies at or below ``bound``, ``"ruled
+    out"`` when it lies above, and ``"undecided"`` when it straddles it.
+
+    Raises:
+        ValueError: No block has both clients.
+    """
+    per_block: dict[int, dict[str, float]] = {}
+    for rec in records:
+        if rec["client"] in (numerator, denominator) and rec.get(metric) is not None:
+            per_block.setdefault(rec["block"], {})[rec["client"]] = rec[metric]
+    ratios = [pair[numerator] / pair[denominator] for _, pair in sorted(per_block.items())
+              if len(pair) == 2 and pair[numerator] > 0 and pair[denominator] > 0]
+    if not ratios:
+        raise ValueError(f"no block measured both {numerator!r} and {denominator!r}")
+    med = statistics.median(ratios)
+    low, high, reached = median_interval(ratios, confidence)
+    half = max(med - low, high - med)
+    if high <= bound:
+        claim = "confirmed"
+    elif low > bound:
+        claim = "ruled out"
+    else:
+        claim = "undecided"
+    lo_pct, hi_pct, bound_pct = (low - 1) * 100, (high - 1) * 100, (bound - 1) * 100
+    verdict = (f"{numerator} costs {lo_pct:+.2f} % to {hi_pct:+.2f} % of {denominator}'s "
+               f"{metric}: at most {bound_pct:+.0f} % is {claim}")
+    return {"name": name or f"{numerator} / {denominator}", "metric": metric,
+            "numerator": numerator, "denominator": denominator, "blocks": len(ratios),
+            "ratio": round(med, 5), "low": round(low, 5), "high": round(high, 5),
+            "confidence": round(reached, 4), "half_width": round(half, 5),
+            "half_width_pct": round(half / med * 100.0, 3), "bound": bound,
+            "claim": claim, "verdict": verdict,
+            "per_block": [round(r, 5) for r in ratios]}
 
 
 # --- pool sizing (notebook 06) ---------------------------------------------------------------
