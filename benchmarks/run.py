@@ -1,6 +1,7 @@
 """`make bench`: the same short read transaction through every layer, in interleaved rounds.
 
-    python benchmarks/run.py [--concurrency 1,4,8] [--rounds 20] [--slice 0.25]
+    python benchmarks/run.py [--concurrency 1,4,8] [--rounds 18] [--slice 0.25]
+                             [--cost-blocks 12] [--cost-calls 100] [--cost-cpu 400]
                              [--seed N] [--quick] [--out build/bench]
 
 One run per client cannot resolve a few percent on a shared machine: another process
@@ -22,8 +23,20 @@ transaction, the layer's own cost, which other processes disturb far less than
 throughput. The interval's wider half is the smallest difference the run can resolve; it
 is written to the JSON and onto the chart.
 
-Writes ``results.json``, ``ratios.json`` and ``results.png`` to ``--out``, and prints a
-table, the ratios and the resolution. About 2.5 minutes with the defaults on 2 cores.
+Throughput cannot settle whether labkit costs at most 3 % more per transaction than the
+SQLAlchemy session it wraps: its intervals are several percent wide on a shared machine.
+So each worker process also runs *cost blocks* (``bench.cost_blocks``): labkit's scope
+and the SQLAlchemy session, sync and async, one transaction at a time against the same
+server, measured two ways. Python calls per transaction (everything ``cProfile`` counts)
+are nearly deterministic, whatever else the machine runs: that is the decisive measure,
+its interval a small fraction of a percent wide. CPU time per transaction, with the two
+alternating transaction by transaction, checks it in seconds. Both are reported as
+labkit / SQLAlchemy (above 1: labkit costlier) with the sign-test interval over blocks,
+its half-width, and whether "at most 3 % more" is confirmed, ruled out or undecided.
+
+Writes ``results.json``, ``ratios.json`` (``call_ratios``, ``cpu_interleaved_ratios``,
+``resolution``) and ``results.png`` to ``--out``, and prints a table, the ratios and the
+resolution. About 3 minutes with the defaults on 2 cores.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
 PCT = f"{CONFIDENCE * 100:.0f} %"
 LABKIT_RATIOS = bench.RATIOS[:2]
+COST_METRICS = ("calls_per_tx", "cpu_us_per_tx")
+DECISIVE = "calls_per_tx"  # the measure that judges the 3 % claim
 
 SHORT = {  # chart labels
     bench.PGBENCH: "pgbench (C)",
@@ -74,8 +90,8 @@ COLOURS = {  # one hue per family: C client, sync Python (blues), async Python (
 
 
 def worker(concurrencies: list[int], rounds: int, slice_s: float, seed: int, offset: int,
-           total: int, out: Path) -> None:
-    """One worker process: its share of the rounds, written to ``out`` as JSON."""
+           total: int, cost: dict[str, int], out: Path) -> None:
+    """One worker process: its share of the rounds and of the cost blocks, as JSON."""
     url = database_url()
     start = time.monotonic()
 
@@ -83,21 +99,31 @@ def worker(concurrencies: list[int], rounds: int, slice_s: float, seed: int, off
         bench.progress(f"[{offset + number}/{total}] round done in {seconds:.1f} s "
                        f"(process {os.getpid()}, {time.monotonic() - start:.0f} s)")
 
+    def on_block(block: int, seconds: float) -> None:
+        bench.progress(f"[cost block {block}/{cost['total']}] calls and CPU time per "
+                       f"transaction in {seconds:.1f} s (process {os.getpid()})")
+
     slices = bench.interleaved_rounds(url, clients=bench.CLIENTS, concurrencies=concurrencies,
                                       rounds=rounds, duration=slice_s,
                                       bin_dir=default_server().bin_dir, seed=seed,
                                       on_round=on_round)
-    out.write_text(json.dumps(slices))
+    first = cost["offset"] + 1
+    costs = bench.cost_blocks(url, range(first, first + cost["blocks"]),
+                              calls_transactions=cost["calls"], cpu_transactions=cost["cpu"],
+                              warmup=cost["warmup"], seed=seed, on_block=on_block)
+    out.write_text(json.dumps({"slices": slices, "costs": costs}))
 
 
 def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
-            processes: int, overhead_samples: int) -> dict[str, Any]:
-    """Run the interleaved rounds in worker processes, the pgbench -S reference, overheads.
+            processes: int, overhead_samples: int, cost: dict[str, int]) -> dict[str, Any]:
+    """Run the interleaved rounds and the cost blocks in worker processes, the pgbench -S
+    reference, overheads.
 
-    The rounds are shared among ``processes`` fresh Python processes, one after the
-    other: a process's hash seed and memory layout can favour one code path by a few
-    percent for its whole life, and a run of one process would report that as a
-    difference between the layers.
+    The rounds and the cost blocks (``cost``: ``blocks``, ``calls``, ``cpu``, ``warmup``)
+    are shared among ``processes`` fresh Python processes, one after the other: a
+    process's hash seed and memory layout can favour one code path by a few percent for
+    its whole life, and a run of one process would report that as a difference between
+    the layers.
     """
     url = database_url()
     bench.seed(url)
@@ -107,29 +133,43 @@ def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
     bench.progress(f"{rounds} rounds × {cells_per_round} slices of {slice_s:g} s "
                    f"(clients × concurrencies {concurrencies}), random order per round, "
                    f"in {processes} processes, each after a warm-up round")
-    shares = [rounds // processes + (1 if k < rounds % processes else 0)
-              for k in range(processes)]
+    bench.progress(f"then {cost['blocks']} cost blocks: labkit and the SQLAlchemy session, "
+                   f"{cost['calls']} transactions each under cProfile (calls) and "
+                   f"{cost['cpu']} each alternating (CPU time), sync and async")
+
+    def split(total: int) -> list[int]:
+        return [total // processes + (1 if k < total % processes else 0)
+                for k in range(processes)]
+
     slices: list[dict[str, Any]] = []
-    offset = 0
+    costs: list[dict[str, Any]] = []
+    offset = block_offset = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for k, share in enumerate(shares):
+        for k, (share, blocks) in enumerate(zip(split(rounds), split(cost["blocks"]))):
             out = Path(tmp) / f"worker{k}.json"
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", "--concurrency",
                  ",".join(map(str, concurrencies)), "--rounds", str(share), "--slice",
                  str(slice_s), "--seed", str(seed + k), "--round-offset", str(offset),
-                 "--total-rounds", str(rounds), "--worker-out", str(out)],
+                 "--total-rounds", str(rounds), "--cost-blocks", str(blocks),
+                 "--cost-block-offset", str(block_offset),
+                 "--total-cost-blocks", str(cost["blocks"]), "--cost-calls",
+                 str(cost["calls"]), "--cost-cpu", str(cost["cpu"]), "--cost-warmup",
+                 str(cost["warmup"]), "--worker-out", str(out)],
                 cwd=ROOT, stdout=subprocess.DEVNULL, timeout=3600)
             if proc.returncode != 0:
                 raise RuntimeError(f"benchmark worker {k} failed ({proc.returncode})")
-            for cell in json.loads(out.read_text()):
+            done = json.loads(out.read_text())
+            for cell in done["slices"]:
                 slices.append({**cell, "round": offset + cell["round"], "process": k})
+            costs += [{**rec, "process": k} for rec in done["costs"]]
             offset += share
+            block_offset += blocks
     bench.progress("pgbench -S (one autocommit statement, for reference)")
     reference = bench.run_pgbench(url, bin_dir, max(concurrencies), 1.0, select_only=True)
     bench.progress("overheads: health check, pre-ping, NullPool")
     overheads = bench.overheads(url, n=overhead_samples)
-    return {"slices": slices, "reference": reference, "overheads": overheads}
+    return {"slices": slices, "costs": costs, "reference": reference, "overheads": overheads}
 
 
 def compare(slices: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
@@ -157,30 +197,70 @@ def compare(slices: list[dict[str, Any]], concurrencies: list[int]) -> list[dict
     return rows
 
 
-def resolution(ratios: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the run can and cannot resolve about labkit's cost over SQLAlchemy."""
+def compare_costs(costs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """labkit's cost per transaction over SQLAlchemy's, in calls and in CPU time, per pair."""
+    return [bench.cost_ratio(costs, numerator, denominator, metric=metric,
+                             confidence=CONFIDENCE, name=name)
+            for metric in COST_METRICS for name, numerator, denominator in bench.COST_PAIRS]
+
+
+def _overall(rows: list[dict[str, Any]]) -> str:
+    claims = {r["claim"] for r in rows}
+    if "ruled out" in claims:
+        return "ruled out"
+    return "confirmed" if claims == {"confirmed"} else "undecided"
+
+
+def resolution(ratios: list[dict[str, Any]], costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run can and cannot resolve about labkit's cost over SQLAlchemy.
+
+    The decisive measure is Python calls per transaction (``DECISIVE``): nearly
+    deterministic, so its interval is a small fraction of the 3 % the claim is about.
+    CPU time per transaction, alternating transaction by transaction, is the check on it
+    in seconds; throughput and CPU time in the throughput slices are shown for scale.
+    """
     names = {name for name, _, _ in LABKIT_RATIOS}
     labkit = [r for r in ratios if r["headline"] and r["name"] in names]
     tps = [r for r in labkit if r["metric"] == "tps"]
     cpu = [r for r in labkit if r["metric"] == "tx_per_cpu_s"]
     worst = max(r["resolves_pct"] for r in tps)
     worst_cpu = max(r["resolves_pct"] for r in cpu)
+    calls = [r for r in costs if r["metric"] == DECISIVE]
+    alternating = [r for r in costs if r["metric"] == "cpu_us_per_tx"]
+    half = max(r["half_width_pct"] for r in calls)
+    half_cpu = max(r["half_width_pct"] for r in alternating)
+    claim, cpu_claim = _overall(calls), _overall(alternating)
+
+    def side(name: str) -> str:
+        return name.split(" / ")[0].removeprefix("labkit ")
 
     def parts(rows: list[dict[str, Any]]) -> str:
-        return ", ".join(f"{r['name'].split(' / ')[0].removeprefix('labkit ')} "
-                         f"±{r['resolves_pct']:.1f} %" for r in rows)
+        return ", ".join(f"{side(r['name'])} ±{r['resolves_pct']:.1f} %" for r in rows)
 
-    statement = (f"This run resolves throughput differences larger than about ±{worst:.0f} % "
-                 f"between labkit and the SQLAlchemy session it wraps ({parts(tps)}), and "
-                 f"differences in CPU per transaction larger than about ±{worst_cpu:.0f} % "
-                 f"({parts(cpu)}; {PCT} intervals). Smaller differences are beyond what it "
-                 f"can see")
-    best = min(worst, worst_cpu)
-    statement += (": a 3 % overhead, for one, could be neither confirmed nor ruled out."
-                  if best > 3 else ", and a 3 % overhead would show.")
-    return {"throughput_pct": round(worst, 1), "cpu_per_transaction_pct": round(worst_cpu, 1),
-            "statement": statement,
-            "verdicts": {f"{r['name']} ({r['metric']})": r["verdict"] for r in labkit}}
+    def costed(rows: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{side(r['name'])} {r['ratio']:.3f} [{r['low']:.3f}–{r['high']:.3f}]"
+                         for r in rows)
+
+    blocks = min(r["blocks"] for r in calls)
+    statement = (
+        f"This run resolves labkit's cost per transaction over the SQLAlchemy session it "
+        f"wraps to ±{half:.3f} % in Python calls per transaction (labkit / SQLAlchemy: "
+        f"{costed(calls)}; {blocks} blocks, {PCT} intervals): labkit costing at most 3 % "
+        f"more is {claim.upper()} in calls, a proxy that weighs every call alike and does "
+        f"not see the work inside C code. CPU time per transaction, the two alternating "
+        f"transaction by transaction, resolves ±{half_cpu:.1f} % ({costed(alternating)}) "
+        + ("and agrees" if cpu_claim == claim else f"and leaves it {cpu_claim.upper()}")
+        + f". Throughput resolves only about ±{worst:.0f} % ({parts(tps)}), CPU time in the "
+        f"throughput slices ±{worst_cpu:.0f} % ({parts(cpu)}).")
+    verdicts = {f"{r['name']} ({r['metric']})": r["verdict"] for r in labkit}
+    verdicts.update({f"{r['name']} ({r['metric']})": r["verdict"] for r in costs})
+    return {"claim": "labkit's cost per transaction is at most 3 % above that of the "
+                     "SQLAlchemy session it wraps",
+            "decisive_measure": DECISIVE, "half_width_pct": round(half, 3),
+            "overhead_at_most_3pct": claim,
+            "cpu_interleaved_pct": round(half_cpu, 2), "cpu_interleaved_claim": cpu_claim,
+            "throughput_pct": round(worst, 1), "cpu_per_transaction_pct": round(worst_cpu, 1),
+            "statement": statement, "verdicts": verdicts}
 
 
 # --- chart ---------------------------------------------------------------------------------
@@ -259,6 +339,46 @@ def _labkit_label(r: dict[str, Any]) -> str:
     return f"{side}: {what}\n({r['concurrency']} {workers})"
 
 
+def _hw(r: dict[str, Any]) -> str:
+    """A cost ratio's half-width in percent, with the decimals it needs."""
+    return f"{r['half_width_pct']:.3f}" if r["half_width_pct"] < 0.1 else (
+        f"{r['half_width_pct']:.2f}")
+
+
+def _cost_panel(ax: Axes, costs: list[dict[str, Any]]) -> None:
+    """labkit's cost per transaction / SQLAlchemy's: calls and alternating CPU time."""
+    order = sorted(costs, key=lambda r: (not r["name"].startswith("labkit sync"),
+                                         r["metric"] != DECISIVE))
+    ys = list(range(len(order)))[::-1]
+    for y, r in zip(ys, order):
+        colour = "#e6550d" if r["metric"] == DECISIVE else "#756bb1"
+        ax.errorbar([r["ratio"]], [y], xerr=[[r["ratio"] - r["low"]], [r["high"] - r["ratio"]]],
+                    marker="D" if r["metric"] == DECISIVE else "o", markersize=6, capsize=4,
+                    color=colour, linestyle="none")
+        ax.annotate(f"{r['ratio']:.3f}  ±{_hw(r)} %\n{r['claim']}",
+                    (r["high"], y), textcoords="offset points", xytext=(6, -6), fontsize=8)
+    labels = []
+    for r in order:
+        what = ("Python calls" if r["metric"] == DECISIVE
+                else "CPU time, alternating")
+        labels.append(f"{r['name'].split(' / ')[0].removeprefix('labkit ')}: {what}")
+    ax.set_yticks(ys, labels, fontsize=9)
+    ax.set_ylim(-0.7, len(order) - 0.3)
+    bound = bench.OVERHEAD_BOUND
+    lo = min(min(r["low"] for r in order), 0.97)
+    hi = max(max(r["high"] for r in order), bound)
+    span = hi - lo
+    ax.set_xlim(lo - 0.08 * span, hi + 0.55 * span)
+    ax.axvline(1.0, color="grey", linewidth=1)
+    ax.axvspan(ax.get_xlim()[0], bound, color="#fdae6b", alpha=0.2, linewidth=0)
+    ax.axvline(bound, color="#a63603", linestyle="--", linewidth=1)
+    ax.annotate("claim: ≤ +3 %", (bound, len(order) - 0.45), ha="left", va="top",
+                fontsize=8, color="#a63603", xytext=(3, 0), textcoords="offset points")
+    ax.set_title("labkit's cost per transaction / SQLAlchemy's\n"
+                 f"(one at a time; median of blocks, {PCT} interval)")
+    ax.set_xlabel("cost ratio (1 = same cost; > 1 = labkit costlier)")
+
+
 def chart(result: dict[str, Any], path: Path) -> None:
     """Throughput by layer, the layer ratios, and labkit's ratios against the claim."""
     import matplotlib
@@ -268,9 +388,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
     concurrencies = meta["concurrency"]
-    fig = plt.figure(figsize=(17, 7.6), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[6.3, 1.3])  # type: ignore[misc]
-    left, middle, right = top.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0]})
+    fig = plt.figure(figsize=(22, 7.8), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[6.3, 1.5])  # type: ignore[misc]
+    left, middle, right, costs = top.subplots(
+        1, 4, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0, 0.95]})
     _throughput(left, summary, concurrencies)
     bottom.legend(*left.get_legend_handles_labels(), loc="center left", ncol=4, fontsize=9,
                   title="throughput panel (dashed: labkit)", title_fontsize=9)
@@ -292,13 +413,14 @@ def chart(result: dict[str, Any], path: Path) -> None:
     right.set_title("labkit / the SQLAlchemy session it wraps\n"
                     f"(median of paired rounds, {PCT} interval)")
     right.set_xlabel("ratio (1 = no cost; < 1 = labkit slower or costlier)")
-    for ax in (left, middle, right):
+    _cost_panel(costs, result["cost_ratios"])
+    for ax in (left, middle, right, costs):
         ax.grid(True, alpha=0.3)
     top.suptitle(f"labkit benchmark: check out, SELECT by primary key, commit — "
                  f"{meta['rounds']} interleaved rounds × {meta['slice_s']:g} s slices in "
                  f"{meta['processes']} processes, {meta['cores']} cores, PostgreSQL over TCP "
                  f"on 127.0.0.1, Python {meta['python']}", fontsize=11)
-    bottom.text(0.99, 0.5, "\n".join(textwrap.wrap(result["resolution"]["statement"], 95)),
+    bottom.text(0.99, 0.5, "\n".join(textwrap.wrap(result["resolution"]["statement"], 120)),
                 ha="right", va="center", fontsize=10, color="#a63603")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -326,6 +448,19 @@ def report(result: dict[str, Any]) -> None:
               f"[{r['low']:.3f}–{r['high']:.3f}]  ±{r['resolves_pct']:.1f} %")
     print("  (* headline; throughput = transactions per second, tx/CPU-s = transactions "
           "per second of the Python process's CPU time)")
+    print(f"\nlabkit's cost per transaction / SQLAlchemy's, one transaction at a time "
+          f"(median of blocks, {PCT} interval; claim: at most +3 %):")
+    for r in result["cost_ratios"]:
+        metric = "calls/tx" if r["metric"] == DECISIVE else "CPU/tx alternating"
+        mark = "*" if r["metric"] == DECISIVE else " "
+        per_tx = [c[r["metric"]] for c in result["costs"] if c["client"] == r["numerator"]]
+        base = [c[r["metric"]] for c in result["costs"] if c["client"] == r["denominator"]]
+        unit = "" if r["metric"] == DECISIVE else " µs"
+        print(f" {mark}{r['name']:36s} {metric:18s} {r['ratio']:7.4f} "
+              f"[{r['low']:.4f}–{r['high']:.4f}]  ±{_hw(r):5s} %  "
+              f"{r['claim']:9s} ({statistics.median(per_tx):.1f} vs "
+              f"{statistics.median(base):.1f}{unit}, {r['blocks']} blocks)")
+    print("  (* decisive: Python calls per transaction, counted by cProfile)")
     print("\noverheads (median ms): " + ", ".join(
         f"{o['client']} {o['p50_ms']:.3f}" for o in result["overheads"]))
     print("\n" + result["resolution"]["statement"])
@@ -342,33 +477,55 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds per client, concurrency and round (default 0.25)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the random order (default: from the clock, recorded)")
+    parser.add_argument("--cost-blocks", type=int, default=12,
+                        help="blocks measuring labkit's calls and CPU time per transaction "
+                             "against SQLAlchemy's (default 12)")
+    parser.add_argument("--cost-calls", type=int, default=100,
+                        help="transactions per client and block counted under cProfile "
+                             "(default 100)")
+    parser.add_argument("--cost-cpu", type=int, default=400,
+                        help="transactions per client and block timed on the CPU clock, "
+                             "alternating (default 400)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny run to check the output (2 workers, 6 rounds of 0.1 s "
-                             "in 2 processes)")
+                             "and 6 small cost blocks in 2 processes)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--total-rounds", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cost-block-offset", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--total-cost-blocks", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cost-warmup", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     concurrencies = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
     rounds, slice_s, samples, processes = args.rounds, args.slice_s, 300, args.processes
-    if args.quick:
+    cost = {"blocks": args.cost_blocks, "calls": args.cost_calls, "cpu": args.cost_cpu,
+            "warmup": args.cost_warmup}
+    if args.quick and not args.worker:
         concurrencies, rounds, slice_s, samples, processes = [2], 6, 0.1, 30, 2
+        cost = {"blocks": 6, "calls": 20, "cpu": 60, "warmup": 10}
     seed = args.seed if args.seed is not None else time.time_ns() % 1_000_000
     if args.worker:
         worker(concurrencies, rounds, slice_s, seed, args.round_offset,
-               args.total_rounds or rounds, args.worker_out)
+               args.total_rounds or rounds,
+               {**cost, "offset": args.cost_block_offset,
+                "total": args.total_cost_blocks or cost["blocks"]}, args.worker_out)
         return 0
+    if min(cost.values()) < 1:
+        parser.error("--cost-blocks, --cost-calls and --cost-cpu must be at least 1")
     start = time.monotonic()
-    measured = measure(concurrencies, rounds, slice_s, seed, processes, samples)
+    measured = measure(concurrencies, rounds, slice_s, seed, processes, samples, cost)
     ratios = compare(measured["slices"], concurrencies)
+    cost_ratios = compare_costs(measured["costs"])
     result: dict[str, Any] = {
         "meta": {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "cores": os.cpu_count(), "python": platform.python_version(),
             "concurrency": concurrencies, "rounds": rounds, "slice_s": slice_s,
-            "processes": processes, "seed": seed, "elapsed_s": None,
+            "processes": processes, "seed": seed, "cost_blocks": cost["blocks"],
+            "cost_calls_transactions": cost["calls"], "cost_cpu_transactions": cost["cpu"],
+            "elapsed_s": None,
         },
         "method": {
             "rounds": "every client at every concurrency once per round, in a new random "
@@ -385,10 +542,25 @@ def main(argv: list[str] | None = None) -> int:
                        "cost; pgbench has none)",
             "resolves_pct": "the interval's wider half in percent of the median: smaller "
                             "differences are beyond what the run can see",
+            "cost_ratios": "labkit's cost per transaction over the SQLAlchemy session it "
+                           "wraps, one transaction at a time on a one-connection engine "
+                           "per client, in blocks shared among the worker processes. "
+                           "calls_per_tx: every call cProfile sees (Python functions, C "
+                           "functions, coroutine resumptions) per transaction, the same "
+                           "keys for both, nearly deterministic and the decisive measure; "
+                           "cpu_us_per_tx: this thread's CPU time per transaction, the two "
+                           "clients alternating transaction by transaction (A B B A). Ratio "
+                           "= labkit / SQLAlchemy (> 1: labkit costlier), median of the "
+                           f"blocks with the {PCT} sign-test interval; half_width is its "
+                           "wider half (half_width_pct in percent of the ratio); claim: "
+                           "confirmed if the interval lies at or below 1.03, ruled out if "
+                           "above, undecided if it straddles 1.03",
         },
-        "resolution": resolution(ratios),
+        "resolution": resolution(ratios, cost_ratios),
         "clients": bench.summarize(measured["slices"]),
         "ratios": ratios,
+        "cost_ratios": cost_ratios,
+        "costs": measured["costs"],
         "reference": measured["reference"],
         "overheads": measured["overheads"],
         "slices": measured["slices"],
@@ -402,8 +574,15 @@ def main(argv: list[str] | None = None) -> int:
             headline[r["metric"]][r["name"]] = {
                 k: r[k] for k in ("concurrency", "median", "low", "high", "confidence",
                                   "resolves_pct", "verdict")}
+    by_metric: dict[str, dict[str, Any]] = {metric: {} for metric in COST_METRICS}
+    for r in cost_ratios:
+        by_metric[r["metric"]][r["name"]] = {
+            k: r[k] for k in ("name", "ratio", "low", "high", "half_width", "half_width_pct",
+                              "confidence", "blocks", "claim", "verdict")}
     (args.out / "ratios.json").write_text(json.dumps(
         {"ratios": headline["tps"], "cpu_ratios": headline["tx_per_cpu_s"],
+         "call_ratios": by_metric["calls_per_tx"],
+         "cpu_interleaved_ratios": by_metric["cpu_us_per_tx"],
          "resolution": result["resolution"]}, indent=2))
     chart(result, args.out / "results.png")
     report(result)

@@ -6,6 +6,7 @@ once in its quick mode against the real server and its output is checked for sha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -92,6 +93,91 @@ def test_every_ratio_compares_clients_that_run_side_by_side():
     assert sorted(c for block in bench.BLOCKS for c in block) == sorted(bench.CLIENTS)
 
 
+# --- calls and CPU time per transaction ------------------------------------------------
+
+def _leaf() -> int:
+    return 1
+
+
+def _fifty() -> None:
+    for _ in range(50):
+        _leaf()
+
+
+def _hundred() -> None:
+    for _ in range(100):
+        _leaf()
+
+
+def _ten_abs() -> None:
+    for x in range(10):
+        abs(x)
+
+
+def test_count_calls_counts_every_call_exactly():
+    assert bench.count_calls(_fifty, n=20) == 51.0  # _fifty itself and 50 calls of _leaf
+    assert bench.count_calls(_ten_abs, n=7) == 11.0  # calls of C functions count too
+    assert bench.count_calls(_fifty, n=1) == bench.count_calls(_fifty, n=200)
+
+
+def test_count_calls_of_a_function_doing_twice_the_calls_gives_a_ratio_near_two():
+    ratio = bench.count_calls(_hundred, n=50) / bench.count_calls(_fifty, n=50)
+    assert ratio == pytest.approx(2.0, rel=0.02)  # 101 / 51
+    assert bench.count_calls(_fifty, n=50) / bench.count_calls(_fifty, n=50) == 1.0
+
+
+def test_count_calls_async_counts_the_awaited_work_and_the_loops():
+    async def fifty() -> None:
+        _fifty()
+
+    async def hundred() -> None:
+        _hundred()
+
+    async def hundred_yielding() -> None:
+        _hundred()
+        await asyncio.sleep(0)
+
+    async def counts() -> tuple[float, float, float]:
+        return (await bench.count_calls_async(fifty, n=20),
+                await bench.count_calls_async(hundred, n=20),
+                await bench.count_calls_async(hundred_yielding, n=20))
+
+    few, many, yielding = asyncio.run(counts())
+    assert (few, many) == (52.0, 102.0)  # the coroutine, its function, the leaves
+    assert many / few == pytest.approx(2.0, rel=0.02)
+    assert yielding > many + 3  # sleep(0) hands over to the loop, whose work counts too
+
+
+def _costs(per_block: list[tuple[float, float]], metric: str = "calls_per_tx") -> list[dict]:
+    return [{"block": b, "client": client, metric: value}
+            for b, (labkit, sqlalchemy) in enumerate(per_block, start=1)
+            for client, value in (("L", labkit), ("S", sqlalchemy))]
+
+
+@pytest.mark.parametrize(("labkit", "claim"), [
+    ([1010.0, 1011.0, 1009.0, 1010.0, 1010.5, 1009.5], "confirmed"),  # +1 %
+    ([1100.0, 1101.0, 1099.0, 1100.0, 1100.5, 1099.5], "ruled out"),  # +10 %
+    ([1000.0, 1060.0, 990.0, 1045.0, 1002.0, 1010.0], "undecided"),   # straddles +3 %
+])
+def test_cost_ratio_judges_at_most_three_percent_from_the_interval(labkit, claim):
+    ratio = bench.cost_ratio(_costs([(x, 1000.0) for x in labkit]), "L", "S")
+    assert ratio["claim"] == claim and claim in ratio["verdict"]
+    assert ratio["blocks"] == 6 and ratio["low"] == min(labkit) / 1000
+    assert ratio["high"] == max(labkit) / 1000  # 6 blocks: min-max reaches 96.9 %
+    assert ratio["half_width"] == pytest.approx(
+        max(ratio["ratio"] - ratio["low"], ratio["high"] - ratio["ratio"]), abs=1e-5)
+    assert ratio["half_width_pct"] == pytest.approx(
+        ratio["half_width"] / ratio["ratio"] * 100, abs=1e-3)
+
+
+def test_cost_ratio_of_identical_costs_is_one_with_no_width():
+    ratio = bench.cost_ratio(_costs([(450.0, 450.0)] * 8, "cpu_us_per_tx"), "L", "S",
+                             metric="cpu_us_per_tx")
+    assert (ratio["ratio"], ratio["half_width_pct"], ratio["claim"]) == (1.0, 0.0, "confirmed")
+    with pytest.raises(ValueError):
+        bench.cost_ratio(_costs([(1.0, 1.0)]), "L", "nobody")
+
+
 # --- the benchmark, quick, against the real server -----------------------------------------
 
 @pytest.mark.slow
@@ -148,6 +234,36 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
     ratios = json.loads((tmp_path / "ratios.json").read_text())
     assert "labkit sync / SQLAlchemy ORM sync" in ratios["ratios"]
     assert "labkit async / SQLAlchemy ORM async" in ratios["cpu_ratios"]
+
+    # labkit's cost per transaction over SQLAlchemy's: calls (decisive) and CPU time, in
+    # blocks shared among the processes, each with an interval and its half-width.
+    costs = result["costs"]
+    assert {c["block"] for c in costs} == set(range(1, meta["cost_blocks"] + 1))
+    assert {c["process"] for c in costs} == set(range(meta["processes"]))
+    assert {c["client"] for c in costs} == {client for _, a, b in bench.COST_PAIRS
+                                            for client in (a, b)}
+    for c in costs:
+        assert c["calls_per_tx"] > 100 and c["cpu_us_per_tx"] > 0
+    names = {name for name, _, _ in bench.COST_PAIRS}
+    for key in ("call_ratios", "cpu_interleaved_ratios"):
+        assert set(ratios[key]) == names
+        for r in ratios[key].values():
+            assert {"name", "ratio", "low", "high", "half_width", "half_width_pct"} <= set(r)
+            assert r["low"] <= r["ratio"] <= r["high"] and r["blocks"] == meta["cost_blocks"]
+            assert r["half_width_pct"] == pytest.approx(
+                max(r["ratio"] - r["low"], r["high"] - r["ratio"]) / r["ratio"] * 100,
+                abs=0.01)
+            assert r["claim"] in {"confirmed", "ruled out", "undecided"}
+    for r in ratios["call_ratios"].values():
+        # Counted calls barely move between blocks: far finer than the 3 % in question.
+        assert 0.5 < r["ratio"] < 1.5 and r["half_width_pct"] < 0.5
+    resolution = ratios["resolution"]
+    assert resolution["decisive_measure"] == "calls_per_tx"
+    assert resolution["half_width_pct"] == max(
+        r["half_width_pct"] for r in ratios["call_ratios"].values())
+    assert resolution["overhead_at_most_3pct"] in {"confirmed", "ruled out", "undecided"}
+    assert f"±{resolution['half_width_pct']:.3f} %" in resolution["statement"]
+    assert "calls/tx" in proc.stdout
 
     assert result["reference"]["client"] == bench.PGBENCH_SELECT
     assert "health_check (warm pool)" in {o["client"] for o in result["overheads"]}

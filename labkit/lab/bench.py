@@ -978,8 +978,8 @@ def cost_ratio(records: Iterable[dict[str, Any]], numerator: str, denominator: s
     else:
         claim = "undecided"
     lo_pct, hi_pct, bound_pct = (low - 1) * 100, (high - 1) * 100, (bound - 1) * 100
-    verdict = (f"{numerator} costs {lo_pct:+.2f} % to {hi_pct:+.2f} % of {denominator}'s "
-               f"{metric}: at most {bound_pct:+.0f} % is {claim}")
+    verdict = (f"{numerator}'s {metric} is {lo_pct:+.2f} % to {hi_pct:+.2f} % off "
+               f"{denominator}'s: at most {bound_pct:+.0f} % is {claim}")
     return {"name": name or f"{numerator} / {denominator}", "metric": metric,
             "numerator": numerator, "denominator": denominator, "blocks": len(ratios),
             "ratio": round(med, 5), "low": round(low, 5), "high": round(high, 5),
