@@ -15,7 +15,7 @@ from fastapi import Depends
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from labkit import get_db
+from labkit.web import get_db
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 

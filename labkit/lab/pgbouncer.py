@@ -312,7 +312,7 @@ async def main():
             ok += 1
         except Exception as exc:
             message = str(getattr(exc, "orig", exc)).splitlines()[0]
-            message = redact(message, [settings.password])
+            message = redact(message, [settings.url.password])
             errors[message] = errors.get(message, 0) + 1
     await engine.dispose()
     print(json.dumps({"ok": ok, "errors": errors}))

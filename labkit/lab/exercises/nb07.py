@@ -47,8 +47,8 @@ def _outcome(fn: Any, give_up: float) -> tuple[float | None, BaseException | Non
 
 @exercise("07.1", title="A query that cannot wait forever",
           hint="TCP keepalives are answered by the proxy's own kernel, so they never fire "
-               "here. Give every statement a client-side deadline: labkit's "
-               "command_timeout (seconds), below 3 s.")
+               "here. Give every statement a client-side deadline below 3 s: "
+               "labkit.deadline.bound_statements(engine, seconds) on the engine you return.")
 def check_bounded_wait(namespace: Mapping[str, Any], url: URL) -> str:
     """Run a slow query through a proxy that forgets the flow; it must end within 3 s."""
     make_engine = require(namespace, "make_engine", callable)

@@ -22,7 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from labkit import DEVELOPMENT_POOL, SessionManager, Settings, get_db
+from labkit import DEVELOPMENT_POOL, Settings
+from labkit.web import SessionManager, get_db
 from labkit.lab.exercises import ExerciseFailed, exercise, require
 from labkit.lab.services import free_port
 
