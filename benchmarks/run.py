@@ -375,7 +375,7 @@ def _cost_panel(ax: Axes, costs: list[dict[str, Any]]) -> None:
     ax.annotate("claim: ≤ +3 %", (bound, len(order) - 0.45), ha="left", va="top",
                 fontsize=8, color="#a63603", xytext=(3, 0), textcoords="offset points")
     ax.set_title("labkit's cost per transaction / SQLAlchemy's\n"
-                 f"(one at a time; median of blocks, {PCT} interval)")
+                 f"(one at a time; median of blocks,\n{PCT} interval)")
     ax.set_xlabel("cost ratio (1 = same cost; > 1 = labkit costlier)")
 
 
@@ -391,7 +391,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig = plt.figure(figsize=(22, 7.8), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[6.3, 1.5])  # type: ignore[misc]
     left, middle, right, costs = top.subplots(
-        1, 4, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0, 0.95]})
+        1, 4, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0, 1.0]})
     _throughput(left, summary, concurrencies)
     bottom.legend(*left.get_legend_handles_labels(), loc="center left", ncol=4, fontsize=9,
                   title="throughput panel (dashed: labkit)", title_fontsize=9)
