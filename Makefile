@@ -39,7 +39,7 @@ system-tools:
 # DATABASE_URL (environment or .env) if set, else the local server, started once.
 db-up: install
 	@$(PY) -c "from labkit.lab import database_url; print('database:', database_url())"
-	@$(PY) -m labkit health --timeout 5
+	@DATABASE_URL="$${DATABASE_URL:-$$($(PY) -m labkit.lab db url --reveal)}" $(PY) -m labkit health --timeout 5
 
 # Interleaved rounds (every client once per round, random order) with medians, spread and
 # ratio intervals: about 2.5 minutes on 2 cores. BENCH_ARGS=--quick for a tiny run.

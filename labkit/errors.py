@@ -3,7 +3,7 @@
 ```text
 LabkitError
 ├── ConfigurationError            the settings or the URL are wrong: fix the configuration
-└── DatabaseError                 the database failed an operation (``sqlstate`` when sent)
+└── DatabaseError                 the database failed an operation (sqlstate when sent)
     ├── TransientError            running the whole unit of work again may succeed
     │   ├── DatabaseUnavailableError   cannot connect: down, unreachable, starting up, full
     │   ├── ConnectionLostError        an open connection died: restart, kill, network
@@ -14,7 +14,7 @@ LabkitError
     ├── AuthenticationError            wrong user or password, or pg_hba.conf refused
     ├── IntegrityError                 a constraint rejected the data
     ├── ProgrammingError               the SQL, its data or the transaction state is wrong
-    └── RetryExhaustedError            a retry policy ran out; ``last_error`` says why
+    └── RetryExhaustedError            a retry policy ran out; last_error says why
 ```
 
 One table (``SQLSTATES``) maps the server's SQLSTATE to a class for every driver; an

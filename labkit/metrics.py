@@ -104,8 +104,11 @@ class PoolMetrics:
         if isinstance(pool, sa_pool.QueuePool):
             return {IN_USE: pool.checkedout(), IDLE: pool.checkedin(),
                     OVERFLOW: max(pool.overflow(), 0), POOL_SIZE: pool.size()}
-        with self._lock:
-            return {IN_USE: max(self._out, 0), IDLE: 0, OVERFLOW: 0,
+        lent = getattr(pool, "labkit_lent", None)
+        with self._lock:  # labkit's pools count what they lend; others: events since attach
+            in_use = (sum(1 for c in list(lent) if c.dbapi_connection is not None)
+                      if lent is not None else max(self._out, 0))
+            return {IN_USE: in_use, IDLE: 0, OVERFLOW: 0,
                     POOL_SIZE: 1 if isinstance(pool, sa_pool.StaticPool) else 0}
 
     def snapshot(self) -> dict[str, Any]:
@@ -136,26 +139,30 @@ class PoolMetrics:
 
 
 class _Timed:
-    """Pool mixin: time ``connect()`` (a checkout) for the attached collectors."""
+    """Pool mixin: time ``connect()`` (a checkout) for the attached collectors, and keep
+    the connections lent out by pools that cannot count them (NullPool, StaticPool)."""
 
     labkit_collectors: weakref.WeakSet[PoolMetrics]
+    labkit_lent: weakref.WeakSet[Any] | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.labkit_collectors = weakref.WeakSet()
+        self.labkit_lent = None if isinstance(self, sa_pool.QueuePool) else weakref.WeakSet()
 
     def connect(self) -> Any:
-        if not self.labkit_collectors:
-            return super().connect()  # type: ignore[misc]
-        start, failed = time.perf_counter(), True
+        start, failed = (time.perf_counter() if self.labkit_collectors else None), True
         try:
             connection = super().connect()  # type: ignore[misc]
             failed = False
+            if self.labkit_lent is not None:
+                self.labkit_lent.add(connection)
             return connection
         finally:  # CancelledError too: the caller got no connection
-            ms = (time.perf_counter() - start) * 1000.0
-            for metrics in list(self.labkit_collectors):
-                metrics.record_wait(ms, failed=failed)
+            if start is not None:
+                ms = (time.perf_counter() - start) * 1000.0
+                for metrics in list(self.labkit_collectors):
+                    metrics.record_wait(ms, failed=failed)
 
     def recreate(self) -> Any:
         new = super().recreate()  # type: ignore[misc]

@@ -122,7 +122,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     Raises:
         ProgrammingError: the block caught a database error and went on (SQLSTATE 25P02).
         CommitOutcomeUnknownError: the connection was lost while COMMIT was in flight.
-        Any error of the block or the flush, unchanged; nothing was committed.
+        Exception: any error of the block or the flush, unchanged; nothing was committed.
 
     Example:
         ```python
