@@ -2,7 +2,8 @@
 
 09.1: settings for asyncpg behind PgBouncer in transaction mode: connect-time settings
 refused, and prepared statements another worker left on the shared server connection.
-09.2: pool sizes for several worker processes within a role's connection budget.
+09.2: pool sizes for several worker processes within a role's connection budget, the
+health probe's own connection counted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, Engine
 
 from labkit import (DEVELOPMENT_POOL, TEST_POOL, Settings, create_async_engine,
-                    create_engine)
+                    create_engine, health_check)
 from labkit.errors import redact
 from labkit.lab.exercises import ExerciseFailed, exercise, require
 from labkit.lab.pgbouncer import PgBouncerError, pgbouncer
@@ -116,9 +117,10 @@ def check_behind_pooler(namespace: Mapping[str, Any], url: URL) -> str:
 
 # --- 09.2: the connection budget --------------------------------------------------------
 
-BUDGET_WORKERS = 4   # worker processes, each with its own pool
-BUDGET = 12          # connections the role may open (CONNECTION LIMIT)
+BUDGET_WORKERS = 4   # worker processes, each with its own pool and health probe
+BUDGET = 16          # connections the role may open (CONNECTION LIMIT)
 BUSIEST = 3          # requests one worker serves at once at its busiest
+PROBE = 1            # labkit's health probe keeps one connection of its own per engine
 
 
 def _hold_all(engine: Engine, size: int, held: list[Connection],
@@ -133,11 +135,12 @@ def _hold_all(engine: Engine, size: int, held: list[Connection],
 
 
 @exercise("09.2", title="A connection budget across worker processes",
-          hint="Every worker may open pool_size + max_overflow connections, and all of them "
-               "may be busy at once: workers × (pool_size + max_overflow) must stay within "
-               "the budget, and each worker still needs enough for its busiest moment.")
+          hint="Every worker may open pool_size + max_overflow connections, all busy at "
+               "once, plus one its health probe keeps: workers × (pool_size + max_overflow "
+               "+ 1) must stay within the budget, and each worker's pool still needs enough "
+               "for its busiest moment.")
 def check_budget(namespace: Mapping[str, Any], url: URL) -> str:
-    """Open every worker's pool to the full, as a role with a connection limit."""
+    """Probe, then open every worker's pool to the full, as a role with a connection limit."""
     pool_size = require(namespace, "POOL_SIZE", int)
     max_overflow = require(namespace, "MAX_OVERFLOW", int)
     if pool_size < 1 or max_overflow < 0:
@@ -155,6 +158,7 @@ def check_budget(namespace: Mapping[str, Any], url: URL) -> str:
     role_url = url.set(username=role, password=password)
     workers: list[tuple[Engine, list[Connection]]] = []
     errors: list[str | None] = []
+    probes: list[bool] = []
     try:
         try:
             with admin.begin() as conn:
@@ -172,6 +176,13 @@ def check_budget(namespace: Mapping[str, Any], url: URL) -> str:
                 pool=DEVELOPMENT_POOL.replace(pool_size=pool_size, max_overflow=max_overflow,
                                               pool_timeout=1.0))
             workers.append((engine, []))
+            # Readiness first, as a worker starts: the probe keeps a connection of its own.
+            report = health_check(engine, timeout=3.0)
+            probes.append(report.ok)
+            if not report.ok:
+                refusal = str(report.message).split("FATAL:")[-1].strip().rstrip("]").strip()
+                errors.append(redact(refusal, secrets))
+                continue
             errors.append(_hold_all(engine, per_worker, workers[-1][1], secrets))
         with admin.connect() as conn:
             on_server = conn.execute(text("SELECT count(*) FROM pg_stat_activity "
@@ -190,9 +201,12 @@ def check_budget(namespace: Mapping[str, Any], url: URL) -> str:
     if refused:
         n, error = refused[0]
         got = len(workers[n - 1][1])
-        raise ExerciseFailed(f"worker {n} got {got} of its {per_worker} connections, then the "
-                             f"server refused: {error!r}. {BUDGET_WORKERS} workers × "
-                             f"{per_worker} = {BUDGET_WORKERS * per_worker} > {BUDGET}")
-    return (f"{BUDGET_WORKERS} workers, each holding all {per_worker} connections its pool "
-            f"allows: {on_server} on the server, within the budget of {BUDGET}; each worker "
-            f"can serve its {BUSIEST} requests at once")
+        where = (f"worker {n}'s health probe was refused: {error!r}" if not probes[n - 1]
+                 else f"worker {n} got its probe and {got} of its {per_worker} pooled "
+                 f"connections, then the server refused: {error!r}")
+        raise ExerciseFailed(f"{where}. {BUDGET_WORKERS} workers × "
+                             f"({per_worker} + {PROBE} probe) = "
+                             f"{BUDGET_WORKERS * (per_worker + PROBE)} > {BUDGET}")
+    return (f"{BUDGET_WORKERS} workers, each with its probe's connection and all "
+            f"{per_worker} its pool allows: {on_server} on the server, within the budget "
+            f"of {BUDGET}; each worker can serve its {BUSIEST} requests at once")
