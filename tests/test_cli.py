@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
+
+from labkit.lab import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +43,28 @@ def run_lab(*args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m labkit.lab ...``: the local server's commands."""
     return run_cli(*args, env=env, timeout=timeout, module="labkit.lab")
+
+
+# Servers are kept out of pytest's temporary root: every pytest session that starts on
+# the machine resets /tmp/pytest-of-<user> to mode 0700, after which the server's own
+# user can no longer reach its data directory, ``pg_ctl status`` fails, and ``db down``
+# (LocalServer.stop) quietly leaves the server running.
+
+@pytest.fixture(scope="module")
+def throwaway_server() -> Iterator[LocalServer]:
+    """conftest's private server, under ``/tmp/labkit-throwaway-*`` (see above)."""
+    from labkit.lab.faults import throwaway_server as private_server
+
+    with private_server() as server:
+        yield server
+
+
+@pytest.fixture
+def lab_home() -> Iterator[Path]:
+    """A ``LABKIT_HOME`` for a private local server, outside pytest's temporary root."""
+    folder = Path(tempfile.mkdtemp(prefix="labkit-cli-"))
+    yield folder / "home"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_health_json_ok_on_the_server_under_test(db_url, password):
@@ -73,7 +100,9 @@ def test_health_on_a_hung_server_answers_within_its_timeout(hung_port):
                    "--url", f"postgresql://u:hunter2@127.0.0.1:{hung_port}/d")
     assert time.monotonic() - start < 1 + 2.0
     assert proc.returncode == 1
-    assert json.loads(proc.stdout)["error"] == "HealthCheckTimeoutError"
+    report = json.loads(proc.stdout)
+    assert report["error"] == "DatabaseUnavailableError"  # was HealthCheckTimeoutError
+    assert "did not answer the health check within 1 s" in report["message"]
     assert "hunter2" not in proc.stdout + proc.stderr
 
 
@@ -90,7 +119,9 @@ def test_health_on_an_unresolvable_host_is_unavailable_within_its_timeout():
 @pytest.mark.parametrize("url", [
     "postgresql://u:hunter2@127.0.0.1:99999/d",
     "definitely not a url hunter2",
-    "postgresql+nodriver://u:hunter2@127.0.0.1/d",
+    "mysql://u:hunter2@127.0.0.1/d",
+    "postgresql://u:hunter2@127.0.0.1/d?sslmod=require",
+    "postgresql://u:hunter2@127.0.0.1/d?sslrootcert=/etc/ssl/root.crt",
 ])
 def test_health_with_bad_urls_explains_without_the_password(url):
     """A URL that cannot be used is a configuration error: exit 2, as documented."""
@@ -110,8 +141,8 @@ def test_health_with_wrong_password_says_authentication(db_url):
     assert "Wr0ng!pw" not in proc.stdout + proc.stderr
 
 
-def test_db_commands_on_a_private_server(tmp_path):
-    env = {"LABKIT_HOME": str(tmp_path / "home")}
+def test_db_commands_on_a_private_server(lab_home):
+    env = {"LABKIT_HOME": str(lab_home)}
     assert run_lab("db", "status", env=env).returncode == 1
     up = run_lab("db", "up", env=env)
     assert up.returncode == 0, up.stderr
@@ -124,16 +155,20 @@ def test_db_commands_on_a_private_server(tmp_path):
         revealed = run_lab("db", "url", "--reveal", env=env).stdout.strip()
         password = revealed.split(":")[2].split("@")[0]
         assert len(password) > 10
-        healthy = run_cli("health", "--json", env=env)
+        # health checks DATABASE_URL only (no local-server fallback any more)
+        healthy = run_cli("health", "--json", env={**env, "DATABASE_URL": revealed})
         assert json.loads(healthy.stdout)["ok"] is True
         for proc in (up, again, healthy):
             assert password not in proc.stdout + proc.stderr
     finally:
         assert run_lab("db", "down", env=env).returncode == 0
     start = time.monotonic()
-    down = run_cli("health", "--json", "--timeout", "2", env=env)
-    assert down.returncode == 1 and time.monotonic() - start < 3 + 1.0
+    down = run_cli("health", "--json", "--timeout", "2",
+                   env={**env, "DATABASE_URL": revealed})
+    assert down.returncode == 1, down.stdout + down.stderr
+    assert time.monotonic() - start < 3 + 1.0
     assert json.loads(down.stdout)["error"] == "DatabaseUnavailableError"
+    assert password not in down.stdout + down.stderr
     assert run_lab("db", "status", env=env).returncode == 1
     run_lab("db", "down", "--destroy", env=env)
 
@@ -281,34 +316,21 @@ def test_make_lab_database_step_refuses_production_without_database_url(tmp_path
     assert not home.exists() or not any(home.iterdir()), sorted(home.iterdir())
 
 
-# --- .env ---------------------------------------------------------------------------
+# --- only --url and DATABASE_URL ---------------------------------------------------------
 
-def write_env_file(folder: Path, text: str) -> None:
-    (folder / ".env").write_text(text)
-    (folder / ".env").chmod(0o600)
-
-
-def test_health_reads_database_url_from_dotenv_in_the_current_directory(tmp_path,
-                                                                       closed_port):
-    """Pins: ``health`` reads ``./.env`` as the README says (before, it read the
-    repository's .env through labkit.lab, whatever the directory): a DATABASE_URL there
-    pointing at a closed port is what gets checked."""
-    write_env_file(tmp_path, f"DATABASE_URL=postgresql://u:hunter2@127.0.0.1:{closed_port}/d\n")
-    proc = run_cli("health", "--json", "--timeout", "2", cwd=tmp_path)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout)["error"] == "DatabaseUnavailableError"
-    assert "hunter2" not in proc.stdout + proc.stderr
-
-
-def test_health_prefers_the_environment_over_dotenv(tmp_path, closed_port, db_url):
-    write_env_file(tmp_path, f"DATABASE_URL=postgresql://u:p@127.0.0.1:{closed_port}/d\n")
-    proc = run_cli("health", cwd=tmp_path, env={"DATABASE_URL": url_as_text(db_url)})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_production_set_in_dotenv_is_guarded_too(tmp_path):
-    """Pins: ``ENVIRONMENT=production`` from ``./.env`` refuses the local server as well."""
-    write_env_file(tmp_path, "ENVIRONMENT=production\n")
-    proc = run_cli("health", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "DATABASE_URL is not set" in proc.stderr
+def test_health_reads_neither_dotenv_nor_a_local_server(tmp_path, closed_port):
+    """Pins: ``python -m labkit health`` checks ``--url``, else ``DATABASE_URL`` from the
+    environment, nothing else: a ``./.env`` is not read (merge it into the environment
+    yourself) and no local server is guessed or started; without a URL it exits 2."""
+    (tmp_path / ".env").write_text(
+        f"DATABASE_URL=postgresql://u:hunter2@127.0.0.1:{closed_port}/d\n")
+    (tmp_path / ".env").chmod(0o600)
+    home = tmp_path / "home"
+    for json_flag in ([], ["--json"]):
+        proc = run_cli("health", *json_flag, cwd=tmp_path, env={"LABKIT_HOME": str(home)})
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "DATABASE_URL is not set" in proc.stderr
+        assert "hunter2" not in proc.stdout + proc.stderr
+        if json_flag:
+            assert json.loads(proc.stdout)["error"] == "ConfigurationError"
+    assert not home.exists()

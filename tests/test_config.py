@@ -18,22 +18,24 @@ from labkit import (
     PRODUCTION_POOL,
     TEST_POOL,
     ConfigurationError,
-    Environment,
+    ConnectionLostError,
     PoolProfile,
     Settings,
-    async_dispose_engine,
     build_url,
     create_async_engine,
     create_engine,
-    dispose_engine,
     mask_url,
-    to_async_url,
-    to_sync_url,
 )
-from labkit.config import url_as_text
+from labkit.config import PRODUCTION_TCP, to_async_url, to_sync_url
+from labkit.errors import translating_errors
 from labkit.lab import database_url, local_settings
 
 SECRET = "s3cr3t-P@ss:w/rd?#"
+
+
+def url_as_text(url: URL) -> str:
+    """The URL with its password, as DATABASE_URL takes it."""
+    return url.render_as_string(hide_password=False)
 
 
 def test_plain_postgresql_url_gets_psycopg2_for_sync_and_asyncpg_for_async():
@@ -48,6 +50,7 @@ def test_driver_is_swapped_between_sync_and_async():
 
 def test_heroku_style_postgres_scheme_is_accepted():
     assert to_sync_url("postgres://u:p@h/d").drivername == "postgresql+psycopg2"
+    assert Settings(url="postgres://u:p@h/d").url.drivername == "postgresql"
 
 
 def test_build_url_percent_encodes_the_password_and_round_trips():
@@ -56,6 +59,11 @@ def test_build_url_percent_encodes_the_password_and_round_trips():
     assert SECRET not in text
     assert "%40" in text and "%2F" in text
     assert to_sync_url(text).password == SECRET
+
+
+def test_build_url_refuses_a_port_out_of_range():
+    with pytest.raises(ConfigurationError, match="port must be an integer from 1 to 65535"):
+        build_url(user="app", password=SECRET, host="db", port=70000, database="app")
 
 
 def test_password_never_in_str_or_repr_of_url_and_settings():
@@ -82,13 +90,49 @@ def test_from_env_reads_every_setting():
         "DB_ECHO": "yes",
         "DB_CONNECT_TIMEOUT": "4",
         "DB_STATEMENT_TIMEOUT": "1500",
+        "DB_TCP_KEEPALIVE_IDLE": "30",
+        "DB_TCP_KEEPALIVE_INTERVAL": "5",
+        "DB_TCP_KEEPALIVE_COUNT": "4",
+        "DB_TCP_USER_TIMEOUT": "12.5",
+        "DB_BEHIND_POOLER": "on",
+        "DB_PROCESSES": "4",
     })
-    assert settings.environment is Environment.PRODUCTION
+    assert settings.environment == "production"
     assert settings.pool == PoolProfile(pool_size=7, max_overflow=3, pool_timeout=2.5,
                                         pool_recycle=600, pool_pre_ping=False)
     assert settings.echo is True
     assert settings.connect_timeout == 4.0
     assert settings.statement_timeout_ms == 1500
+    assert (settings.tcp_keepalive_idle, settings.tcp_keepalive_interval,
+            settings.tcp_keepalive_count, settings.tcp_user_timeout) == (30, 5, 4, 12.5)
+    assert settings.behind_pooler is True
+    assert settings.processes == 4
+
+
+def test_defaults_when_nothing_is_set():
+    settings = Settings(url="postgresql://u:p@h/d")
+    assert settings.environment == "development"
+    assert settings.pool == DEVELOPMENT_POOL
+    assert settings.connect_timeout == 5.0 and settings.application_name == "labkit"
+    assert settings.statement_timeout_ms is None and settings.processes == 1
+    assert settings.tcp_keepalive_idle is None and settings.tcp_user_timeout is None
+
+
+def test_production_gets_the_production_pool_and_tcp_settings_unless_set():
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d",
+                                  "ENVIRONMENT": "Production "})
+    assert settings.environment == "production" and settings.pool == PRODUCTION_POOL
+    assert {name: getattr(settings, name) for name in PRODUCTION_TCP} == PRODUCTION_TCP
+    tuned = Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d",
+                               "ENVIRONMENT": "production", "DB_TCP_USER_TIMEOUT": "9"})
+    assert tuned.tcp_user_timeout == 9.0 and tuned.tcp_keepalive_idle == 60
+
+
+def test_test_environment_gets_the_null_pool_and_a_pool_size_makes_it_a_queue():
+    env = {"DATABASE_URL": "postgresql://u:p@h/d", "ENVIRONMENT": "test"}
+    assert Settings.from_env(env).pool == TEST_POOL
+    sized = Settings.from_env({**env, "DB_POOL_SIZE": "2"}).pool
+    assert (sized.poolclass, sized.pool_size, sized.max_overflow) == ("queue", 2, 0)
 
 
 def test_production_without_database_url_is_refused():
@@ -103,24 +147,45 @@ def test_development_without_database_url_uses_the_default():
     assert settings.pool == DEVELOPMENT_POOL
 
 
+def test_no_database_url_and_no_default_is_refused():
+    with pytest.raises(ConfigurationError, match="DATABASE_URL is not set"):
+        Settings.from_env({"DATABASE_URL": "  "})
+
+
 def test_pool_profiles_per_environment_match_the_design():
     assert (DEVELOPMENT_POOL.pool_size, DEVELOPMENT_POOL.max_overflow) == (5, 10)
     assert DEVELOPMENT_POOL.pool_pre_ping
-    assert (PRODUCTION_POOL.pool_size, PRODUCTION_POOL.max_overflow) == (20, 40)
-    assert PRODUCTION_POOL.pool_timeout == 30 and PRODUCTION_POOL.pool_recycle == 3600
+    assert (PRODUCTION_POOL.pool_size, PRODUCTION_POOL.max_overflow) == (5, 5)
+    assert PRODUCTION_POOL.pool_timeout == 5.0 and PRODUCTION_POOL.pool_recycle == 1800
     assert PRODUCTION_POOL.pool_pre_ping
-    assert TEST_POOL.poolclass == "null"
+    assert PRODUCTION_POOL.max_connections == 10
+    assert TEST_POOL.poolclass == "null" and TEST_POOL.max_connections is None
+    assert PoolProfile(poolclass="static").max_connections == 1
+    assert PoolProfile(max_overflow=-1).max_connections is None
 
 
 def test_engine_applies_the_profile_and_overrides():
     settings = Settings(url="postgresql://u:p@h/d", pool=PRODUCTION_POOL)
     engine = create_engine(settings)
-    assert engine.pool.size() == 20
-    assert engine.pool._max_overflow == 40
-    assert engine.pool._recycle == 3600
-    assert engine.pool._pre_ping is True
+    assert engine.pool.size() == 5
+    assert engine.pool._max_overflow == 5
+    assert engine.pool._recycle == 1800
+    assert engine.pool.timeout() == 5.0
+    # Pre-ping is labkit's own (bounded, in the checkout event), not SQLAlchemy's.
+    assert engine.pool._pre_ping is False
     small = create_engine(settings, pool=PRODUCTION_POOL.replace(pool_size=2, max_overflow=0))
     assert small.pool.size() == 2
+
+
+def test_engine_pool_classes_read_as_sqlalchemys():
+    """labkit's timed pool classes keep SQLAlchemy's class names (reports read the same)."""
+    from sqlalchemy import pool as sa_pool
+
+    settings = Settings(url="postgresql://u:p@h/d")
+    for profile, base in ((DEVELOPMENT_POOL, sa_pool.QueuePool), (TEST_POOL, sa_pool.NullPool),
+                          (PoolProfile(poolclass="static"), sa_pool.StaticPool)):
+        pool = create_engine(settings, pool=profile).pool
+        assert isinstance(pool, base) and type(pool).__name__ == base.__name__
 
 
 def test_async_engine_uses_asyncpg_and_the_profile():
@@ -130,24 +195,20 @@ def test_async_engine_uses_asyncpg_and_the_profile():
     assert engine.sync_engine.pool.size() == 5
 
 
-def test_sqlite_memory_gets_a_static_pool_shared_across_threads():
-    from sqlalchemy import text
-    from sqlalchemy.pool import StaticPool
-
-    engine = create_engine(Settings(url="sqlite://", pool=DEVELOPMENT_POOL))
-    assert isinstance(engine.pool, StaticPool)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE x (a int)"))
-    with engine.connect() as conn:  # same in-memory database, not an empty one
-        assert conn.execute(text("SELECT count(*) FROM x")).scalar_one() == 0
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///app.db",
+                                 "mysql://u:hunter2@h/d"])
+def test_databases_other_than_postgresql_are_refused(url):
+    """There is no SQLite support (nor any other database): refused when Settings is made."""
+    with pytest.raises(ConfigurationError, match="labkit speaks PostgreSQL") as info:
+        Settings(url=url)
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize("bad_url, words", [
     ("not a url", "malformed database URL"),
-    ("", "empty"),
-    ("postgresql://u:hunter2@h:99999/d", "out of range"),
-    ("postgresql+nosuchdriver://u:hunter2@h/d", "unknown PostgreSQL driver"),
-    ("mysql://u:hunter2@h/d", "unsupported database"),
+    ("", "malformed database URL"),
+    ("postgresql://u:hunter2@h:99999/d", "port 99999 .* is not 1-65535"),
+    ("mysql://u:hunter2@h/d", "labkit speaks PostgreSQL, not 'mysql'"),
 ])
 def test_bad_urls_raise_configuration_error_without_the_password(bad_url, words):
     with pytest.raises(ConfigurationError, match=words) as info:
@@ -156,11 +217,12 @@ def test_bad_urls_raise_configuration_error_without_the_password(bad_url, words)
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"pool_size": -1}, "pool_size must be >= 0"),
-    ({"max_overflow": -5}, "max_overflow must be >= -1"),
-    ({"pool_timeout": 0}, "pool_timeout must be > 0"),
+    ({"pool_size": -1}, "pool_size must be an integer from 0"),
+    ({"max_overflow": -5}, "max_overflow must be an integer from -1"),
+    ({"pool_timeout": 0}, "pool_timeout must be a number of seconds > 0"),
     ({"pool_recycle": 0}, "pool_recycle must be > 0"),
     ({"poolclass": "magic"}, "poolclass must be"),
+    ({"pool_size": 0, "max_overflow": 0}, "cannot both be 0"),
 ])
 def test_invalid_pool_values_name_the_argument(changes, words):
     with pytest.raises(ConfigurationError, match=words):
@@ -168,10 +230,12 @@ def test_invalid_pool_values_name_the_argument(changes, words):
 
 
 @pytest.mark.parametrize("env, words", [
-    ({"DB_POOL_SIZE": "-3"}, "pool_size must be >= 0"),
+    ({"DB_POOL_SIZE": "-3"}, "pool_size must be an integer from 0"),
     ({"DB_POOL_SIZE": "five"}, "DB_POOL_SIZE must be an integer"),
     ({"DB_POOL_PRE_PING": "maybe"}, "DB_POOL_PRE_PING must be true or false"),
     ({"ENVIRONMENT": "staging"}, "ENVIRONMENT must be"),
+    ({"DB_PROCESSES": "0"}, "processes must be an integer from 1"),
+    ({"DB_TCP_KEEPALIVE_COUNT": "500"}, "tcp_keepalive_count must be an integer from 1 to 127"),
 ])
 def test_invalid_environment_values_are_explained(env, words):
     with pytest.raises(ConfigurationError, match=words):
@@ -192,36 +256,56 @@ def test_settings_in_logs_do_not_show_the_password(caplog):
     assert "s3cr3t" not in caplog.text
 
 
-def test_env_file_supplies_database_url_and_the_environment_wins(tmp_path):
+def test_an_env_file_is_merged_by_the_caller_and_the_environment_wins(tmp_path):
+    """``from_env`` reads a mapping only; a .env is merged under the environment by the
+    caller (``labkit.lab.envfile.read_env_file`` reads one)."""
+    from labkit.lab.envfile import read_env_file
+
     env_file = tmp_path / ".env"
     env_file.write_text("# comment\nDATABASE_URL='postgresql://u:fromfile@h/d'\n"
                         "export DB_POOL_SIZE=3  # inline comment\n")
     env_file.chmod(0o600)
-    settings = Settings.from_env({}, env_file=env_file)
+    settings = Settings.from_env({**read_env_file(env_file)})
     assert settings.url.password == "fromfile" and settings.pool.pool_size == 3
-    settings = Settings.from_env({"DB_POOL_SIZE": "9"}, env_file=env_file)
+    settings = Settings.from_env({**read_env_file(env_file), "DB_POOL_SIZE": "9"})
     assert settings.pool.pool_size == 9
 
 
-def test_env_file_readable_by_others_is_warned_about(tmp_path, caplog):
-    env_file = tmp_path / ".env"
-    env_file.write_text("DATABASE_URL=postgresql://u:hunter2@h/d\n")
-    env_file.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="labkit"):
-        Settings.from_env({}, env_file=env_file)
-    assert "chmod 600" in caplog.text and "hunter2" not in caplog.text
-    caplog.clear()
-    env_file.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="labkit"):
-        Settings.from_env({}, env_file=env_file)
-    assert "chmod 600" not in caplog.text
+def test_replace_validates_again():
+    settings = Settings(url="postgresql://u:p@h/d")
+    assert settings.replace(processes=3).processes == 3
+    with pytest.raises(ConfigurationError, match="processes"):
+        settings.replace(processes=0)
+    with pytest.raises(ConfigurationError, match="ENVIRONMENT must be"):
+        settings.replace(environment="staging")
 
 
-def test_malformed_env_file_line_is_reported(tmp_path):
-    env_file = tmp_path / ".env"
-    env_file.write_text("this is not a setting\n")
-    with pytest.raises(ConfigurationError, match=r"\.env:1: expected KEY=VALUE"):
-        Settings.from_env({}, env_file=env_file)
+# --- connect_timeout and application_name: a field or a URL parameter -----------------
+
+def test_connect_timeout_and_application_name_may_come_from_the_url():
+    settings = Settings(url="postgresql://u:p@h/d?connect_timeout=3&application_name=shop")
+    assert settings.connect_timeout == 3.0 and settings.application_name == "shop"
+    assert dict(settings.url.query) == {}  # moved into the fields, not sent twice
+    same = Settings(url="postgresql://u:p@h/d?connect_timeout=3", connect_timeout=3.0)
+    assert same.connect_timeout == 3.0
+    from_env = Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d?connect_timeout=7"})
+    assert from_env.connect_timeout == 7.0
+
+
+@pytest.mark.parametrize("url, field, value", [
+    ("postgresql://u:p@h/d?connect_timeout=3", "connect_timeout", 4.0),
+    ("postgresql://u:p@h/d?application_name=a", "application_name", "b"),
+])
+def test_a_value_given_both_ways_differently_is_refused(url, field, value):
+    with pytest.raises(ConfigurationError, match=f"{field} is given twice.*keep one"):
+        Settings(url=url, **{field: value})
+
+
+def test_a_malformed_connect_timeout_in_the_url_is_refused():
+    with pytest.raises(ConfigurationError, match="connect_timeout must be a number"):
+        Settings(url="postgresql://u:p@h/d?connect_timeout=soon")
+    with pytest.raises(ConfigurationError, match="connect_timeout must be a number of seconds"):
+        Settings(url="postgresql://u:p@h/d?connect_timeout=0")
 
 
 # --- nan, inf and other numbers no timeout can be ------------------------------------
@@ -231,7 +315,7 @@ def test_malformed_env_file_line_is_reported(tmp_path):
 def test_non_finite_timeouts_in_the_environment_name_the_variable(var, value):
     """Pins: ``nan`` / ``inf`` read by ``float()`` are refused by ``from_env``, naming the
     variable (before, they passed and failed later as a raw ValueError/OverflowError)."""
-    with pytest.raises(ConfigurationError, match=f"{var} must be a finite number"):
+    with pytest.raises(ConfigurationError, match=f"{var} must be a number"):
         Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d", var: value})
 
 
@@ -240,22 +324,24 @@ def test_non_finite_timeouts_in_the_environment_name_the_variable(var, value):
     ("connect_timeout", lambda v: Settings(url="postgresql://u:p@h/d", connect_timeout=v)),
     ("pool_timeout", lambda v: PoolProfile(pool_timeout=v)),
     ("pool_timeout", lambda v: DEVELOPMENT_POOL.replace(pool_timeout=v)),
+    ("tcp_user_timeout", lambda v: Settings(url="postgresql://u:p@h/d", tcp_user_timeout=v)),
 ])
 def test_timeouts_no_layer_can_wait_are_refused_at_construction(
         field: str, build: Callable[[float], object], value: float):
     """Pins: ``Settings`` / ``PoolProfile`` refuse ``nan``, ``inf`` and waits beyond what
     libpq or Python's threads accept, naming the field, before any engine exists."""
-    with pytest.raises(ConfigurationError, match=f"{field} must be > 0"):
+    with pytest.raises(ConfigurationError, match=f"{field} must be a number of seconds > 0"):
         build(value)
 
 
 @pytest.mark.parametrize("build, words", [
     (lambda: PoolProfile(pool_size=2.5), "pool_size must be an integer"),
+    (lambda: PoolProfile(pool_size=True), "pool_size must be an integer"),
     (lambda: PoolProfile(pool_recycle=float("nan")), "pool_recycle must be an integer"),
     (lambda: Settings(url="postgresql://u:p@h/d", statement_timeout_ms=float("nan")),
      "statement_timeout_ms must be an integer"),
     (lambda: Settings(url="postgresql://u:p@h/d", statement_timeout_ms=2**31),
-     "statement_timeout_ms must be >= 0 and <="),
+     "statement_timeout_ms must be an integer from 0 to 2147483647"),
 ])
 def test_integer_settings_refuse_what_is_not_an_integer(build, words):
     """Pins: a float (``nan`` included) where an integer belongs is refused at once."""
@@ -303,6 +389,92 @@ def test_lab_helpers_use_database_url_in_production():
     assert local_settings(env).pool == PRODUCTION_POOL
 
 
+# --- settings reach the server ------------------------------------------------------
+
+def test_settings_reach_the_server_through_the_sync_engine(db_url: URL):
+    settings = Settings(url=db_url, pool=TEST_POOL, statement_timeout_ms=1234,
+                        application_name="labkit-config-test")
+    engine = create_engine(settings)
+    try:
+        with engine.connect() as conn:
+            shown = [conn.execute(text(q)).scalar_one() for q in
+                     ("SHOW statement_timeout", "SHOW application_name")]
+    finally:
+        engine.dispose()
+    assert shown == ["1234ms", "labkit-config-test"]
+
+
+async def test_settings_reach_the_server_through_the_async_engine(db_url: URL):
+    settings = Settings(url=db_url, pool=TEST_POOL, statement_timeout_ms=1234,
+                        application_name="labkit-config-test")
+    engine = create_async_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            shown = [(await conn.execute(text(q))).scalar_one() for q in
+                     ("SHOW statement_timeout", "SHOW application_name")]
+    finally:
+        await engine.dispose()
+    assert shown == ["1234ms", "labkit-config-test"]
+
+
+# --- pre-ping -----------------------------------------------------------------------
+
+def pid_of(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def terminate(observer: Engine, pid: int) -> None:
+    with observer.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    assert wait_until_gone(observer, pid)
+
+
+def test_pre_ping_replaces_a_pooled_connection_whose_backend_died(db_url: URL,
+                                                                   observer: Engine):
+    """labkit's pre-ping (the pool's checkout event) finds the dead connection and the
+    pool reconnects, as SQLAlchemy's pre-ping does: the caller never sees the failure."""
+    engine = create_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL.replace(pool_size=1))
+    try:
+        first = pid_of(engine)
+        terminate(observer, first)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != first
+    finally:
+        engine.dispose()
+
+
+def test_without_pre_ping_a_dead_pooled_connection_fails_the_next_statement(
+        db_url: URL, observer: Engine):
+    """The profile's ``pool_pre_ping=False`` really turns it off: the dead connection is
+    lent out and its first statement fails as a lost connection."""
+    engine = create_engine(Settings(url=db_url),
+                           pool=DEVELOPMENT_POOL.replace(pool_size=1, pool_pre_ping=False))
+    try:
+        terminate(observer, pid_of(engine))
+        with pytest.raises(ConnectionLostError):
+            with translating_errors(), engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+    finally:
+        engine.dispose()
+
+
+async def test_async_pre_ping_replaces_a_pooled_connection_whose_backend_died(
+        db_url: URL, observer: Engine):
+    engine = create_async_engine(Settings(url=db_url),
+                                 pool=DEVELOPMENT_POOL.replace(pool_size=1))
+    try:
+        async with engine.connect() as conn:
+            first = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        await asyncio.to_thread(terminate, observer, first)
+        async with engine.connect() as conn:
+            again = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        assert again != first
+    finally:
+        await engine.dispose()
+
+
 # --- dispose ------------------------------------------------------------------------
 
 def backend_alive(observer: Engine, pid: int) -> bool:
@@ -323,11 +495,10 @@ def wait_until_gone(observer: Engine, pid: int, timeout: float = 5.0) -> bool:
 
 def test_dispose_leaves_a_checked_out_connection_open_after_its_return(db_url: URL,
                                                                          observer: Engine):
-    """Pins what ``dispose_engine`` really does (SQLAlchemy 2.1), as its docstring now
-    says: idle connections close at once; one checked out during ``dispose`` is not
-    closed when returned, does not enter the new pool, and stays open on the server
-    until the garbage collector frees the discarded pool."""
-    assert dispose_engine.__doc__ and "*not* closed" in dispose_engine.__doc__
+    """Pins what ``engine.dispose()`` does (SQLAlchemy 2.1) on labkit's pool classes:
+    idle connections close at once; one checked out during ``dispose`` is not closed
+    when returned, does not enter the new pool, and stays open on the server until the
+    garbage collector frees the discarded pool."""
     engine = create_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL)
     held = engine.connect()
     held_pid = held.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
@@ -335,7 +506,7 @@ def test_dispose_leaves_a_checked_out_connection_open_after_its_return(db_url: U
         idle_pid = idle.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     gc.disable()  # the cycle collector would otherwise free the old pool at any moment
     try:
-        dispose_engine(engine)
+        engine.dispose()
         assert wait_until_gone(observer, idle_pid)
         held.close()  # returned after dispose
         time.sleep(0.5)
@@ -354,14 +525,13 @@ def test_dispose_leaves_a_checked_out_connection_open_after_its_return(db_url: U
 async def test_async_dispose_leaves_a_checked_out_connection_open_after_its_return(
         db_url: URL, observer: Engine):
     """Pins the async twin: an asyncpg connection checked out during
-    ``async_dispose_engine`` stays open after it is returned, outside the new pool."""
-    assert async_dispose_engine.__doc__ and "stays" in async_dispose_engine.__doc__
+    ``await engine.dispose()`` stays open after it is returned, outside the new pool."""
     engine = create_async_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL)
     held = await engine.connect()
     held_pid = (await held.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
     gc.disable()
     try:
-        await async_dispose_engine(engine)
+        await engine.dispose()
         await held.close()
         await asyncio.sleep(0.5)
         assert await asyncio.to_thread(backend_alive, observer, held_pid)
@@ -375,3 +545,16 @@ async def test_async_dispose_leaves_a_checked_out_connection_open_after_its_retu
         await asyncio.sleep(0.1)
     assert await asyncio.to_thread(wait_until_gone, observer, held_pid)
     await engine.dispose()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: labkit/config.py Settings.__post_init__ stores the defaults "
+    "(connect_timeout=5.0, application_name='labkit') in the fields, so replace(url=...) "
+    "with a URL carrying ?connect_timeout= or ?application_name= is refused as 'given "
+    "twice ... in the settings (5.0)', a value the caller never gave"))
+def test_replace_takes_a_url_that_carries_connect_timeout_and_application_name():
+    settings = Settings(url="postgresql://u:p@h/d")
+    moved = settings.replace(url="postgresql://u:p@h2/d?connect_timeout=3"
+                                 "&application_name=shop")
+    assert (moved.url.host, moved.connect_timeout, moved.application_name) == (
+        "h2", 3.0, "shop")

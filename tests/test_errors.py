@@ -10,26 +10,24 @@ from sqlalchemy.engine import URL
 from labkit import (
     TEST_POOL,
     ConnectionLostError,
-    DataError,
+    DatabaseError,
     IntegrityError,
-    ProgrammingError,
+    LabkitError,
     QueryTimeoutError,
     Settings,
     TransientError,
     create_engine,
-    is_transient,
-    redact,
-    translate_error,
 )
-from labkit.errors import translating_errors
+from labkit.errors import ProgrammingError, redact, translate_error, translating_errors
 
 
 def test_statement_timeout_is_a_query_timeout(db_url):
     engine = create_engine(Settings(url=db_url, statement_timeout_ms=100))
-    with pytest.raises(QueryTimeoutError, match="longer than its timeout") as info:
+    with pytest.raises(QueryTimeoutError, match="longer than statement_timeout") as info:
         with translating_errors(), engine.connect() as conn:
             conn.execute(text("SELECT pg_sleep(5)"))
     assert isinstance(info.value, TransientError)
+    assert info.value.sqlstate == "57014"
     engine.dispose()
 
 
@@ -39,17 +37,23 @@ def test_duplicate_key_is_an_integrity_error_not_transient(labkit_connection):
     with pytest.raises(IntegrityError) as info:
         with translating_errors(), labkit_connection.begin_nested():
             labkit_connection.execute(text("INSERT INTO dup_keys VALUES (1), (1)"))
-    assert not is_transient(info.value.__cause__)
+    assert info.value.sqlstate == "23505"
+    assert not isinstance(info.value, TransientError)
+    assert not isinstance(translate_error(info.value.__cause__), TransientError)
 
 
-def test_bad_value_is_a_data_error(engine):
-    with pytest.raises(DataError):
+def test_bad_value_is_a_programming_error_with_its_sqlstate(engine):
+    """The old ``DataError`` is gone: a value invalid for its type is ``ProgrammingError``
+    (SQLSTATE class 22 kept in ``sqlstate``)."""
+    with pytest.raises(ProgrammingError) as info:
         with translating_errors(), engine.connect() as conn:
             conn.execute(text("SELECT 'abc'::int"))
+    assert info.value.sqlstate == "22P02"
+    assert not isinstance(info.value, TransientError)
 
 
 def test_syntax_error_is_a_programming_error(engine):
-    with pytest.raises(ProgrammingError, match="SQL is wrong"):
+    with pytest.raises(ProgrammingError, match="The SQL or its data is wrong"):
         with translating_errors(), engine.connect() as conn:
             conn.execute(text("SELEC 1"))
 
@@ -59,7 +63,7 @@ def test_killed_backend_is_a_lost_connection(engine, observer):
         pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
         with observer.connect() as other:
             other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        with pytest.raises(ConnectionLostError, match="Retry the whole transaction"):
+        with pytest.raises(ConnectionLostError, match="Run the whole transaction again"):
             with translating_errors():
                 conn.execute(text("SELECT 1"))
 
@@ -142,5 +146,113 @@ def test_translated_message_reads_hint_sqlstate_then_driver_words(engine):
             conn.execute(text("SELEC 1"))
     message = str(info.value)
     assert info.value.sqlstate == "42601"
-    assert message.startswith("The SQL is wrong")
+    assert message.startswith("The SQL or its data is wrong")
     assert "(SQLSTATE 42601) [ProgrammingError: syntax error at or near" in message
+
+
+# --- the tree, the table and sqlstate ---------------------------------------------------
+
+def test_every_labkit_error_class_is_in_the_tree_and_database_errors_carry_sqlstate():
+    """The 14 classes: two roots under ``LabkitError``; every ``DatabaseError`` has
+    ``sqlstate`` (``None`` unless the server sent one)."""
+    from labkit import errors
+
+    classes = {name: getattr(errors, name) for name in errors.__all__
+               if isinstance(getattr(errors, name), type)}
+    assert len(classes) == 14
+    for name, cls in classes.items():
+        assert issubclass(cls, LabkitError), name
+    assert issubclass(errors.ConfigurationError, ValueError)
+    for name in ("DataError", "ServerError", "TooManyConnectionsError",
+                 "LockNotAvailableError", "HealthCheckTimeoutError"):
+        assert not hasattr(errors, name), name
+    assert DatabaseError("x").sqlstate is None
+    assert QueryTimeoutError("x", sqlstate="55P03").sqlstate == "55P03"
+
+
+def test_the_sqlstate_table_maps_codes_and_classes_to_database_errors():
+    """One table: keys are 5-character codes or 2-character classes; an exact code wins
+    over its class."""
+    from labkit.errors import SQLSTATES, DatabaseUnavailableError
+
+    for code, cls in SQLSTATES.items():
+        assert len(code) in (2, 5) and code.isalnum(), code
+        assert issubclass(cls, DatabaseError), code
+    assert SQLSTATES["53300"] is DatabaseUnavailableError and SQLSTATES["53"] is DatabaseError
+    assert SQLSTATES["55P03"] is QueryTimeoutError and SQLSTATES["55"] is ProgrammingError
+
+
+def test_sqlstate_of_reads_the_servers_code_through_the_wrappers(engine):
+    from labkit.errors import sqlstate_of
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1 / 0"))
+    assert sqlstate_of(info.value) == "22012"  # SQLAlchemy's wrapper
+    assert sqlstate_of(info.value.orig) == "22012"  # psycopg2's own
+    assert sqlstate_of(translate_error(info.value)) == "22012"  # labkit's
+    assert sqlstate_of(ValueError("nothing to do with the database")) is None
+
+
+def test_sqlstate_of_reads_a_fatal_at_connect_from_its_message(db_url):
+    """psycopg2 has no ``pgcode`` for a FATAL at connect: the code is read from the text."""
+    from labkit.errors import sqlstate_of
+
+    engine = create_engine(Settings(url=db_url.set(database="labkit_no_such_db_x"),
+                                    pool=TEST_POOL))
+    try:
+        with pytest.raises(sa_exc.OperationalError) as info:
+            engine.connect()
+    finally:
+        engine.dispose()
+    assert getattr(info.value.orig, "pgcode", None) is None
+    assert sqlstate_of(info.value) == "3D000"
+
+
+def test_a_labkit_error_is_translated_to_itself(engine):
+    error = QueryTimeoutError("already ours", sqlstate="57014")
+    assert translate_error(error) is error
+    with pytest.raises(QueryTimeoutError) as info:
+        with translating_errors():
+            raise error
+    assert info.value is error
+
+
+def test_a_translated_error_chains_the_original_and_masks_secrets(engine, password):
+    with pytest.raises(ProgrammingError) as info:
+        with translating_errors(secrets=["Zq8-known-secret"]), engine.connect() as conn:
+            conn.execute(text("SELECT 'Zq8-known-secret'::int"))
+    assert isinstance(info.value.__cause__, sa_exc.DBAPIError)
+    assert "Zq8-known-secret" not in str(info.value)
+    assert not password or password not in str(info.value)
+
+
+def test_a_statement_in_an_aborted_transaction_names_the_savepoint_fix_25P02(engine):
+    with engine.connect() as conn:
+        with pytest.raises(sa_exc.DBAPIError):
+            conn.execute(text("SELECT 1 / 0"))
+        with pytest.raises(ProgrammingError) as info:
+            with translating_errors():
+                conn.execute(text("SELECT 1"))
+        conn.rollback()
+    assert info.value.sqlstate == "25P02"
+    assert "savepoint (begin_nested)" in str(info.value)
+
+
+def test_an_exhausted_pool_is_a_pool_timeout_without_sqlstate(db_url):
+    """SQLAlchemy's pool ``TimeoutError`` becomes ``PoolTimeoutError`` (transient, no
+    SQLSTATE: the server was never asked), with the hint about releasing sessions."""
+    from labkit import DEVELOPMENT_POOL, PoolTimeoutError
+
+    engine = create_engine(Settings(url=db_url), pool=DEVELOPMENT_POOL.replace(
+        pool_size=1, max_overflow=0, pool_timeout=0.2))
+    try:
+        with engine.connect() as held:
+            held.execute(text("SELECT 1"))
+            with pytest.raises(PoolTimeoutError, match="pool_timeout") as info:
+                with translating_errors(), engine.connect():
+                    pass
+    finally:
+        engine.dispose()
+    assert isinstance(info.value, TransientError) and info.value.sqlstate is None
+    assert isinstance(info.value.__cause__, sa_exc.TimeoutError)

@@ -18,21 +18,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from labkit import (
+    DEFAULT_RETRY,
     TEST_POOL,
     DatabaseUnavailableError,
     RetryExhaustedError,
     RetryPolicy,
     Settings,
+    TransientError,
     async_run_in_transaction,
     create_async_engine,
     create_async_sessionmaker,
     create_engine,
     create_sessionmaker,
-    is_transient,
     run_in_transaction,
-    translate_error,
 )
-from labkit.errors import async_translating_errors, is_database_error, translating_errors
+from labkit.errors import (
+    async_translating_errors,
+    is_database_error,
+    translate_error,
+    translating_errors,
+)
 
 # Five quick attempts: a wrongly retried error shows as attempts > 1 within a second.
 QUICK = RetryPolicy(max_attempts=5, initial_delay=0.01, max_delay=0.02, deadline=10.0)
@@ -90,7 +95,6 @@ def test_callers_own_error_in_run_in_transaction_propagates_after_one_attempt(
     assert len(attempts) == 1
     assert info.value is raised[0]  # the caller's exception itself, unchanged
     assert not is_database_error(info.value)
-    assert not is_transient(info.value)
 
 
 @pytest.mark.parametrize(("fail", "expected"), USER_ERRORS)
@@ -238,3 +242,57 @@ async def test_async_connect_to_a_dead_port_is_still_database_unavailable_and_re
     assert isinstance(raw[0], expected)  # what asyncpg really raises, unwrapped
     assert is_database_error(raw[0])
     assert isinstance(translate_error(raw[0]), DatabaseUnavailableError)
+
+
+@pytest.mark.parametrize("where", ["closed", "hung"])
+def test_default_retry_does_not_retry_an_unavailable_database(
+        db_url: URL, closed_port: int, hung_port: int, where: str) -> None:
+    """Pins: ``DEFAULT_RETRY`` (a request's policy) retries only a lost connection and a
+    serialization failure: a database that cannot be reached fails after one attempt,
+    as ``DatabaseUnavailableError``, instead of piling retries on a server in trouble."""
+    assert DEFAULT_RETRY.retry_on != (TransientError,)
+    url = _dead_url(db_url, closed_port, hung_port, where)
+    engine = create_engine(Settings(url=url, pool=TEST_POOL, connect_timeout=1.0))
+    attempts: list[int] = []
+
+    def work(session: Session) -> None:
+        attempts.append(1)
+        session.execute(text("SELECT 1"))
+
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            run_in_transaction(create_sessionmaker(engine), work)
+    finally:
+        engine.dispose()
+    assert len(attempts) == 1
+
+
+def test_retry_on_names_what_is_retried(db_url: URL, closed_port: int) -> None:
+    """Pins: ``RetryPolicy.retry_on``: a policy that retries ``DatabaseUnavailableError``
+    retries a refused connect; one that names only ``SerializationError`` does not."""
+    from labkit import SerializationError
+
+    engine = create_engine(Settings(url=db_url.set(host="127.0.0.1", port=closed_port),
+                                    pool=TEST_POOL, connect_timeout=1.0))
+    factory = create_sessionmaker(engine)
+    attempts: list[str] = []
+
+    def work(session: Session) -> None:
+        attempts.append("x")
+        session.execute(text("SELECT 1"))
+
+    try:
+        retried = RetryPolicy(max_attempts=3, initial_delay=0.01,
+                              retry_on=(DatabaseUnavailableError,))
+        with pytest.raises(RetryExhaustedError) as info:
+            run_in_transaction(factory, work, policy=retried)
+        assert len(attempts) == 3
+        assert isinstance(info.value.last_error, DatabaseUnavailableError)
+        attempts.clear()
+        not_retried = RetryPolicy(max_attempts=3, initial_delay=0.01,
+                                  retry_on=(SerializationError,))
+        with pytest.raises(DatabaseUnavailableError):
+            run_in_transaction(factory, work, policy=not_retried)
+        assert len(attempts) == 1
+    finally:
+        engine.dispose()

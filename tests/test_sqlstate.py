@@ -24,29 +24,28 @@ from sqlalchemy.engine import URL
 
 from labkit import (
     TEST_POOL,
-    AuthenticationError,
     CommitOutcomeUnknownError,
     ConnectionLostError,
     DatabaseError,
     DatabaseUnavailableError,
-    DataError,
     IntegrityError,
-    LockNotAvailableError,
-    ProgrammingError,
     QueryTimeoutError,
     RetryExhaustedError,
     RetryPolicy,
     SerializationError,
-    ServerError,
     Settings,
-    TooManyConnectionsError,
     TransientError,
     async_wait_for_database,
     create_async_engine,
     create_engine,
     wait_for_database,
 )
-from labkit.errors import async_translating_errors, translating_errors
+from labkit.errors import (
+    AuthenticationError,
+    ProgrammingError,
+    async_translating_errors,
+    translating_errors,
+)
 
 DRIVERS = ["psycopg2", "asyncpg"]
 
@@ -169,9 +168,10 @@ def rows(observer: Engine, table: str) -> str:
 
 # --- naturally produced -------------------------------------------------------------
 
-async def test_row_lock_held_elsewhere_with_nowait_is_lock_not_available_55P03(
+async def test_row_lock_held_elsewhere_with_nowait_is_a_query_timeout_55P03(
         driver: str, db_url: URL, observer: Engine, rows: str) -> None:
-    """Pins: 55P03 is ``LockNotAvailableError`` (transient), through both drivers.
+    """Pins: 55P03 (lock not available) is ``QueryTimeoutError`` (transient) with
+    ``sqlstate == "55P03"``, through both drivers (the old ``LockNotAvailableError``).
 
     Before: psycopg2 gave ``DatabaseUnavailableError`` ("Is the server running?") and
     asyncpg a plain ``DatabaseError``.
@@ -181,7 +181,7 @@ async def test_row_lock_held_elsewhere_with_nowait_is_lock_not_available_55P03(
         async with connect(driver, db_url) as conn:
             error = await fails(conn, f"SELECT * FROM {rows} WHERE id = 1 FOR UPDATE NOWAIT")
         holder.rollback()
-    assert type(error) is LockNotAvailableError and error.sqlstate == "55P03"
+    assert type(error) is QueryTimeoutError and error.sqlstate == "55P03"
     assert isinstance(error, TransientError)
     assert "Is the server running" not in str(error)
     assert "NOWAIT" in str(error)
@@ -235,7 +235,8 @@ async def test_deadlock_is_a_serialization_error_40P01(
 @pytest.mark.parametrize(("sql", "sqlstate", "kind"), [
     pytest.param("INSERT INTO {t} VALUES (1, 'again')", "23505", IntegrityError,
                  id="23505-unique"),
-    pytest.param("SELECT 1 / 0", "22012", DataError, id="22012-division-by-zero"),
+    pytest.param("SELECT 1 / 0", "22012", ProgrammingError, id="22012-division-by-zero"),
+    pytest.param("SELECT 'abc'::int", "22P02", ProgrammingError, id="22P02-invalid-text"),
     pytest.param("SELECT * FROM labkit_no_such_table", "42P01", ProgrammingError,
                  id="42P01-undefined-table"),
     pytest.param("SELEC 1", "42601", ProgrammingError, id="42601-syntax"),
@@ -260,7 +261,7 @@ async def test_read_only_transaction_is_a_programming_error_that_names_replicas_
         await conn.execute("SET TRANSACTION READ ONLY")
         error = await fails(conn, f"INSERT INTO {rows} VALUES (3, 'c')")
     assert type(error) is ProgrammingError and error.sqlstate == "25006"
-    assert "read replica" in str(error)
+    assert "replica" in str(error) and "primary" in str(error)
 
 
 async def test_statement_timeout_is_a_query_timeout_57014(driver: str, db_url: URL) -> None:
@@ -269,12 +270,13 @@ async def test_statement_timeout_is_a_query_timeout_57014(driver: str, db_url: U
         await conn.execute("SET statement_timeout = '100ms'")
         error = await fails(conn, "SELECT pg_sleep(5)")
     assert type(error) is QueryTimeoutError and error.sqlstate == "57014"
-    assert "longer than its timeout" in str(error)
+    assert "longer than statement_timeout" in str(error)
 
 
-async def test_missing_server_file_is_a_server_error_58P01(
+async def test_missing_server_file_is_a_plain_database_error_58P01(
         driver: str, db_url: URL, observer: Engine) -> None:
-    """Pins: 58P01 (undefined_file, class 58 system error) is ``ServerError``, not retried.
+    """Pins: 58P01 (undefined_file, class 58 system error) is a plain ``DatabaseError``
+    with ``sqlstate == "58P01"`` (the old ``ServerError``), not retried.
 
     Before: psycopg2 gave ``DatabaseUnavailableError`` (retried as "Is the server
     running?"), asyncpg a plain ``DatabaseError``.
@@ -283,7 +285,7 @@ async def test_missing_server_file_is_a_server_error_58P01(
         pytest.skip("pg_read_file needs a superuser")
     async with connect(driver, db_url) as conn:
         error = await fails(conn, "SELECT pg_read_file('/nonexistent')")
-    assert type(error) is ServerError and error.sqlstate == "58P01"
+    assert type(error) is DatabaseError and error.sqlstate == "58P01"
     assert not isinstance(error, TransientError)
 
 
@@ -316,7 +318,8 @@ async def test_backend_terminated_mid_query_is_a_lost_connection(
 
 async def test_unknown_database_fails_as_a_non_transient_error_naming_it_3D000(
         driver: str, db_url: URL) -> None:
-    """Pins: 3D000 at connect is ``ProgrammingError`` whose hint names the database.
+    """Pins: 3D000 at connect is ``ProgrammingError`` whose hint says the database does
+    not exist, the driver's words naming it.
 
     psycopg2 carries no SQLSTATE at connect; it is read from the FATAL message. Before:
     psycopg2 gave ``DatabaseUnavailableError`` (transient), asyncpg "The SQL is wrong".
@@ -324,8 +327,9 @@ async def test_unknown_database_fails_as_a_non_transient_error_naming_it_3D000(
     name = f"labkit_missing_{uuid.uuid4().hex[:8]}"
     error = await connect_fails(driver, db_url.set(database=name))
     assert type(error) is ProgrammingError and error.sqlstate == "3D000"
-    hint = str(error).split(" [")[0]
-    assert f'"{name}"' in hint and "does not exist on this server" in hint
+    hint, _, words = str(error).partition(" [")
+    assert "does not exist on this server" in hint
+    assert f'"{name}"' in words
 
 
 async def test_wrong_password_is_an_authentication_error_28P01(
@@ -355,9 +359,11 @@ def limited_role(observer: Engine, db_url: URL) -> Iterator[URL]:
             conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
 
 
-async def test_connection_limit_reached_at_connect_is_too_many_connections_53300(
+async def test_connection_limit_reached_at_connect_is_unavailable_53300(
         driver: str, limited_role: URL) -> None:
-    """Pins: 53300 at connect ("too many connections for role") -> ``TooManyConnectionsError``.
+    """Pins: 53300 at connect ("too many connections for role") is
+    ``DatabaseUnavailableError`` with ``sqlstate == "53300"`` (the old
+    ``TooManyConnectionsError``) and a hint about connection slots.
 
     psycopg2 has no SQLSTATE there; it is read from the FATAL message. Before: psycopg2
     gave ``DatabaseUnavailableError`` ("Is the server running?").
@@ -369,7 +375,8 @@ async def test_connection_limit_reached_at_connect_is_too_many_connections_53300
             error = await connect_fails(driver, limited_role)
     finally:
         holder.dispose()
-    assert type(error) is TooManyConnectionsError and error.sqlstate == "53300"
+    assert type(error) is DatabaseUnavailableError and error.sqlstate == "53300"
+    assert "no connection slot left" in str(error)
     assert "Is the server running" not in str(error)
 
 
@@ -412,15 +419,15 @@ async def test_wait_for_database_gives_up_at_once_on_an_unknown_database(
 # --- SQLSTATEs that cannot be produced safely: the server raises them -----------------
 
 @pytest.mark.parametrize(("errcode", "sqlstate", "kind"), [
-    ("disk_full", "53100", ServerError),
-    ("out_of_memory", "53200", ServerError),
-    ("configuration_limit_exceeded", "53400", ServerError),
-    ("too_many_connections", "53300", TooManyConnectionsError),
+    ("disk_full", "53100", DatabaseError),
+    ("out_of_memory", "53200", DatabaseError),
+    ("configuration_limit_exceeded", "53400", DatabaseError),
+    ("too_many_connections", "53300", DatabaseUnavailableError),
     ("statement_too_complex", "54001", ProgrammingError),
-    ("io_error", "58030", ServerError),
-    ("internal_error", "XX000", ServerError),
-    ("data_corrupted", "XX001", ServerError),
-    ("config_file_error", "F0000", ServerError),
+    ("io_error", "58030", DatabaseError),
+    ("internal_error", "XX000", DatabaseError),
+    ("data_corrupted", "XX001", DatabaseError),
+    ("config_file_error", "F0000", DatabaseError),
     ("object_in_use", "55006", DatabaseError),
     ("cant_change_runtime_param", "55P02", ProgrammingError),
     ("transaction_integrity_constraint_violation", "40002", IntegrityError),
@@ -434,6 +441,12 @@ async def test_wait_for_database_gives_up_at_once_on_an_unknown_database(
     ("in_failed_sql_transaction", "25P02", ProgrammingError),
     ("database_dropped", "57P04", DatabaseError),
     ("cannot_connect_now", "57P03", DatabaseUnavailableError),
+    ("lock_not_available", "55P03", QueryTimeoutError),
+    ("query_canceled", "57014", QueryTimeoutError),
+    ("serialization_failure", "40001", SerializationError),
+    ("deadlock_detected", "40P01", SerializationError),
+    ("invalid_text_representation", "22P02", ProgrammingError),
+    ("foreign_key_violation", "23503", IntegrityError),
     ("raise_exception", "P0001", DatabaseError),
     ("72000", "72000", SerializationError),
 ])
@@ -443,8 +456,9 @@ async def test_server_raised_sqlstate_maps_the_same_through_both_drivers(
     """Pins: the SQLSTATE table, each code sent by the real server through each driver.
 
     ``RAISE EXCEPTION ... USING ERRCODE`` makes the server send exactly that SQLSTATE.
-    Before: 53100 and 53200 were ``TooManyConnectionsError``; 54001 and 58030 were
-    ``DatabaseUnavailableError`` through psycopg2 (retried as "Is the server running?").
+    The classes removed from the old tree map as: ``ServerError`` -> ``DatabaseError``,
+    ``TooManyConnectionsError`` -> ``DatabaseUnavailableError`` (53300),
+    ``LockNotAvailableError`` -> ``QueryTimeoutError`` (55P03); the code says which.
     """
     async with connect(driver, db_url) as conn:
         error = await fails(conn, "DO $$ BEGIN RAISE EXCEPTION 'raised by the test' "
