@@ -10,7 +10,6 @@ not go through the proxy.
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,13 +23,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from labkit import (
-    AsyncSessionManager,
+    DEFAULT_RETRY,
     CommitOutcomeUnknownError,
     ConnectionLostError,
     IntegrityError,
     RetryExhaustedError,
     RetryPolicy,
-    SessionManager,
     Settings,
     TransientError,
     async_run_in_transaction,
@@ -44,9 +42,10 @@ from labkit import (
 )
 from labkit.lab.network import FaultProxy
 from labkit.retry import Attempt
+from labkit.web import AsyncSessionManager, SessionManager
 from tests.conftest import count_rows, fresh_table
 
-FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05, rng=random.Random(3))
+FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05)
 DRIVERS = ["psycopg2", "asyncpg"]
 
 
@@ -141,9 +140,12 @@ def retries(seen: list[Attempt]) -> Callable[[Attempt], None]:
 
 # --- through run_in_transaction, both drivers --------------------------------------
 
+@pytest.mark.parametrize("policy", [FAST, DEFAULT_RETRY], ids=["retry-transient", "default"])
 async def test_lost_commit_answer_is_reported_not_retried_and_stored_once(
-        client: Client, proxy: FaultProxy, observer: Engine, payments: str, password: str):
-    """Pins: a lost answer to COMMIT raises ``CommitOutcomeUnknownError`` at once.
+        client: Client, proxy: FaultProxy, observer: Engine, payments: str, password: str,
+        policy: RetryPolicy):
+    """Pins: a lost answer to COMMIT raises ``CommitOutcomeUnknownError`` at once, under a
+    policy retrying every transient error and under the default one.
 
     Old code: ``ConnectionLostError`` was retried, and the payment was stored twice.
     """
@@ -152,7 +154,7 @@ async def test_lost_commit_answer_is_reported_not_retried_and_stored_once(
     error: BaseException | None = None
     try:
         await client.run(f"INSERT INTO {payments} VALUES ('alice', 100)", {},
-                         policy=FAST, on_retry=retries(seen))
+                         policy=policy, on_retry=retries(seen))
     except Exception as exc:  # noqa: BLE001 - checked below, after the rows
         error = exc
     assert proxy.get_stats()["replies_dropped"] == 1

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import URL
 
 from labkit import (
     TEST_POOL,
-    AuthenticationError,
     DatabaseUnavailableError,
-    HealthCheckTimeoutError,
     Settings,
-    async_check_database,
     async_health_check,
-    async_is_healthy,
-    check_database,
     create_async_engine,
     create_engine,
     health_check,
-    is_healthy,
 )
+from labkit.errors import AuthenticationError
+from labkit.health import async_check_database, check_database
+from labkit.lab import LocalServer, faults
 
 MARGIN = 1.5  # seconds of slack on a noisy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def throwaway_server() -> Iterator[LocalServer]:
+    """Overrides conftest's: a private server in a directory of its own, not under pytest's
+    basetemp. Another pytest session started meanwhile as the same user resets
+    /tmp/pytest-of-<user> to 0700; when tests run as root the server runs as another user,
+    which then cannot reach its data directory, and pg_ctl start/stop/status fail with
+    "Permission denied" halfway through the module."""
+    with faults.throwaway_server() as server:
+        yield server
 
 
 def _url(db_url: URL, **changes) -> URL:
@@ -38,7 +47,7 @@ def test_health_ok_on_a_live_server(engine, password):
     assert 0 < report.latency_ms < 5000
     assert report.pool["class"] == "QueuePool"
     assert password not in repr(report.to_dict())
-    assert is_healthy(engine)
+    assert health_check(engine, timeout=5)
 
 
 def test_health_not_ok_within_timeout_when_server_is_stopped(stopped_server_url):
@@ -58,9 +67,13 @@ def test_health_times_out_on_a_hung_server(hung_port):
     start = time.monotonic()
     report = health_check(engine, timeout=1)
     assert time.monotonic() - start < 1 + MARGIN
-    assert report.error == "HealthCheckTimeoutError"
-    with pytest.raises(HealthCheckTimeoutError):
+    assert report.error == "DatabaseUnavailableError"
+    assert "did not answer the health check within 1 s" in report.message
+    assert "hunter2" not in report.message
+    start = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError, match="within 0.5 s"):
         check_database(engine, timeout=0.5)
+    assert time.monotonic() - start < 0.5 + MARGIN
 
 
 def test_wrong_password_is_an_authentication_error_without_the_password(db_url):
@@ -90,7 +103,7 @@ async def test_async_health_ok_on_a_live_server(async_engine, password):
     report = await async_health_check(async_engine, timeout=5)
     assert report.ok, report.message
     assert report.pool["class"] == "AsyncAdaptedQueuePool"
-    assert await async_is_healthy(async_engine)
+    assert await async_health_check(async_engine, timeout=5)
 
 
 async def test_async_health_not_ok_within_timeout_when_server_is_stopped(stopped_server_url):
@@ -109,7 +122,12 @@ async def test_async_health_times_out_on_a_hung_server(hung_port):
     start = time.monotonic()
     report = await async_health_check(engine, timeout=1)
     assert time.monotonic() - start < 1 + MARGIN
-    assert report.error == "HealthCheckTimeoutError"
+    assert report.error == "DatabaseUnavailableError"
+    assert "hunter2" not in report.message
+    start = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError):
+        await async_check_database(engine, timeout=0.5)
+    assert time.monotonic() - start < 0.5 + MARGIN
     await engine.dispose()
 
 
@@ -122,3 +140,42 @@ async def test_async_wrong_password_is_an_authentication_error(db_url):
         await async_check_database(engine, timeout=5)
     assert bad not in str(info.value)
     await engine.dispose()
+
+
+# --- the probe never takes the application's pooled connections -------------------------
+
+ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
+
+
+def test_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(settings):
+    engine = create_engine(settings, pool=settings.pool.replace(**ONE_CONNECTION))
+    try:
+        for _ in range(3):
+            assert health_check(engine, timeout=5).ok
+        assert engine.pool.checkedout() == 0 and engine.pool.checkedin() == 0
+        with engine.connect():                    # the application holds its only one
+            report = health_check(engine, timeout=2)
+            assert report.ok, report.message
+            assert report.pool_saturated
+            assert report.pool["checkedout"] == 1
+        assert not health_check(engine, timeout=2).pool_saturated
+    finally:
+        engine.dispose()
+
+
+async def test_async_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(
+        settings):
+    engine = create_async_engine(settings, pool=settings.pool.replace(**ONE_CONNECTION))
+    pool = engine.sync_engine.pool
+    try:
+        for _ in range(3):
+            assert (await async_health_check(engine, timeout=5)).ok
+        assert pool.checkedout() == 0 and pool.checkedin() == 0
+        async with engine.connect():
+            report = await async_health_check(engine, timeout=2)
+            assert report.ok, report.message
+            assert report.pool_saturated
+            assert report.pool["checkedout"] == 1
+        assert not (await async_health_check(engine, timeout=2)).pool_saturated
+    finally:
+        await engine.dispose()

@@ -19,10 +19,8 @@ from labkit import (
     Settings,
     create_async_engine,
     create_engine,
-    translate_error,
 )
-from labkit.errors import async_translating_errors, translating_errors
-from tests.conftest import count_rows
+from labkit.errors import async_translating_errors, translate_error, translating_errors
 
 
 def test_counts_checkouts_connects_and_in_use(settings):
@@ -42,7 +40,9 @@ def test_counts_checkouts_connects_and_in_use(settings):
     engine.dispose()
 
 
-def test_overflow_is_negative_until_the_pool_fills(settings):
+def test_overflow_counts_connections_beyond_pool_size(settings):
+    """``overflow`` is 0 until the pool's ``pool_size`` connections are all out (never
+    SQLAlchemy's negative ``QueuePool.overflow()``)."""
     engine = create_engine(settings, pool=settings.pool.replace(pool_size=3, max_overflow=2))
     metrics = PoolMetrics.attach(engine)
     held = []
@@ -50,7 +50,8 @@ def test_overflow_is_negative_until_the_pool_fills(settings):
     for _ in range(5):
         held.append(engine.connect())
         seen.append(metrics.snapshot()["overflow"])
-    assert seen == [-2, -1, 0, 1, 2]
+    assert seen == [0, 0, 0, 1, 2]
+    assert metrics.snapshot()["pool_size"] == 3
     for conn in held:
         conn.close()
     # overflow connections are closed on return: only pool_size stay idle
@@ -90,12 +91,63 @@ def test_listeners_survive_dispose(settings):
     engine.dispose()
 
 
-def test_pop_stats_resets_counters(engine):
+def test_pop_stats_resets_counters_not_gauges(engine):
     metrics = PoolMetrics.attach(engine)
     with engine.connect():
         pass
-    assert metrics.pop_stats()["checkouts"] == 1
-    assert metrics.snapshot()["checkouts"] == 0
+    held = engine.connect()
+    try:
+        popped = metrics.pop_stats()
+        assert popped["checkouts"] == 2 and popped["in_use"] == 1
+        after = metrics.snapshot()
+        assert after["checkouts"] == 0 and after["checkout_wait_ms_max"] == 0
+        assert after["in_use"] == 1                 # a gauge: still checked out
+    finally:
+        held.close()
+    assert metrics.snapshot()["in_use"] == 0
+
+
+@pytest.mark.parametrize("poolclass", ["null", "static"])
+def test_in_use_is_counted_on_null_and_static_pools(settings, poolclass):
+    """NullPool and StaticPool have no ``checkedout()``: ``in_use`` counts what labkit's
+    pool classes lent out, also a connection taken before ``attach``."""
+    pool = settings.pool.replace(poolclass=poolclass, pool_size=0 if poolclass == "null" else 1,
+                                 max_overflow=0)
+    engine = create_engine(settings, pool=pool)
+    try:
+        early = engine.connect() if poolclass == "null" else None
+        metrics = PoolMetrics.attach(engine, keep_waits=True)
+        if early is not None:
+            assert metrics.snapshot()["in_use"] == 1
+            early.close()
+            assert metrics.snapshot()["in_use"] == 0
+        conn = engine.connect()
+        conn.execute(text("SELECT 1"))
+        snap = metrics.snapshot()
+        assert snap["in_use"] == 1 and snap["checkouts"] == 1
+        assert snap["pool_size"] == (1 if poolclass == "static" else 0)
+        conn.close()
+        assert metrics.snapshot()["in_use"] == 0
+        assert len(metrics.waits_ms()) == 1          # labkit's pool classes time checkouts
+    finally:
+        engine.dispose()
+
+
+def test_waits_are_measured_only_on_engines_made_by_labkit(settings):
+    """A plain SQLAlchemy engine gets the counters and gauges, but no checkout waits."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(settings.sync_url, pool_size=1, max_overflow=0)
+    try:
+        metrics = PoolMetrics.attach(engine, keep_waits=True)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            assert metrics.snapshot()["in_use"] == 1
+        snap = metrics.snapshot()
+        assert snap["checkouts"] == snap["checkins"] == snap["connects"] == 1
+        assert snap["checkout_wait_ms_total"] == 0 and metrics.waits_ms() == []
+    finally:
+        engine.dispose()
 
 
 async def test_async_engine_metrics_count_on_the_sync_engine(async_engine):
@@ -189,7 +241,7 @@ def test_every_collector_on_one_engine_records_waits_and_errors(make_engine):
     _assert_saw_timeouts(second, 3)        # still timing
 
     second.detach()
-    assert "connect" not in engine.pool.__dict__   # the last one removes the hook
+    assert not engine.pool.labkit_collectors       # nobody left to time checkouts for
 
 
 @pytest.mark.parametrize("detached", ["first", "second"])
@@ -235,19 +287,18 @@ async def test_every_collector_on_one_async_engine_records_waits_and_errors(sett
         _assert_saw_timeouts(second, 2)
 
         first.detach()
-        assert "connect" not in engine.sync_engine.pool.__dict__
+        assert not engine.sync_engine.pool.labkit_collectors
     finally:
         await engine.dispose()
 
 
-def test_collectors_come_and_go_while_threads_check_out(make_engine):
-    """Pins: attaching and detaching further collectors while other threads check out
-    connections disturbs none of those threads (SQLAlchemy's listener lists must not
-    change while the events run: each collector used to add and remove its own
-    listeners, and the threads died with "deque mutated during iteration"), and the
-    first collector still counts every checkout."""
+def test_collectors_count_every_checkout_of_concurrent_threads(make_engine):
+    """Two collectors attached before traffic (as ``PoolMetrics`` requires: SQLAlchemy's
+    listener lists must not change while other threads run those events) count every
+    checkout and checkin of four threads exactly, and disturb none of them."""
     engine = make_engine({"pool_size": 4, "max_overflow": 0})
     first = PoolMetrics.attach(engine)
+    second = PoolMetrics.attach(engine, keep_waits=True)
     stop = threading.Event()
     done: list[int] = []
     errors: list[BaseException] = []
@@ -265,14 +316,18 @@ def test_collectors_come_and_go_while_threads_check_out(make_engine):
     threads = [threading.Thread(target=requests) for _ in range(4)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        PoolMetrics.attach(engine).detach()
+    time.sleep(0.5)
     stop.set()
     for thread in threads:
         thread.join()
     assert errors == []
-    assert first.snapshot()["checkouts"] == sum(done) > 0
+    for metrics in (first, second):
+        snap = metrics.snapshot()
+        assert snap["checkouts"] == snap["checkins"] == sum(done) > 0
+        assert snap["in_use"] == 0 and snap["checkout_errors"] == 0
+    assert len(second.waits_ms()) == sum(done)
+    first.detach()
+    second.detach()
 
 
 def test_a_collector_does_not_keep_its_engine_alive(settings):
@@ -287,73 +342,3 @@ def test_a_collector_does_not_keep_its_engine_alive(settings):
     del engine, metrics
     gc.collect()
     assert gone() is None
-
-
-# -- resets: what reset-on-return really did ------------------------------------------
-
-# No pre-ping: psycopg2's ping cannot switch to autocommit inside an inherited transaction.
-ONE_CONNECTION_NO_PING = {"pool_size": 1, "max_overflow": 0, "pool_pre_ping": False}
-
-
-def _return_a_connection_then_a_raw_one(engine: Engine, table: str) -> None:
-    """Return two connections mid-transaction: a ``Connection``, then a raw DBAPI one."""
-    conn = engine.connect()
-    conn.execute(text("SELECT 1"))
-    conn.close()                           # the Connection rolls back by itself
-    raw = engine.raw_connection()
-    cursor = raw.cursor()
-    cursor.execute(f"INSERT INTO {table} VALUES (1, 'left uncommitted')")
-    cursor.close()
-    raw.close()                            # back to the pool with the INSERT still open
-
-
-@pytest.mark.parametrize(("reset_on_return", "resets", "rows_inherited"),
-                         [("rollback", 1, 0), (None, 0, 1)])
-def test_resets_count_rollbacks_on_return_not_checkins(table, make_engine, reset_on_return,
-                                                       resets, rows_inherited):
-    """Pins: ``resets`` counts the rollbacks the pool's reset-on-return performed: one
-    for the raw connection returned mid-transaction, none for a ``Connection`` that
-    rolled back itself, none at all with ``pool_reset_on_return=None`` (it used to equal
-    ``checkins``); and the next checkout sees the uncommitted row exactly when no reset
-    ran."""
-    engine = make_engine(ONE_CONNECTION_NO_PING, pool_reset_on_return=reset_on_return)
-    metrics = PoolMetrics.attach(engine)
-    _return_a_connection_then_a_raw_one(engine, table)
-    snap = metrics.snapshot()
-    assert snap["checkins"] == 2
-    assert snap["resets"] == resets
-    with engine.connect() as conn:         # the same (only) pooled connection
-        seen = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
-    assert seen == rows_inherited
-
-
-def test_resets_count_commits_with_commit_on_return(table, observer, make_engine):
-    """Covers ``pool_reset_on_return="commit"``: every return is a commit, even after the
-    ``Connection`` rolled back, and the raw connection's open INSERT is stored. (Not a
-    regression test: before the fix ``resets`` counted every return, which is also right
-    for this setting.)"""
-    engine = make_engine(ONE_CONNECTION_NO_PING, pool_reset_on_return="commit")
-    metrics = PoolMetrics.attach(engine)
-    _return_a_connection_then_a_raw_one(engine, table)
-    assert metrics.snapshot()["resets"] == 2
-    assert count_rows(observer, table) == 1
-
-
-async def test_async_resets_follow_pool_reset_on_return(settings):
-    """Pins: on an async engine, ``resets`` counts the pool's rollback on return with the
-    default setting and stays 0 with ``pool_reset_on_return=None`` (it used to equal
-    ``checkins`` under both)."""
-    counted = {}
-    for setting in ("rollback", None):
-        engine = create_async_engine(settings, pool_reset_on_return=setting)
-        try:
-            metrics = PoolMetrics.attach(engine)
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-                await conn.commit()        # returned with no transaction of its own
-            snap = metrics.snapshot()
-            assert snap["checkins"] == 1
-            counted[setting] = snap["resets"]
-        finally:
-            await engine.dispose()
-    assert counted == {"rollback": 1, None: 0}

@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL
 import labkit
 from labkit import ConnectionLostError, Settings, create_async_engine, create_engine
 from labkit.engine import engine_kwargs
+from labkit.errors import translate_error
 from labkit.lab.faults import throwaway_server
 from labkit.lab.network import (
     CUTS,
@@ -235,7 +236,8 @@ def test_production_settings_tune_tcp_and_the_environment_overrides_them(db_url:
     assert (prod.tcp_keepalive_idle, prod.tcp_keepalive_interval, prod.tcp_keepalive_count,
             prod.tcp_user_timeout) == (60, 10, 3, 30.0)
     dev = Settings.from_env({"DATABASE_URL": url})
-    assert not dev.tcp_keepalive and dev.tcp_user_timeout is None
+    assert (dev.tcp_keepalive_idle, dev.tcp_keepalive_interval, dev.tcp_keepalive_count,
+            dev.tcp_user_timeout) == (None, None, None, None)
     tuned = Settings.from_env({"ENVIRONMENT": "production", "DATABASE_URL": url,
                                "DB_TCP_KEEPALIVE_IDLE": "20", "DB_TCP_USER_TIMEOUT": "5"})
     assert (tuned.tcp_keepalive_idle, tuned.tcp_user_timeout) == (20, 5.0)
@@ -265,8 +267,9 @@ def inside() -> Iterator[tuple[NetworkNamespace, LocalServer]]:
 
 
 def _engine(ns: NetworkNamespace, server: LocalServer, **settings: Any) -> Engine:
+    # No client-side statement deadline (labkit.deadline): only TCP settings end a wait.
     return ns.attach(create_engine(Settings(url=server.info().url(), connect_timeout=2,
-                                            command_timeout=0, **settings), pool=ONE))
+                                            **settings), pool=ONE))
 
 
 def _timed(engine: Engine, sql: str = "SELECT 1", cap: float = 8.0) -> tuple[float, str | None]:
@@ -280,7 +283,7 @@ def _timed(engine: Engine, sql: str = "SELECT 1", cap: float = 8.0) -> tuple[flo
                 conn.execute(text(sql))
             box["error"] = None
         except Exception as exc:  # noqa: BLE001 - classified below
-            box["error"] = type(labkit.translate_error(exc)).__name__
+            box["error"] = type(translate_error(exc)).__name__
         box["t"] = time.perf_counter() - start
 
     worker = threading.Thread(target=run, daemon=True)

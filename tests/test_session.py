@@ -15,18 +15,16 @@ from sqlalchemy import text
 
 from labkit import (
     DEVELOPMENT_POOL,
-    AsyncSessionManager,
     LabkitError,
     PoolMetrics,
-    SessionManager,
     async_session_scope,
     create_async_engine,
     create_async_sessionmaker,
     create_sessionmaker,
-    get_async_db,
-    get_db,
     session_scope,
 )
+from labkit.errors import ProgrammingError
+from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
 from tests.conftest import count_rows
 
 
@@ -254,3 +252,95 @@ async def test_a_commit_refused_mid_statement_lends_no_open_transaction_to_the_n
             assert (await next_request.execute(text("SELECT 1"))).scalar_one() == 1
     finally:
         await engine.dispose()
+
+
+# --- a block that caught a database error and went on ------------------------------
+
+def test_a_scope_that_swallowed_a_database_error_raises_instead_of_committing(
+        engine, observer, table):
+    """PostgreSQL aborted the transaction at the failed statement: COMMIT would roll it
+    back, so the scope says so (SQLSTATE 25P02) instead of reporting success."""
+    factory = create_sessionmaker(engine)
+    with pytest.raises(ProgrammingError) as info:
+        with session_scope(factory) as session:
+            session.execute(insert(table, 1))
+            with pytest.raises(sa_exc.IntegrityError):
+                session.execute(insert(table, 1))   # duplicate key, caught by the block
+    assert info.value.sqlstate == "25P02"
+    assert "savepoint" in str(info.value)
+    assert count_rows(observer, table) == 0
+    assert engine.pool.checkedout() == 0
+
+
+def test_a_savepoint_around_the_failing_statement_lets_the_scope_commit(
+        engine, observer, table):
+    factory = create_sessionmaker(engine)
+    with session_scope(factory) as session:
+        session.execute(insert(table, 1))
+        with pytest.raises(sa_exc.IntegrityError):
+            with session.begin_nested():
+                session.execute(insert(table, 1))
+        session.execute(insert(table, 2))
+    assert count_rows(observer, table) == 2
+
+
+def test_manager_connect_that_swallowed_a_database_error_raises(settings, observer, table):
+    manager = SessionManager()
+    manager.init(settings)
+    try:
+        with pytest.raises(ProgrammingError) as info:
+            with manager.connect() as conn:
+                conn.execute(insert(table, 1))
+                with pytest.raises(sa_exc.IntegrityError):
+                    conn.execute(insert(table, 1))
+        assert info.value.sqlstate == "25P02"
+        assert count_rows(observer, table) == 0
+        with manager.connect() as conn:   # the next block on the same pool commits
+            conn.execute(insert(table, 3))
+        assert count_rows(observer, table) == 1
+    finally:
+        manager.close()
+
+
+async def test_async_scope_that_swallowed_a_database_error_raises_instead_of_committing(
+        async_engine, observer, table):
+    factory = create_async_sessionmaker(async_engine)
+    with pytest.raises(ProgrammingError) as info:
+        async with async_session_scope(factory) as session:
+            await session.execute(insert(table, 1))
+            with pytest.raises(sa_exc.IntegrityError):
+                await session.execute(insert(table, 1))
+    assert info.value.sqlstate == "25P02"
+    assert count_rows(observer, table) == 0
+    assert async_engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_async_savepoint_around_the_failing_statement_lets_the_scope_commit(
+        async_engine, observer, table):
+    factory = create_async_sessionmaker(async_engine)
+    async with async_session_scope(factory) as session:
+        await session.execute(insert(table, 1))
+        with pytest.raises(sa_exc.IntegrityError):
+            async with session.begin_nested():
+                await session.execute(insert(table, 1))
+        await session.execute(insert(table, 2))
+    assert count_rows(observer, table) == 2
+
+
+async def test_async_manager_connect_that_swallowed_a_database_error_raises(
+        settings, observer, table):
+    manager = AsyncSessionManager()
+    manager.init(settings)
+    try:
+        with pytest.raises(ProgrammingError) as info:
+            async with manager.connect() as conn:
+                await conn.execute(insert(table, 1))
+                with pytest.raises(sa_exc.IntegrityError):
+                    await conn.execute(insert(table, 1))
+        assert info.value.sqlstate == "25P02"
+        assert count_rows(observer, table) == 0
+        async with manager.connect() as conn:
+            await conn.execute(insert(table, 3))
+        assert count_rows(observer, table) == 1
+    finally:
+        await manager.close()
