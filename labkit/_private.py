@@ -20,7 +20,7 @@ def pool_creator(engine: Engine) -> Callable[[], Any]:
     never take one of the application's pooled connections; ``Engine`` exposes no public
     way to open a connection outside its pool with the ``connect_args`` it was given.
     """
-    return engine.pool._creator  # type: ignore[attr-defined,no-any-return]
+    return engine.pool._creator  # type: ignore[attr-defined,no-any-return,return-value]
 
 
 def max_overflow(pool: Pool) -> int | None:

@@ -64,7 +64,7 @@ balancers, a dead peer found in about 70 s instead of the kernel's two hours."""
 
 def _seconds(name: str, value: Any, maximum: float = threading.TIMEOUT_MAX) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or not 0 < value <= maximum:
+            or not math.isfinite(value) or not 0 < float(value) <= maximum:
         raise ConfigurationError(f"{name} must be a number of seconds > 0 and <= {maximum:g}, "
                                  f"got {value!r}")
     return float(value)
@@ -72,7 +72,7 @@ def _seconds(name: str, value: Any, maximum: float = threading.TIMEOUT_MAX) -> f
 
 def _integer(name: str, value: Any, low: int, high: int = 2_147_483_647) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not low <= value <= high:
+            or not low <= int(value) <= high:
         raise ConfigurationError(f"{name} must be an integer from {low} to {high}, "
                                  f"got {value!r}")
 
@@ -214,8 +214,12 @@ def _ssl_mode(url: URL) -> str | None:
     return modes["sslmode"] or modes["ssl"]
 
 
-def _with_driver(url: URL, driver: str, ssl_name: str) -> URL:
+def _with_driver(url: str | URL, driver: str, ssl_name: str) -> URL:
     parsed = parse_url(url)
+    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
+        raise ConfigurationError(f"unknown driver {parsed.get_driver_name()!r} in "
+                                 f"{mask_url(parsed)}: use postgresql:// (labkit picks "
+                                 "psycopg2 or asyncpg)")
     mode = _ssl_mode(parsed)
     parsed = parsed.set(drivername=f"postgresql+{driver}").difference_update_query(
         ["sslmode", "ssl"])
@@ -333,16 +337,17 @@ class Settings:
     def __post_init__(self) -> None:
         url = parse_url(self.url)
         for name, default in (("connect_timeout", 5.0), ("application_name", "labkit")):
-            given, in_url = getattr(self, name), _one(url, name)
+            given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
             if in_url is not None:
                 in_url = float(_number(float)(name, in_url)) if name == "connect_timeout" \
                     else in_url
-                if given is not None and given != in_url:
+                if given is not None and given not in (in_url, default):  # default: not given
                     raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
                                              f"and in the settings ({given}); keep one")
                 url = url.difference_update_query([name])
-            object.__setattr__(self, name, given if given is not None
-                               else in_url if in_url is not None else default)
+            if in_url is not None and given in (None, default):
+                given = in_url
+            object.__setattr__(self, name, default if given is None else given)
         for name in url.query:
             if name in _BOTH_READ:
                 raise ConfigurationError(
@@ -415,7 +420,7 @@ class Settings:
         if environment not in ENVIRONMENTS:
             raise ConfigurationError(f"ENVIRONMENT must be one of {', '.join(ENVIRONMENTS)}, "
                                      f"got {environment!r}")
-        raw_url = env.get("DATABASE_URL", "").strip()
+        raw_url: str | URL = env.get("DATABASE_URL", "").strip()
         if not raw_url:
             if environment == "production":
                 raise ConfigurationError(

@@ -26,13 +26,9 @@ from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
 from . import _private, watchdog
 from .config import PoolProfile, Settings, mask_url, server_settings
+from .metrics import install as install_metrics
 from .metrics import timed_pool_class
-from .errors import (
-    ConfigurationError,
-    ConnectionLostError,
-    DatabaseUnavailableError,
-    translate_error,
-)
+from .errors import ConfigurationError, DatabaseUnavailableError
 
 __all__ = ["create_async_engine", "create_engine", "engine_kwargs"]
 
@@ -104,6 +100,9 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         if "server_settings" in extra:
             extra["server_settings"] = {**base["connect_args"].get("server_settings", {}),
                                         **extra["server_settings"]}
+        if extra.get("options") and base["connect_args"].get("options"):
+            # libpq applies -c switches in order: labkit's first, the caller's win.
+            extra["options"] = f"{base['connect_args']['options']} {extra['options']}"
         merged["connect_args"] = {**base["connect_args"], **extra}
     if isinstance(merged.get("poolclass"), type) and issubclass(
             merged["poolclass"], (sa_pool.NullPool, sa_pool.StaticPool)):
@@ -154,6 +153,8 @@ def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
 
 def _install(engine: Engine, settings: Settings, *, pre_ping: bool, is_async: bool) -> None:
     """Add labkit's listeners: bounded pre-ping, error tracking, pooler and TCP settings."""
+    if hasattr(engine.pool, "labkit_collectors"):
+        install_metrics(engine)
     if pre_ping:
         _bounded_pre_ping(engine, settings.connect_timeout or 5.0, is_async=is_async)
 
@@ -245,9 +246,11 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
         except Exception as exc:
             if (ticket is not None and ticket.disarm()) or (
                     is_async and isinstance(exc, TimeoutError)):
+                if is_async:  # no polite close: it would wait on the hung server again
+                    dbapi_connection.driver_connection.terminate()
                 raise _ping_timeout(seconds) from exc
-            if isinstance(translate_error(exc), (ConnectionLostError, DatabaseUnavailableError)):
-                raise sa_exc.InvalidatePoolError() from exc  # restarted: reconnect
-            raise
+            # Any other failure: the connection is unusable (closed, reset, killed, or a
+            # driver left mid-protocol); the pool replaces it, as SQLAlchemy's pre-ping does.
+            raise sa_exc.InvalidatePoolError() from exc
         if ticket is not None and ticket.disarm():  # answered as the socket was cut
             raise _ping_timeout(seconds)

@@ -108,7 +108,10 @@ def _close(connection: Any) -> None:
         return
     try:
         driver = getattr(connection, "driver_connection", None)
-        (driver.terminate if hasattr(driver, "terminate") else connection.close)()
+        if driver is not None and hasattr(driver, "terminate"):
+            driver.terminate()  # asyncpg: no round trip to a server that may hang
+        else:
+            connection.close()
     except Exception:  # noqa: BLE001 - it is being thrown away
         pass
 
@@ -255,7 +258,7 @@ async def async_check_database(engine: AsyncEngine, *,
 def _report(engine: Engine, start: float, timeout: float, version: str | None,
             exc: LabkitError | None) -> HealthReport:
     latency_ms = round((time.perf_counter() - start) * 1000.0, 3)
-    pool, snapshot = engine.pool, {"class": type(engine.pool).__name__}
+    pool, snapshot = engine.pool, {"class": type(engine.pool).__name__}  # type: Any, dict[str, Any]
     for name in ("size", "checkedin", "checkedout", "overflow"):
         if callable(getattr(pool, name, None)):
             snapshot[name] = getattr(pool, name)()

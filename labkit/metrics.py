@@ -39,13 +39,16 @@ CHECKOUT_ERRORS = "checkout_errors"              # checkouts that raised (timeou
 CHECKOUT_WAIT_MS_TOTAL, CHECKOUT_WAIT_MS_MAX = "checkout_wait_ms_total", "checkout_wait_ms_max"
 IN_USE, IDLE, OVERFLOW, POOL_SIZE = "in_use", "idle", "overflow", "pool_size"  # gauges
 _COUNTERS = (CONNECTS, CLOSES, CHECKOUTS, CHECKINS, INVALIDATIONS, CHECKOUT_ERRORS)
+_EVENTS = (("connect", CONNECTS), ("close", CLOSES), ("checkout", CHECKOUTS),
+           ("checkin", CHECKINS), ("invalidate", INVALIDATIONS))
 
 
 class PoolMetrics:
     """Collect one engine's pool events; thread-safe, cheap enough to leave on.
 
-    Attach before the engine serves traffic: SQLAlchemy's listener lists must not change
-    while other threads run those events. The engine's pool holds collectors weakly.
+    On labkit's engines collectors attach and detach at any time (the engine's own
+    listeners fan out to them; the pool holds them weakly). On other engines each
+    collector adds listeners: attach it before the engine serves traffic.
     """
 
     def __init__(self, engine: Engine, *, keep_waits: bool = False) -> None:
@@ -56,9 +59,8 @@ class PoolMetrics:
         self._wait_total = self._wait_max = 0.0
         self._waits_ms: list[float] = []
         self._out = 0  # checkouts - checkins since attach: in_use on non-queue pools
-        self._listeners = (("connect", self._on(CONNECTS)), ("close", self._on(CLOSES)),
-                           ("checkout", self._on(CHECKOUTS)), ("checkin", self._on(CHECKINS)),
-                           ("invalidate", self._on(INVALIDATIONS)))
+        self._listeners = [(name, lambda *_, key=key: self.count(key))
+                           for name, key in _EVENTS]
 
     @classmethod
     def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
@@ -66,11 +68,12 @@ class PoolMetrics:
         checkout wait for distributions (``waits_ms``)."""
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         metrics = cls(sync_engine, keep_waits=keep_waits)
-        for name, fn in metrics._listeners:
-            event.listen(sync_engine, name, fn)
         collectors = getattr(sync_engine.pool, "labkit_collectors", None)
         if collectors is not None:
-            collectors.add(metrics)
+            collectors.add(metrics)  # labkit's engine fans its events out: safe under load
+        else:
+            for name, fn in metrics._listeners:
+                event.listen(sync_engine, name, fn)
         return metrics
 
     def detach(self) -> None:
@@ -82,12 +85,11 @@ class PoolMetrics:
         if collectors is not None:
             collectors.discard(self)
 
-    def _on(self, key: str) -> Any:
-        def count(*_: Any) -> None:
-            with self._lock:
-                self._counts[key] += 1
-                self._out += {CHECKOUTS: 1, CHECKINS: -1}.get(key, 0)
-        return count
+    def count(self, key: str) -> None:
+        """Count one pool event (called by the engine's listeners)."""
+        with self._lock:
+            self._counts[key] += 1
+            self._out += 1 if key == CHECKOUTS else -1 if key == CHECKINS else 0
 
     def record_wait(self, ms: float, *, failed: bool) -> None:
         """Record one checkout's wait (called by labkit's pool classes)."""
@@ -179,3 +181,12 @@ def timed_pool_class(pool_class: type[sa_pool.Pool]) -> type[sa_pool.Pool]:
         # The same name as the class it times: reports and reprs read as SQLAlchemy's.
         _TIMED[pool_class] = type(pool_class.__name__, (_Timed, pool_class), {})
     return _TIMED[pool_class]
+
+
+def install(engine: Engine) -> None:
+    """Fan one engine's pool events out to its pool's collectors (labkit's engines)."""
+    for name, key in _EVENTS:
+        def fan_out(*_: Any, key: str = key) -> None:
+            for metrics in list(engine.pool.labkit_collectors):  # type: ignore[attr-defined]
+                metrics.count(key)
+        event.listen(engine, name, fan_out)

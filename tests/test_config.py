@@ -547,11 +547,6 @@ async def test_async_dispose_leaves_a_checked_out_connection_open_after_its_retu
     await engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: labkit/config.py Settings.__post_init__ stores the defaults "
-    "(connect_timeout=5.0, application_name='labkit') in the fields, so replace(url=...) "
-    "with a URL carrying ?connect_timeout= or ?application_name= is refused as 'given "
-    "twice ... in the settings (5.0)', a value the caller never gave"))
 def test_replace_takes_a_url_that_carries_connect_timeout_and_application_name():
     settings = Settings(url="postgresql://u:p@h/d")
     moved = settings.replace(url="postgresql://u:p@h2/d?connect_timeout=3"

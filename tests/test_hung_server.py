@@ -129,8 +129,7 @@ ASYNC_PING_CLOSE_BUG = (
 
 
 @pytest.mark.parametrize("warm", [
-    pytest.param(True, marks=pytest.mark.xfail(reason=ASYNC_PING_CLOSE_BUG, strict=True)),
-    False], ids=["warm-pool", "empty-pool"])
+    True, False], ids=["warm-pool", "empty-pool"])
 async def test_async_checkout_fails_within_connect_timeout_on_a_frozen_server(
         throwaway_server, settings_, warm):
     """Pins: the async pre-ping is bounded too (warm pool hung before); empty pool: a guard."""

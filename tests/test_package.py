@@ -286,8 +286,6 @@ labkit/health.py:111 union-attr (driver may be None in _close)
 labkit/health.py:264 operator (snapshot: dict[str, str | int] compared and added)"""
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: the rewritten core is not type clean "
-                   "(mypy --ignore-missing-imports labkit/*.py):\n" + MYPY_ERRORS_AT_REWRITE)
 def test_the_core_is_type_clean():
     proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports",
                            "--cache-dir", str(ROOT / ".mypy_cache"),

@@ -86,7 +86,6 @@ class Outcomes:
     retries: int = 0
 
 
-@pytest.mark.xfail(reason=ASYNC_PING_KILLED_BUG + "; an async payer dies of it", strict=True)
 def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(capsys):
     with throwaway_server() as server:
         url = server.info().url()
@@ -335,7 +334,7 @@ KILLS = 50
 
 @pytest.mark.parametrize("driver", [
     "psycopg2",
-    pytest.param("asyncpg", marks=pytest.mark.xfail(reason=ASYNC_PING_KILLED_BUG, strict=True))])
+    "asyncpg"])
 async def test_a_pooled_connection_whose_backend_was_killed_is_replaced_at_checkout(
         settings, observer, driver):
     """Pins: the pre-ping replaces a pooled connection whose backend was killed while it

@@ -223,13 +223,7 @@ def test_every_options_spelling_gives_both_drivers_the_same_settings(db_url):
 
 
 @pytest.mark.parametrize("driver, connect_args", [
-    pytest.param("psycopg2", {"options": "-c lock_timeout=1234"}, marks=pytest.mark.xfail(
-        strict=True,
-        reason="core bug: labkit/engine.py _merge() lets connect_args['options'] replace "
-               "the options labkit built (the URL's -c search_path and "
-               "-c statement_timeout from statement_timeout_ms) instead of joining them "
-               "after labkit's, as the previous core did; asyncpg's server_settings are "
-               "merged")),
+    ("psycopg2", {"options": "-c lock_timeout=1234"}),
     ("asyncpg", {"server_settings": {"lock_timeout": "1234"}}),
 ])
 def test_connect_args_overrides_add_to_the_url_options_and_timeouts(db_url, driver,

@@ -90,9 +90,7 @@ class FaultProxy:
                     state["dropping"] = True
                 if not upstream and state["dropping"]:
                     self.commits_dropped += 1
-                    src.close()
-                    dst.close()  # the server committed; the client never hears it
-                    return
+                    return  # the server committed; the client never hears it (finally)
                 dst.sendall(data)
         except OSError:
             pass
