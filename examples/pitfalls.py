@@ -1,6 +1,6 @@
 """The same service with the session's scope left at FastAPI's default: not for copying.
 
-Notebook 08 and the tests serve this next to ``examples.fastapi_app`` to measure what
+Notebook 08 and the tests serve this next to ``examples.service`` to measure what
 the default costs. The only difference is the dependency: plain ``Depends(get_db)``,
 whose scope is ``"request"`` for a dependency with ``yield`` (FastAPI 0.118 and later).
 Its code after ``yield`` (the COMMIT, then closing the session) runs *after the response
@@ -38,31 +38,35 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 import anyio
-
-from fastapi import BackgroundTasks, Depends, FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from examples.fastapi_app import (
-    _CALLER,
-    _INSERT_ORDER,
-    _INSERT_RECEIPT,
-    _LIST_ORDERS,
-    _SLOW_REPORT,
-    _SUMMARY,
-    ReportSeconds,
-    ServiceMetrics,
+from examples.service import metrics
+from examples.service.db import (
+    AsyncManagerDep,
+    ManagerDep,
     SessionDep,
-    _paced_lines,
-    install_error_handlers,
-    service_routes,
+    async_lifespan,
+    lifespan,
 )
-from labkit import AsyncSessionManager, SessionManager, Settings, get_db
+from examples.service.main import install_error_handlers
+from examples.service.routes import (
+    CALLER,
+    INSERT_ORDER,
+    INSERT_RECEIPT,
+    LIST_ORDERS,
+    SLOW_REPORT,
+    ReportSeconds,
+    live,
+    paced_lines,
+)
+from labkit import Settings
+from labkit.web import SessionManager, get_db
 
 __all__ = ["OwnSessionCaller", "RequestScopedSessionDep", "create_cancellation_app",
            "create_pitfall_app"]
@@ -75,85 +79,102 @@ def get_caller_own_session(request: Request) -> Iterator[str]:
     """The trap: a dependency with a session of its own, held until the request ends."""
     manager: SessionManager = request.app.state.db
     with manager.session() as session:
-        yield str(session.execute(_CALLER).scalar_one())
+        yield str(session.execute(CALLER).scalar_one())
 
 
 OwnSessionCaller = Annotated[str, Depends(get_caller_own_session)]
 
+pitfalls = APIRouter()
+pitfalls.add_api_route("/live", live)
+
+
+@pitfalls.post("/orders/{order_id}", status_code=201)
+def create_order(order_id: int, item: str,
+                 session: RequestScopedSessionDep) -> dict[str, object]:
+    """Answered 201 before the COMMIT runs."""
+    session.execute(INSERT_ORDER, {"id": order_id, "item": item})
+    return {"id": order_id, "item": item}
+
+
+@pitfalls.get("/orders/export")
+def export_orders(session: RequestScopedSessionDep, delay: float = 0.0) -> StreamingResponse:
+    """The same code as the reference route; the connection is held while streaming."""
+    rows = [{"id": r.id, "item": r.item} for r in session.execute(LIST_ORDERS)]
+    return StreamingResponse(paced_lines(rows, delay), media_type="application/x-ndjson")
+
+
+@pitfalls.post("/orders/{order_id}/receipt", status_code=202)
+def send_receipt(order_id: int, tasks: BackgroundTasks,
+                 session: SessionDep) -> dict[str, object]:
+    """The request's session, used by a task that runs after it was committed and closed."""
+
+    def record_receipt() -> None:
+        session.execute(INSERT_RECEIPT, {"id": order_id})
+
+    tasks.add_task(record_receipt)
+    return {"order_id": order_id, "receipt": "queued"}
+
+
+@pitfalls.get("/reports/slow")
+async def slow_report(manager: ManagerDep, seconds: ReportSeconds = 1.0) -> dict[str, object]:
+    """A sync session in ``async def``: the event loop stops for ``seconds``."""
+    with manager.session() as session:
+        orders = session.execute(SLOW_REPORT, {"seconds": seconds}).one().orders
+    return {"orders": orders, "seconds": seconds}
+
+
+@pitfalls.get("/orders/summary")
+def orders_summary(session: SessionDep, caller: OwnSessionCaller,
+                   seconds: ReportSeconds = 0.0) -> dict[str, object]:
+    """Two connections per request: the dependency's, then the handler's."""
+    orders = session.execute(SLOW_REPORT, {"seconds": seconds}).one().orders
+    return {"orders": orders, "caller": caller}
+
 
 def create_pitfall_app(settings: Settings | None = None) -> FastAPI:
-    """Build the pitfall service; ``settings`` default to ``Settings.from_env()``.
-
-    It creates no table: the caller prepares ``example_orders``.
+    """Build the pitfall service, with the reference service's lifespan and ``/metrics``.
 
     Args:
         settings: The database settings; read from the environment at start-up when
             ``None``.
-
-    Returns:
-        The application, not yet started.
     """
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = SessionManager()
-        manager.init(settings or Settings.from_env(env_file=".env"))
-        app.state.db = manager
-        app.state.metrics = ServiceMetrics.attach(manager.engine)
-        try:
-            yield
-        finally:
-            manager.close()
-            app.state.metrics.detach()
-
     app = FastAPI(title="labkit pitfalls", lifespan=lifespan)
+    app.state.settings = settings
     install_error_handlers(app)
-    app.include_router(service_routes)
-
-    @app.post("/orders/{order_id}", status_code=201)
-    def create_order(order_id: int, item: str,
-                     session: RequestScopedSessionDep) -> dict[str, object]:
-        """Answered 201 before the COMMIT runs."""
-        session.execute(_INSERT_ORDER, {"id": order_id, "item": item})
-        return {"id": order_id, "item": item}
-
-    @app.get("/orders/export")
-    def export_orders(session: RequestScopedSessionDep,
-                      delay: float = 0.0) -> StreamingResponse:
-        """The same code as the reference route; the connection is held while streaming."""
-        rows = [{"id": r.id, "item": r.item} for r in session.execute(_LIST_ORDERS)]
-        return StreamingResponse(_paced_lines(rows, delay), media_type="application/x-ndjson")
-
-    @app.post("/orders/{order_id}/receipt", status_code=202)
-    def send_receipt(order_id: int, tasks: BackgroundTasks,
-                     session: SessionDep) -> dict[str, object]:
-        """The request's session, used by a task that runs after it was committed and closed."""
-
-        def record_receipt() -> None:
-            session.execute(_INSERT_RECEIPT, {"id": order_id})
-
-        tasks.add_task(record_receipt)
-        return {"order_id": order_id, "receipt": "queued"}
-
-    @app.get("/reports/slow")
-    async def slow_report(seconds: ReportSeconds = 1.0) -> dict[str, object]:
-        """A sync session in ``async def``: the event loop stops for ``seconds``."""
-        manager: SessionManager = app.state.db
-        with manager.session() as session:
-            orders = session.execute(_SLOW_REPORT, {"seconds": seconds}).one().orders
-        return {"orders": orders, "seconds": seconds}
-
-    @app.get("/orders/summary")
-    def orders_summary(session: SessionDep, caller: OwnSessionCaller,
-                       seconds: ReportSeconds = 0.0) -> dict[str, object]:
-        """Two connections per request: the dependency's, then the handler's."""
-        orders = session.execute(_SUMMARY, {"seconds": seconds}).one().orders
-        return {"orders": orders, "caller": caller}
-
+    app.include_router(metrics.router)
+    app.include_router(pitfalls)
     return app
 
 
 CleanUp = Literal["session_scope", "anyio_shield", "unshielded"]
+
+cancellation = APIRouter()
+
+
+@cancellation.get("/reports/held")
+async def held(manager: AsyncManagerDep, cleanup: CleanUp,
+               seconds: ReportSeconds = 1.0) -> StreamingResponse:
+    """A stream holding its session idle in a transaction while it awaits ``seconds``."""
+
+    async def lines() -> AsyncIterator[str]:
+        if cleanup == "session_scope":
+            async with manager.session() as session:
+                await session.execute(text("SELECT 1"))
+                await asyncio.sleep(seconds)
+        else:
+            session = manager.factory()
+            try:
+                await session.execute(text("SELECT 1"))
+                await asyncio.sleep(seconds)
+            finally:
+                if cleanup == "anyio_shield":
+                    with anyio.CancelScope(shield=True):
+                        await session.close()
+                else:
+                    await session.close()  # cancelled again at its first await
+        yield "done\n"
+
+    return StreamingResponse(lines(), media_type="text/plain")
 
 
 def create_cancellation_app(settings: Settings | None = None) -> FastAPI:
@@ -174,49 +195,9 @@ def create_cancellation_app(settings: Settings | None = None) -> FastAPI:
     Args:
         settings: The database settings; read from the environment at start-up when
             ``None``.
-
-    Returns:
-        The application, not yet started.
     """
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = AsyncSessionManager()
-        manager.init(settings or Settings.from_env(env_file=".env"))
-        app.state.db = manager
-        app.state.metrics = ServiceMetrics.attach(manager.engine)
-        try:
-            yield
-        finally:
-            await manager.close()
-            app.state.metrics.detach()
-
-    app = FastAPI(title="labkit cancelled clean-ups", lifespan=lifespan)
-    app.include_router(service_routes)
-
-    @app.get("/reports/held")
-    async def held(cleanup: CleanUp, seconds: ReportSeconds = 1.0) -> StreamingResponse:
-        """A stream holding its session idle in a transaction while it awaits ``seconds``."""
-        manager: AsyncSessionManager = app.state.db
-
-        async def lines() -> AsyncIterator[str]:
-            if cleanup == "session_scope":
-                async with manager.session() as session:
-                    await session.execute(text("SELECT 1"))
-                    await asyncio.sleep(seconds)
-            else:
-                session = manager.factory()
-                try:
-                    await session.execute(text("SELECT 1"))
-                    await asyncio.sleep(seconds)
-                finally:
-                    if cleanup == "anyio_shield":
-                        with anyio.CancelScope(shield=True):
-                            await session.close()
-                    else:
-                        await session.close()  # cancelled again at its first await
-            yield "done\n"
-
-        return StreamingResponse(lines(), media_type="text/plain")
-
+    app = FastAPI(title="labkit cancelled clean-ups", lifespan=async_lifespan)
+    app.state.settings = settings
+    app.include_router(metrics.router)
+    app.include_router(cancellation)
     return app

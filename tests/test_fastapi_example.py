@@ -1,14 +1,17 @@
-"""The FastAPI recipe, exercised with real HTTP requests against the real server.
+"""The reference service (``examples/service/``), exercised with real HTTP requests
+against the real server.
 
 Two ways of sending them: FastAPI's in-process ``TestClient`` for the routes and the
 health check, and real ``uvicorn`` processes for the one promise that depends on when
 bytes leave the server: a client never receives a 2xx for a transaction that did not
-commit.
+commit. The dependency's scope, which that promise rests on, is checked on every route
+here, in a test, instead of at the service's start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +23,8 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from fastapi.dependencies.models import Dependant
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
@@ -27,18 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import examples.fastapi_app as example
-from labkit import (
-    TEST_POOL,
-    AsyncSessionManager,
-    SessionManager,
-    Settings,
-    create_engine,
-    get_async_db,
-    get_db,
-)
+from examples import pitfalls
+from examples.service import main, routes
+from labkit import TEST_POOL, Settings, create_engine
 from labkit.lab import LocalServer
 from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, scrape
 from labkit.lab.services import ServiceError, uvicorn_service
+from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
 from tests.conftest import own_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,18 +238,69 @@ def test_request_commits_and_a_failing_request_rolls_back(
     assert stored_orders(observer) == [(1, "coffee")]
 
 
-def test_an_app_taking_get_db_without_function_scope_refuses_to_start(
-        settings: Settings, clean_orders: None) -> None:
-    """Pins: the example's lifespan refuses a route whose session would commit after
-    the response (plain ``Depends(get_db)``), naming the route; before, it started."""
-    app = example.create_app(settings)
+# --- the dependency's scope, checked on every route -------------------------------------
+
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    """Every ``APIRoute`` of ``app``, those of included routers too.
+
+    Recent FastAPI versions keep an included router as one lazy entry in ``app.routes``;
+    ``iter_route_contexts`` resolves it (the routes it yields answer ``path``,
+    ``methods`` and ``dependant`` as the route does in the application). Older versions
+    copy the routes into ``app.routes`` and have no ``iter_route_contexts``.
+    """
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI before lazy include_router
+        return [route for route in app.routes if isinstance(route, APIRoute)]
+    return [context for context in iter_route_contexts(app.routes)  # type: ignore[misc]
+            if isinstance(context.original_route, APIRoute)]
+
+
+def sessions_taken(app: FastAPI) -> dict[str, set[str | None]]:
+    """``{"POST /orders/{order_id}": {"function"}, ...}``: the scope(s) with which each
+    route takes ``get_db`` / ``get_async_db``, nested dependencies included."""
+    def walk(dependant: Dependant) -> Iterator[Dependant]:
+        for sub in dependant.dependencies:
+            yield sub
+            yield from walk(sub)
+
+    taken: dict[str, set[str | None]] = {}
+    for route in api_routes(app):
+        scopes = {sub.scope for sub in walk(route.dependant)
+                  if sub.call in (get_db, get_async_db)}
+        if scopes:
+            taken[f"{'/'.join(sorted(route.methods or ()))} {route.path}"] = scopes
+    return taken
+
+
+@pytest.mark.parametrize("factory", ["create_app", "create_async_app"])
+def test_every_route_that_takes_a_session_commits_before_its_response(factory: str) -> None:
+    """Pins: each route of the reference service, sync and async, that takes
+    ``get_db`` / ``get_async_db`` (directly or through a dependency such as ``Caller``)
+    takes it with ``scope="function"``: its COMMIT runs before the response is sent. A
+    plain ``Depends(get_db)`` (scope "request") would commit after it, and a COMMIT that
+    failed would still be answered 2xx. Before: a check at the service's start-up that
+    read FastAPI's internals."""
+    taken = sessions_taken(getattr(main, factory)())
+    assert {route: scopes for route, scopes in taken.items() if scopes != {"function"}} == {}
+    assert set(taken) == {  # the check saw every route that writes or reads the database
+        "POST /orders/{order_id}", "POST /orders/{order_id}/fail", "GET /orders",
+        "GET /orders/export", "GET /orders/summary", "POST /payments", "GET /reports/slow"}
+
+
+def test_the_scope_check_finds_the_pitfall_services_request_scoped_sessions() -> None:
+    """The check above is not vacuous: on ``examples.pitfalls`` it finds the two routes
+    that take plain ``Depends(get_db)``, and a route added to the reference app with it."""
+    taken = sessions_taken(pitfalls.create_pitfall_app())
+    assert {route for route, scopes in taken.items() if scopes != {"function"}} == {
+        "POST /orders/{order_id}", "GET /orders/export"}
+    app = main.create_app()
 
     @app.post("/refunds/{refund_id}", status_code=201)
     def refund(refund_id: int, session: Annotated[Session, Depends(get_db)]) -> None:
-        """The mistake: the default scope, "request"."""
+        """The mistake: the default scope."""
 
-    with pytest.raises(RuntimeError, match=r"POST /refunds/\{refund_id\}"), TestClient(app):
-        pass
+    assert sessions_taken(app)["POST /refunds/{refund_id}"] == {None}
 
 
 def test_the_module_level_apps_neither_connect_nor_read_settings_at_import() -> None:
@@ -258,7 +309,8 @@ def test_the_module_level_apps_neither_connect_nor_read_settings_at_import() -> 
     ``DATABASE_URL``, reading them would raise. Before, the module had no ``app``."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["ENVIRONMENT"] = "production"
-    probe = ("import examples.fastapi_app as m; "
+    probe = ("import examples.fastapi_app as m, examples.service.main as s, examples.pitfalls; "
+             "assert (m.app, m.async_app) == (s.app, s.async_app); "
              "print(type(m.app).__name__, type(m.async_app).__name__, "
              "hasattr(m.app.state, 'db'), hasattr(m.async_app.state, 'db'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env,
@@ -267,37 +319,56 @@ def test_the_module_level_apps_neither_connect_nor_read_settings_at_import() -> 
     assert result.stdout.split() == ["FastAPI", "FastAPI", "False", "False"]
 
 
-def test_health_is_200_when_the_database_answers(settings: Settings, clean_orders: None,
+@pytest.mark.parametrize("factory", ["create_app", "create_async_app"])
+def test_start_up_checks_the_connection_budget_and_warns_when_it_is_exceeded(
+        factory: str, settings: Settings, clean_orders: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Pins: the lifespan compares the pool's worst case with the server's
+    ``max_connections`` (labkit's ``check_connection_budget``), sync and async: with
+    ``DB_PROCESSES=10000`` it logs the warning and still starts."""
+    with caplog.at_level(logging.WARNING, logger="labkit"):
+        with TestClient(getattr(main, factory)(settings.replace(processes=10_000))) as client:
+            assert client.get("/live").status_code == 200
+    assert "connection budget exceeded: 10000 process(es)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="labkit"):
+        with TestClient(getattr(main, factory)(settings)):
+            pass
+    assert "connection budget exceeded" not in caplog.text
+
+
+def test_ready_is_200_when_the_database_answers(settings: Settings, clean_orders: None,
                                                  password: str) -> None:
     with TestClient(example.create_app(settings)) as client:
-        response = client.get("/health")
+        response = client.get("/ready")
     assert response.status_code == 200
     assert response.json()["ok"] is True
     assert password not in response.text
 
 
-def test_health_is_503_within_its_timeout_when_the_database_is_stopped(
+def test_ready_is_503_within_its_timeout_when_the_database_is_stopped(
         throwaway_server: LocalServer) -> None:
     settings = Settings(url=throwaway_server.info().url(), connect_timeout=1)
     app = example.create_app(settings)
     with TestClient(app) as client:
-        healthy = client.get("/health")
+        healthy = client.get("/ready")
         throwaway_server.stop()
         try:
             start = time.monotonic()
-            down = client.get("/health")
+            down = client.get("/ready")
             elapsed = time.monotonic() - start
         finally:
             throwaway_server.start()
         assert healthy.status_code == 200
         assert down.status_code == 503
         assert down.json()["error"] in {"DatabaseUnavailableError", "ConnectionLostError"}
-        assert elapsed < example.HEALTH_TIMEOUT + 1.0
+        assert elapsed < routes.READY_TIMEOUT + 1.0
         assert throwaway_server.info().password not in down.text
-        recovered = client.get("/health")
+        recovered = client.get("/ready")
         assert recovered.status_code == 200
     with create_engine(Settings(url=throwaway_server.info().url()), pool=TEST_POOL).begin() as c:
-        c.execute(text("DROP TABLE IF EXISTS example_orders"))
+        c.execute(text("DROP TABLE IF EXISTS example_orders, example_receipts, "
+                       "example_payments"))
 
 
 # --- the reference service's routes, served by uvicorn ----------------------------------
@@ -354,7 +425,7 @@ def test_live_stays_200_and_ready_is_503_within_its_timeout_while_the_database_i
         assert live.status_code == 200 and live.json() == {"status": "alive"}
         assert down.status_code == 503, down.text
         assert down.json()["error"] in {"DatabaseUnavailableError", "ConnectionLostError"}
-        assert elapsed < example.READY_TIMEOUT + 1.0
+        assert elapsed < routes.READY_TIMEOUT + 1.0
         assert throwaway_server.info().password not in down.text
         assert client.get("/ready").status_code == 200
     with create_engine(Settings(url=url), pool=TEST_POOL).begin() as conn:
@@ -455,7 +526,8 @@ def test_request_scoped_session_holds_its_connection_for_the_whole_stream(
         assert metrics['labkit_errors_total{error="PoolTimeoutError"}'] == 1
         assert metrics["labkit_pool_checkout_errors_total"] == 1
         assert metrics["labkit_pool_checkout_wait_seconds_sum"] >= 0.5
-        assert metrics['labkit_pool_checkout_wait_seconds_bucket{le="1.0"}'] >= 2
+        assert metrics["labkit_pool_checkout_wait_seconds_count"] >= 2
+        assert metrics["labkit_pool_checkout_wait_seconds_max"] >= 0.5
 
 
 @pytest.mark.parametrize(("target", "factory", "blocks"), [

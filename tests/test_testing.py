@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, Identity, func, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -38,11 +38,8 @@ from labkit import (
     async_session_scope,
     create_engine,
     create_sessionmaker,
-    get_async_db,
-    get_db,
     session_scope,
 )
-from labkit.config import url_as_text
 from labkit.testing import (
     async_isolated_sessionmaker,
     check_test_database,
@@ -51,8 +48,14 @@ from labkit.testing import (
     isolated_sessionmaker,
     looks_like_test_database,
 )
+from labkit.web import get_async_db, get_db
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def url_as_text(url: URL) -> str:
+    """The URL with its password, for a command line or an environment variable."""
+    return url.render_as_string(hide_password=False)
 # The async fixtures live on the session's event loop; so must the tests that use them.
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
@@ -123,6 +126,51 @@ def test_a_database_not_named_for_tests_is_refused_unless_allowed():
     assert "hunter2" not in str(info.value)
     check_test_database(url, allow_any=True)
     check_test_database(url.set(database="app_test"))
+
+
+# Each URL may reach a database whose name does not say "test", however it names it.
+# Port 1: were the name let through, create_database would fail to connect instead.
+NOT_ONLY_TEST_DATABASES = {
+    "path": "postgresql://u:hunter2@127.0.0.1:1/app",
+    "dbname overrides a test path": "postgresql://u:hunter2@127.0.0.1:1/app_test?dbname=app",
+    "dbname, no path": "postgresql://u:hunter2@127.0.0.1:1/?dbname=app",
+    "dbname given twice": "postgresql://u:hunter2@127.0.0.1:1/app_test"
+                          "?dbname=app_test&dbname=app",
+    "database (asyncpg)": "postgresql+asyncpg://u:hunter2@127.0.0.1:1/app_test?database=app",
+    "database, no path": "postgresql://u:hunter2@127.0.0.1:1?database=app",
+    "service file": "postgresql://u:hunter2@127.0.0.1:1/app_test?service=prod",
+    "service file, no path": "postgresql://u:hunter2@127.0.0.1:1?service=app_test",
+    "no name (PGDATABASE, the user's)": "postgresql://u:hunter2@127.0.0.1:1",
+    "no name, empty path": "postgresql://u:hunter2@127.0.0.1:1/",
+}
+
+
+@pytest.mark.parametrize("url", list(NOT_ONLY_TEST_DATABASES.values()),
+                         ids=list(NOT_ONLY_TEST_DATABASES))
+def test_a_url_that_may_reach_another_database_is_refused_however_it_names_it(url):
+    """Pins: ``check_test_database`` and ``create_database`` look at every name the URL
+    may connect to (its path, ``?dbname=``, ``?database=``) and refuse when any is not a
+    test database's, or when the name cannot be checked (``?service=``, none at all:
+    libpq's defaults decide). ``create_database`` refuses before connecting. Guards against:
+    a test-sounding path with ``?dbname=app`` connected to ``app``."""
+    parsed = make_url(url)
+    with pytest.raises(ConfigurationError, match="refuses to use database") as info:
+        check_test_database(parsed, source="DATABASE_URL")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="refuses to use database"):
+        create_database(parsed)
+    check_test_database(parsed, allow_any=True)  # on purpose: allowed
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u@h/app_test",
+    "postgresql://u@h/app_test?dbname=app_test",
+    "postgresql://u@h/?dbname=test-orders",
+    "postgresql+asyncpg://u@h/app_test?database=app_tests_gw1",
+    "postgresql://u@h/app_test?dbname=",  # an empty value is dropped: the path decides
+])
+def test_a_url_naming_only_test_databases_is_accepted(url):
+    check_test_database(make_url(url))
 
 
 def test_the_url_comes_from_the_option_then_labkit_test_database_url_then_database_url():
@@ -314,7 +362,7 @@ def test_the_override_is_removed_from_the_app_after_the_test(pytester, labkit_db
     pytester.makeini(INNER_INI)
     pytester.makepyfile(test_app="""
         from fastapi import FastAPI
-        from labkit import get_db
+        from labkit.web import get_db
         app = FastAPI()
         def test_installs(labkit_db_override):
             labkit_db_override(app)
@@ -532,7 +580,8 @@ BARE_APP = """
     from fastapi import Depends, FastAPI
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
-    from myapp.db import SessionManager, Settings, get_db
+    from myapp.db import Settings
+    from myapp.db.web import SessionManager, get_db
     from myapp.models import Note
 
     SessionDep = Annotated[Session, Depends(get_db, scope="function")]
