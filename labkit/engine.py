@@ -28,7 +28,7 @@ from . import _private, watchdog
 from .config import PoolProfile, Settings, mask_url, server_settings
 from .metrics import install as install_metrics
 from .metrics import timed_pool_class
-from .errors import ConfigurationError, DatabaseUnavailableError
+from .errors import ConfigurationError, DatabaseUnavailableError, is_database_error
 
 __all__ = ["create_async_engine", "create_engine", "engine_kwargs"]
 
@@ -249,8 +249,10 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
                 if is_async:  # no polite close: it would wait on the hung server again
                     dbapi_connection.driver_connection.terminate()
                 raise _ping_timeout(seconds) from exc
-            # Any other failure: the connection is unusable (closed, reset, killed, or a
-            # driver left mid-protocol); the pool replaces it, as SQLAlchemy's pre-ping does.
+            if not is_database_error(exc):
+                raise  # not the server's doing (an event loop closed under the pool: a bug)
+            # The connection is unusable (closed, reset, killed, or the driver left
+            # mid-protocol): the pool replaces it, as SQLAlchemy's pre-ping does.
             raise sa_exc.InvalidatePoolError() from exc
         if ticket is not None and ticket.disarm():  # answered as the socket was cut
             raise _ping_timeout(seconds)

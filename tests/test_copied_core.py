@@ -83,4 +83,10 @@ def test_the_core_renamed_myapp_db_passes_the_cores_behaviour_tests(
         text=True)
     assert health.returncode == 0 and health.stdout.startswith("ok: PostgreSQL")
     assert (db_url.password or "\0") not in health.stdout + health.stderr
+    for extra, words in (({}, "DATABASE_URL is not set"), ({"ENVIRONMENT": "production"},
+                                                            "production")):
+        refused = subprocess.run([python, "-m", "myapp.db", "health"], env={**env, **extra},
+                                 cwd=tmp_path, capture_output=True, text=True)
+        assert refused.returncode == 2 and words in refused.stderr
+        assert "Traceback" not in refused.stderr
 
