@@ -39,8 +39,8 @@ __all__ = [
     "ConnectionLostError", "DatabaseError", "DatabaseUnavailableError", "IntegrityError",
     "LabkitError", "PoolTimeoutError", "ProgrammingError", "QueryTimeoutError",
     "RetryExhaustedError", "SQLSTATES", "SerializationError", "TransientError",
-    "async_translating_errors", "is_database_error", "redact", "translate_error",
-    "translating_errors",
+    "async_translating_errors", "is_database_error", "redact", "sqlstate_of",
+    "translate_error", "translating_errors",
 ]
 
 
@@ -85,11 +85,8 @@ class SerializationError(TransientError):
 
 
 class CommitOutcomeUnknownError(DatabaseError):
-    """The connection was lost while ``COMMIT`` was in flight: committed or not, unknown.
-
-    Not transient: running the work again could store it twice. Retry only idempotent
-    work, and say so: ``run_in_transaction(..., idempotent=True)``.
-    """
+    """The answer to ``COMMIT`` was lost: stored or not, unknown. Not transient: retry only
+    idempotent work, and say so (``run_in_transaction(..., idempotent=True)``)."""
 
 
 class AuthenticationError(DatabaseError):
@@ -110,36 +107,24 @@ class RetryExhaustedError(DatabaseError):
     def __init__(self, message: str, *, attempts: int, elapsed: float,
                  last_error: BaseException | None) -> None:
         super().__init__(message, sqlstate=getattr(last_error, "sqlstate", None))
-        self.attempts = attempts
-        self.elapsed = elapsed
-        self.last_error = last_error
+        self.attempts, self.elapsed, self.last_error = attempts, elapsed, last_error
 
 
-# --- the SQLSTATE table (PostgreSQL's errcodes appendix) -------------------------------
-
+# PostgreSQL's errcodes appendix: an exact code, else its two-character class.
 SQLSTATES: dict[str, type[DatabaseError]] = {
-    "08": ConnectionLostError,           # connection exception
-    "08001": DatabaseUnavailableError,   # could not establish the connection
-    "08004": DatabaseUnavailableError,   # server rejected the connection
-    "08007": CommitOutcomeUnknownError,  # transaction resolution unknown
-    "08P01": DatabaseError,              # protocol violation
+    "08": ConnectionLostError, "08001": DatabaseUnavailableError,  # cannot connect
+    "08004": DatabaseUnavailableError, "08007": CommitOutcomeUnknownError,
+    "08P01": DatabaseError,  # protocol violation
     "10": ProgrammingError, "22": ProgrammingError,  # data exceptions
-    "23": IntegrityError, "40002": IntegrityError,   # constraint violations
-    "25P03": ConnectionLostError,        # idle_in_transaction_session_timeout (FATAL)
-    "25P04": ConnectionLostError,        # transaction_timeout (FATAL)
-    "28": AuthenticationError,           # invalid authorization
-    "40": SerializationError,            # 40001 serialization failure, 40P01 deadlock
-    "40003": CommitOutcomeUnknownError,  # statement completion unknown
-    "53": DatabaseError,                 # disk full, out of memory
-    "53300": DatabaseUnavailableError,   # too many connections
-    "55": ProgrammingError, "55006": DatabaseError,
-    "55P03": QueryTimeoutError,          # lock not available (lock_timeout, NOWAIT)
-    "57": DatabaseError,                 # operator intervention
-    "57014": QueryTimeoutError,          # query canceled (statement_timeout)
+    "23": IntegrityError, "40002": IntegrityError,
+    "25P03": ConnectionLostError, "25P04": ConnectionLostError,  # FATAL session timeouts
+    "28": AuthenticationError,
+    "40": SerializationError, "40003": CommitOutcomeUnknownError, "72": SerializationError,
+    "53": DatabaseError, "53300": DatabaseUnavailableError,  # too many connections
+    "55": ProgrammingError, "55006": DatabaseError, "55P03": QueryTimeoutError,  # lock
+    "57": DatabaseError, "57014": QueryTimeoutError,  # query canceled
     "57P01": ConnectionLostError, "57P02": ConnectionLostError,  # shutdown, crash
-    "57P03": DatabaseUnavailableError,   # cannot connect now (starting up)
-    "57P05": ConnectionLostError,        # idle_session_timeout
-    "72": SerializationError,            # snapshot too old
+    "57P03": DatabaseUnavailableError, "57P05": ConnectionLostError,
     **{cls: ProgrammingError for cls in (
         "0A", "0B", "0F", "0L", "0P", "0Z", "20", "21", "24", "25", "26", "27", "2B",
         "2D", "2F", "34", "38", "39", "3B", "3D", "3F", "42", "44", "54")},
@@ -187,7 +172,7 @@ _HINTS: dict[type[DatabaseError] | str, str] = {
 }
 
 # libpq reports a FATAL at connect as text only (psycopg2 has no pgcode then).
-_FATAL_SQLSTATES = tuple((re.compile(pattern, re.I), code) for pattern, code in (
+_FATAL = tuple((re.compile(pattern, re.I), code) for pattern, code in (
     (r'database ".*" does not exist', "3D000"),
     (r"too many clients already|remaining connection slots are reserved"
      r"|too many connections for (?:role|database)", "53300"),
@@ -197,8 +182,7 @@ _FATAL_SQLSTATES = tuple((re.compile(pattern, re.I), code) for pattern, code in 
      "57P03"),
     (r"terminating connection due to administrator command", "57P01"),
     (r"terminating connection due to idle-in-transaction timeout", "25P03"),
-    (r"terminating connection due to idle-session timeout", "57P05"),
-))
+    (r"terminating connection due to idle-session timeout", "57P05")))
 _DISCONNECT = re.compile(
     r"server closed the connection|connection (?:was |is |already )?closed|terminating "
     r"connection|ssl syscall error|could not (?:receive|send) data|no connection to the "
@@ -206,85 +190,56 @@ _DISCONNECT = re.compile(
 _UNREACHABLE = re.compile(
     r"connection refused|could not connect|timeout expired|could not translate host|name "
     r"or service not known|no route to host|network is unreachable|name resolution", re.I)
-
-
-# --- secrets -----------------------------------------------------------------------------
-
-_URL_PASSWORD = re.compile(  # scheme://user:secret@host, also with an unencoded '@'
-    r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s'\"]*:)(?P<pw>[^\s'\"]*)(?=@[^@\s'\"]*(?:[\s'\"]|$))",
-    re.I)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][\w.\-]*password=)(?P<pw>[^&#\s'\"]*)", re.I)
-_QUOTED = r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\""
-_KV_PASSWORD = re.compile(  # password=..., PGPASSWORD: '...'
-    r"(?P<head>(?<![\w?&])\w*password[\"']?\s*[:=]\s*)(?P<pw>" + _QUOTED + r"|\S+)", re.I)
-_SQL_PASSWORD = re.compile(r"(?P<head>\bpassword\s+)(?P<pw>'(?:[^'\\]|\\.|'')*')", re.I)
-
-
-def _mask(match: re.Match[str]) -> str:
-    if match.group("pw") in ("PASSWORD", "***", "'***'", '"***"'):
-        return match.group(0)
-    return match.group("head") + "***"
+_SECRETS = (  # user:secret@host (an unencoded '@' too), ?password=, password: ..., PASSWORD '..'
+    re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s'\"]*:)(?P<pw>[^\s'\"]*)"
+               r"(?=@[^@\s'\"]*(?:[\s'\"]|$))", re.I),
+    re.compile(r"(?P<head>[?&][\w.\-]*password=)(?P<pw>[^&#\s'\"]*)", re.I),
+    re.compile(r"(?P<head>\bpassword\s+)(?P<pw>'(?:[^'\\]|\\.|'')*')", re.I),
+    re.compile(r"(?P<head>(?<![\w?&])\w*password[\"']?\s*[:=]\s*)(?P<pw>'(?:[^'\\]|\\.|'')*'"
+               r"|\"(?:[^\"\\]|\\.|\"\")*\"|\S+)", re.I))
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Return ``text`` with passwords masked as ``***``.
-
-    Masks by structure: a URL's ``user:secret@``, ``?password=``, ``password=...`` and
-    ``password: ...`` pairs, SQL's ``PASSWORD '...'``. A known secret of 8 or more
-    characters is also masked where it stands alone (shorter ones would mangle words).
-    """
-    for pattern in (_URL_PASSWORD, _QUERY_PASSWORD, _SQL_PASSWORD, _KV_PASSWORD):
-        text = pattern.sub(_mask, text)
+    """Return ``text`` with passwords masked as ``***``: in URLs, ``password=`` pairs and
+    SQL's ``PASSWORD '...'``, and any known secret of 8+ characters standing alone."""
+    for pattern in _SECRETS:
+        text = pattern.sub(lambda m: m.group(0) if m.group("pw") in (
+            "PASSWORD", "***", "'***'", '"***"') else m.group("head") + "***", text)
     for secret in secrets:
-        if secret and len(secret) >= 8:
+        if secret and len(secret) >= 8:  # shorter ones would mangle words
             text = re.sub(r"(?<!\w)" + re.escape(secret) + r"(?!\w)", "***", text)
     return text
-
-
-# --- which exceptions are ours to classify --------------------------------------------------
-
-# A bare OSError/TimeoutError/EOFError is a database failure only when these packages
-# raised it (asyncpg lets a refused connect escape unwrapped); else it is the caller's.
-_DATABASE_PACKAGES = frozenset({"sqlalchemy", "asyncpg", "psycopg2", "psycopg"})
-_BARE = (OSError, TimeoutError, asyncio.TimeoutError, EOFError)
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
     from sqlalchemy import exc as sa_exc
 
     types: list[type[BaseException]] = [LabkitError, sa_exc.SQLAlchemyError]
-    for module, names in (("psycopg2", ("Error",)), ("psycopg", ("Error",)),
-                          ("asyncpg", ("PostgresError", "InterfaceError",
-                                       "InternalClientError"))):
+    for module, names in (("psycopg2", ("Error",)), ("psycopg", ("Error",)), (
+            "asyncpg", ("PostgresError", "InterfaceError", "InternalClientError"))):
         package = sys.modules.get(module)  # not imported: cannot have raised
         types += [getattr(package, name) for name in names if hasattr(package, name)]
     return tuple(types)
 
 
-def _raiser_module(exc: BaseException) -> str:
-    """The module of the frame nearest the raise that is not the standard library's."""
-    tb, modules = exc.__traceback__, []
-    while tb is not None:
-        modules.append((tb.tb_frame.f_globals.get("__name__") or "",
-                        tb.tb_frame.f_code.co_filename))
-        tb = tb.tb_next
-    for module, filename in reversed(modules):
-        if not (filename.startswith("<frozen")
-                or module.partition(".")[0] in sys.stdlib_module_names):
-            return module
-    return ""
-
-
 def is_database_error(exc: BaseException) -> bool:
-    """Return True for SQLAlchemy's, the drivers' and labkit's errors, and for a bare
+    """True for SQLAlchemy's, the drivers' and labkit's errors, and for a bare
     ``OSError``/``TimeoutError``/``EOFError`` raised inside SQLAlchemy or a driver."""
     if isinstance(exc, _driver_errors()):
         return True
-    return (isinstance(exc, _BARE)
-            and _raiser_module(exc).partition(".")[0] in _DATABASE_PACKAGES)
+    if not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, EOFError)):
+        return False
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # the raiser nearest the raise, past the stdlib
+        module = frame.f_globals.get("__name__") or ""
+        if not (frame.f_code.co_filename.startswith("<frozen")
+                or module.partition(".")[0] in sys.stdlib_module_names):
+            return module.partition(".")[0] in ("sqlalchemy", "asyncpg", "psycopg2", "psycopg")
+    return False
 
-
-# --- classification ------------------------------------------------------------------------
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc``, then what it wraps (``orig``, ``__cause__``), nearest first."""
@@ -299,45 +254,34 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                      if isinstance(e, BaseException)]
 
 
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE the server sent (psycopg2 ``pgcode``, asyncpg and psycopg ``sqlstate``).
-
-    The innermost wins: asyncpg reports a backend killed mid-query as 08003 caused by the
-    server's 57P01, and the server's code says why. A FATAL at connect that libpq gave as
-    text only is read from its (English) message.
-    """
-    found = None
-    for candidate in _chain(exc):
-        if isinstance(candidate, LabkitError):
-            found = getattr(candidate, "sqlstate", None) or found
-            continue
-        code = getattr(candidate, "pgcode", None) or getattr(candidate, "sqlstate", None)
-        if isinstance(code, str) and len(code) == 5 and code.isalnum():
-            found = code.upper()
-    if found is None:
-        for text in _driver_texts(exc):
-            for pattern, code in _FATAL_SQLSTATES:
-                if pattern.search(text):
-                    return code
-    return found
-
-
-def _driver_texts(exc: BaseException) -> list[str]:
+def _texts(exc: BaseException) -> list[str]:
     from sqlalchemy import exc as sa_exc  # its StatementError copies quote the SQL
 
     return [str(e) for e in _chain(exc) if not isinstance(e, sa_exc.StatementError)]
 
 
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE the server sent (``pgcode``/``sqlstate``), the innermost winning (asyncpg
+    wraps a killed backend's 57P01 in 08003); else read from a FATAL that libpq gave as text."""
+    found = None
+    for e in _chain(exc):
+        code = getattr(e, "sqlstate", None) if isinstance(e, LabkitError) else (
+            getattr(e, "pgcode", None) or getattr(e, "sqlstate", None))
+        if isinstance(code, str) and len(code) == 5 and code.isalnum():
+            found = code.upper()
+    return found or next((code for text in _texts(exc) for pattern, code in _FATAL
+                          if pattern.search(text)), None)
+
+
 def _while_connecting(exc: BaseException) -> bool:
     """True when the traceback passes through the opening of a new connection."""
-    for candidate in _chain(exc):
-        tb = candidate.__traceback__
+    for e in _chain(exc):
+        tb = e.__traceback__
         while tb is not None:
-            module = tb.tb_frame.f_globals.get("__name__") or ""
-            name = tb.tb_frame.f_code.co_name
-            if ((module.startswith("sqlalchemy.pool") and name == "__connect")
-                    or module == "asyncpg.connect_utils"
-                    or (module in ("asyncpg.connection", "psycopg2") and name == "connect")):
+            module, name = tb.tb_frame.f_globals.get("__name__") or "", tb.tb_frame.f_code.co_name
+            if (module.startswith("sqlalchemy.pool") and name == "__connect") \
+                    or module == "asyncpg.connect_utils" \
+                    or (module in ("asyncpg.connection", "psycopg2") and name == "connect"):
                 return True
             tb = tb.tb_next
     return False
@@ -348,20 +292,17 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
 
     if isinstance(exc, sa_exc.TimeoutError):
         return PoolTimeoutError, None
-    connecting = _while_connecting(exc)
-    code = sqlstate_of(exc)
+    connecting, code = _while_connecting(exc), sqlstate_of(exc)
     if code is not None:
         kind = SQLSTATES.get(code) or SQLSTATES.get(code[:2], DatabaseError)
         if kind is ConnectionLostError and connecting:
             kind = DatabaseUnavailableError  # there was no open connection to lose
         return kind, code
-    chain = list(_chain(exc))
-    text = " ".join(_driver_texts(exc))
+    chain, text = list(_chain(exc)), " ".join(_texts(exc))
     asyncpg = sys.modules.get("asyncpg")
     if asyncpg is not None and any(isinstance(e, asyncpg.exceptions.DataError) for e in chain):
         return ProgrammingError, None  # asyncpg refused a parameter before sending it
-    if connecting or any(isinstance(e, (ConnectionRefusedError, socket.gaierror))
-                         for e in chain):
+    if connecting or any(isinstance(e, (ConnectionRefusedError, socket.gaierror)) for e in chain):
         return DatabaseUnavailableError, None
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return ConnectionLostError, None
@@ -373,21 +314,18 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
         return DatabaseUnavailableError, None
     if isinstance(exc, OSError):
         return ConnectionLostError, None
-    for sa_type, kind in ((sa_exc.IntegrityError, IntegrityError),
-                          (sa_exc.DataError, ProgrammingError),
-                          (sa_exc.ProgrammingError, ProgrammingError),
-                          (sa_exc.InvalidRequestError, ProgrammingError)):
-        if isinstance(exc, sa_type):
-            return kind, None
+    if isinstance(exc, sa_exc.IntegrityError):
+        return IntegrityError, None
+    if isinstance(exc, (sa_exc.DataError, sa_exc.ProgrammingError, sa_exc.InvalidRequestError)):
+        return ProgrammingError, None
     return DatabaseError, None
 
 
 def translate_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -> LabkitError:
-    """Return the labkit error for a driver or SQLAlchemy exception (not raised).
+    """Return (not raise) the labkit error for a driver or SQLAlchemy exception.
 
-    A ``LabkitError`` is returned as it is. The message says what the error means and
-    what to do, then the SQLSTATE, then the driver's words in brackets, passwords masked.
-    The original is chained as ``__cause__``; the SQLSTATE is kept in ``sqlstate``.
+    The message says what it means and what to do, then the SQLSTATE, then the driver's
+    words, passwords masked; the original is the ``__cause__``. Labkit errors pass as they are.
     """
     if isinstance(exc, LabkitError):
         return exc
@@ -399,12 +337,17 @@ def translate_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -
     raw = (str(orig) if orig is not None and str(orig) else str(exc))
     raw = raw.split("\n(Background on this error")[0]
     detail = " ".join(line.strip() for line in raw.splitlines()[:3] if line.strip())[:500]
-    message = hint + (f" (SQLSTATE {code})" if code else "")
-    if detail:
-        message += f" [{type(exc).__name__}: {detail}]"
+    message = hint + (f" (SQLSTATE {code})" if code else "") + (
+        f" [{type(exc).__name__}: {detail}]" if detail else "")
     error = kind(redact(message, list(secrets)), sqlstate=code)
     error.__cause__ = exc
     return error
+
+
+def _reraise(exc: Exception, secrets: Iterable[str | None]) -> None:
+    if isinstance(exc, LabkitError) or not is_database_error(exc):
+        raise exc
+    raise translate_error(exc, secrets=secrets) from exc
 
 
 @contextlib.contextmanager
@@ -413,9 +356,7 @@ def translating_errors(*, secrets: Iterable[str | None] = ()) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, LabkitError) or not is_database_error(exc):
-            raise
-        raise translate_error(exc, secrets=secrets) from exc
+        _reraise(exc, secrets)
 
 
 @contextlib.asynccontextmanager
@@ -425,6 +366,4 @@ async def async_translating_errors(*, secrets: Iterable[str | None] = ()
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, LabkitError) or not is_database_error(exc):
-            raise
-        raise translate_error(exc, secrets=secrets) from exc
+        _reraise(exc, secrets)

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,8 +37,9 @@ from .errors import (
     translate_error,
 )
 
-__all__ = ["ConnectionBudget", "HealthReport", "async_check_database", "async_health_check",
-           "check_connection_budget", "check_database", "health_check"]
+__all__ = ["ConnectionBudget", "HealthReport", "async_check_connection_budget",
+           "async_check_database", "async_health_check", "check_connection_budget",
+           "check_database", "health_check"]
 
 logger = logging.getLogger("labkit")
 DEFAULT_TIMEOUT = 5.0
@@ -318,22 +319,41 @@ class ConnectionBudget:
 def check_connection_budget(engine: Engine, settings: Settings) -> ConnectionBudget:
     """Compare the pools' worst case with ``SHOW max_connections``; log a warning if over.
 
-    Call it at start-up (it uses one pooled connection briefly). Raises a labkit error
-    when the database cannot be asked.
+    Counts ``settings.pool`` (pass the settings the engine was made with). Call it at
+    start-up: it uses one pooled connection briefly. Raises a labkit error if the database
+    cannot be asked.
     """
     try:
         with engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                "SELECT current_setting('max_connections')::int"
-                " - current_setting('superuser_reserved_connections')::int"
-                " - coalesce(current_setting('reserved_connections', true)::int, 0)").one()
+            return _budget(conn, settings)
+    except LabkitError:
+        raise
     except Exception as exc:
         raise translate_error(exc, secrets=[engine.url.password]) from exc
-    per_process = settings.pool.max_connections
-    per_process = None if per_process is None else per_process + 1
+
+
+async def async_check_connection_budget(engine: AsyncEngine,
+                                        settings: Settings) -> ConnectionBudget:
+    """Async twin of ``check_connection_budget``."""
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_budget, settings)
+    except LabkitError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, secrets=[engine.url.password]) from exc
+
+
+def _budget(conn: Connection, settings: Settings) -> ConnectionBudget:
+    available = conn.exec_driver_sql(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - coalesce(current_setting('reserved_connections', true)::int, 0)").scalar_one()
+    limit = settings.pool.max_connections
+    per_process = None if limit is None else limit + 1
     budget = ConnectionBudget(
         needed=None if per_process is None else per_process * settings.processes,
-        available=int(row[0]), processes=settings.processes, per_process=per_process)
+        available=int(available), processes=settings.processes, per_process=per_process)
     if not budget.ok:
         logger.warning(
             "connection budget exceeded: %s process(es) x %s connections (pool_size + "

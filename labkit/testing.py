@@ -1,84 +1,15 @@
-"""A pytest plugin: every test runs against a real PostgreSQL, and leaves it as it found it.
+"""A pytest plugin: every test runs against a real PostgreSQL and leaves it as it found it.
 
-Enable it with one line in the top-level ``conftest.py`` (or ``-p labkit.testing`` on
-the command line; in a copied core, ``yourapp.db.testing``):
-
-```python
-pytest_plugins = ["labkit.testing"]
-```
-
-**Which database.** The first of these that is set, in this order:
-
-1. ``--labkit-db-url=postgresql://user:password@host:5432/app_test`` on the command line;
-2. ``LABKIT_TEST_DATABASE_URL`` in the environment;
-3. ``DATABASE_URL`` in the environment.
-
-Nothing is guessed: with none of them set, every test that asks for the database fails
-and says how to name one. To choose the database in code instead (create it, or derive
-it from another fixture), override the ``labkit_db_url`` fixture in your ``conftest.py``.
-
-**Only a test database.** The plugin refuses a database whose name does not contain
-``test`` as a word (``test``, ``app_test``, ``test-orders``, ``app_tests_gw1``; not
-``app``, ``contest`` or ``latest``), whichever way the URL was given, because a
-``DATABASE_URL`` left pointing at a real database is the usual accident. Pass
-``--labkit-allow-any-db`` to run against another name on purpose.
-
-**Isolation.** Each test gets a connection inside a transaction that is rolled back when
-the test ends. Sessions join it with SQLAlchemy's
-``join_transaction_mode="create_savepoint"``: the code under test may call
-``session.commit()`` (it releases a savepoint) and ``session.rollback()`` (it rolls back
-to that savepoint, keeping what the test set up), and nothing is ever committed. The
-schema is not per test: it is created once (override ``labkit_metadata``, or migrate the
-test database yourself) and stays.
-
-What rolling back cannot show, because the real ``COMMIT`` never happens: deferred
-constraints (checked at ``COMMIT``), serialization failures raised at ``COMMIT``, work
-another connection must see (a second engine, a worker process), ``NOTIFY``, and
-sequences (``nextval`` is never rolled back: ids keep growing from run to run). Test
-those with real commits on tables of their own.
-
-**Fixtures** (sync, then the async twins, which need ``pytest-asyncio``):
-
-| fixture | scope | what it is |
-|---|---|---|
-| ``labkit_db_url`` | session | the test database's URL (override to choose it in code) |
-| ``labkit_settings`` | session | ``Settings`` for it (``ENVIRONMENT=test``, a small pool) |
-| ``labkit_metadata`` | session | ``None``; override to return your ``MetaData`` |
-| ``labkit_engine`` | session | the sync engine; creates ``labkit_metadata``'s missing tables |
-| ``labkit_connection`` | test | a connection whose transaction is rolled back after the test |
-| ``labkit_sessionmaker`` | test | makes sessions joined to that transaction by savepoints |
-| ``labkit_session`` | test | one such session |
-| ``labkit_db_override`` | test | ``override(app)``: the app's ``get_db`` yields test sessions |
-| ``labkit_async_engine`` | session | async twin (on the session's event loop) |
-| ``labkit_async_connection``, ``labkit_async_sessionmaker``, ``labkit_async_session`` | test | async twins |
-| ``labkit_async_db_override`` | test | ``override(app)`` for ``get_async_db`` |
-
-**Event loops.** An asyncpg connection belongs to the event loop that opened it, and
-pytest-asyncio gives each test a new loop unless told otherwise. The async fixtures live
-on the session's loop (so the engine's pool is opened once), and a test that uses them
-must run on that loop too, or it fails with "attached to a different loop". The plugin
-checks this and names the fix: set ``asyncio_default_test_loop_scope = session`` in the
-pytest configuration, or mark the tests ``@pytest.mark.asyncio(loop_scope="session")``.
-
-Example:
-    ```python
-    # conftest.py
-    pytest_plugins = ["labkit.testing"]
-
-    @pytest.fixture(scope="session")
-    def labkit_metadata():
-        return Base.metadata          # missing tables are created once
-
-    @pytest.fixture
-    def client(labkit_db_override):
-        with TestClient(labkit_db_override(create_app())) as client:
-            yield client
-
-    # test_orders.py
-    def test_order_is_stored(client, labkit_session):
-        assert client.post("/orders", json={"item": "tea"}).status_code == 201
-        assert labkit_session.scalar(select(func.count()).select_from(Order)) == 1
-    ```
+Enable it with ``pytest_plugins = ["labkit.testing"]`` (in a copy: ``yourapp.db.testing``).
+The database is ``--labkit-db-url``, else ``LABKIT_TEST_DATABASE_URL``, else
+``DATABASE_URL``; one whose name (path, ``?dbname=``, ``?database=``) is not a test
+database is refused unless ``--labkit-allow-any-db``. Each test runs in a transaction that
+is rolled back; sessions join it with savepoints, so code under test may commit. Fixtures:
+``labkit_db_url``, ``labkit_settings``, ``labkit_metadata`` (override it), ``labkit_engine``,
+``labkit_connection``, ``labkit_sessionmaker``, ``labkit_session``, ``labkit_db_override``,
+and their async twins (``labkit_async_*``, on the session's event loop). What a rollback
+cannot show (deferred constraints, commit-time serialization failures, other connections,
+sequences) needs real commits: docs/recipes/testing.md.
 """
 
 from __future__ import annotations
@@ -110,17 +41,10 @@ except ImportError:
     _HAS_PYTEST_ASYNCIO = False
 
 __all__ = [
-    "DATABASE_URL_ENV",
-    "TESTING_POOL",
-    "TEST_DATABASE_URL_ENV",
-    "async_isolated_sessionmaker",
-    "check_test_database",
-    "configured_url",
-    "create_database",
-    "isolated_sessionmaker",
-    "looks_like_test_database",
-    "override_get_async_db",
-    "override_get_db",
+    "DATABASE_URL_ENV", "TESTING_POOL", "TEST_DATABASE_URL_ENV",
+    "async_isolated_sessionmaker", "check_test_database", "configured_url",
+    "create_database", "isolated_sessionmaker", "looks_like_test_database",
+    "override_get_async_db", "override_get_db",
 ]
 
 TEST_DATABASE_URL_ENV = "LABKIT_TEST_DATABASE_URL"
@@ -140,13 +64,8 @@ _TEST_WORD = re.compile(r"tests?\d*|testing")
 # --- which database -----------------------------------------------------------------
 
 def looks_like_test_database(name: str | None) -> bool:
-    """Return True when ``name`` contains ``test``, ``tests`` or ``testing`` as a word.
-
-    Words are separated by anything but letters and digits; a word may end in digits
-    (``test1``, pytest-xdist's ``gw0`` is a word of its own). ``app_test``,
-    ``test-orders`` and ``labkit_tests_gw1`` are test databases; ``app``, ``contest``,
-    ``latest`` and ``testdata`` are not.
-    """
+    """Return True when ``name`` has ``test``, ``tests`` or ``testing`` as a word (``app_test``,
+    ``test-orders``, ``labkit_tests_gw1``; not ``contest``, ``latest`` or ``testdata``)."""
     if not name:
         return False
     return any(_TEST_WORD.fullmatch(word)
@@ -184,15 +103,8 @@ def check_test_database(url: URL, *, allow_any: bool = False, source: str = "the
 
 def configured_url(option: str | None = None,
                    env: Mapping[str, str] | None = None) -> tuple[URL, str] | None:
-    """Return the test database's URL and where it came from, or ``None`` if none is set.
-
-    The first that is set wins: ``option`` (``--labkit-db-url``), then
-    ``LABKIT_TEST_DATABASE_URL``, then ``DATABASE_URL`` from ``env`` (``os.environ``
-    when ``None``). The URL is parsed, not checked: see ``check_test_database``.
-
-    Raises:
-        ConfigurationError: The chosen value is not a valid database URL.
-    """
+    """Return the test database's URL and its source (``--labkit-db-url``,
+    ``LABKIT_TEST_DATABASE_URL``, ``DATABASE_URL``), or ``None``; parsed, not checked."""
     env = os.environ if env is None else env
     for value, source in ((option, "--labkit-db-url"),
                           (env.get(TEST_DATABASE_URL_ENV), TEST_DATABASE_URL_ENV),
@@ -203,18 +115,10 @@ def configured_url(option: str | None = None,
 
 
 def create_database(url: URL, *, allow_any: bool = False) -> bool:
-    """Create the database ``url`` names, on its server, unless it exists.
+    """Create the test database ``url`` names unless it exists; True if this call created it.
 
-    Connects to the server's ``postgres`` database as the URL's user (who needs the
-    ``CREATEDB`` privilege). Safe to call from two processes at once. The name is
-    checked like the plugin's (``check_test_database``).
-
-    Returns:
-        True if this call created it, False if it was already there.
-
-    Raises:
-        ConfigurationError: The name does not look like a test database.
-    """
+    Connects to the server's ``postgres`` database (needs ``CREATEDB``); safe from two
+    processes at once; the name is checked like the plugin's."""
     check_test_database(url, allow_any=allow_any)
     maintenance = create_engine(Settings(url=url.set(database="postgres")),
                                 poolclass=NullPool, isolation_level="AUTOCOMMIT")
@@ -243,24 +147,8 @@ def create_database(url: URL, *, allow_any: bool = False) -> bool:
 def isolated_sessionmaker(engine: Engine) -> Iterator[sessionmaker[Session]]:
     """Yield a session factory whose commits are savepoints in one transaction, rolled back.
 
-    Opens one connection, begins a transaction, and binds the factory to it with
-    ``join_transaction_mode="create_savepoint"``: each session works inside a
-    ``SAVEPOINT``; its ``commit()`` releases it (the work is visible to every later
-    session of the factory, not to other connections) and its ``rollback()`` rolls back to
-    it. On exit the transaction is rolled back and the connection goes back to the pool:
-    nothing was committed. Sessions are made like labkit's (``autoflush=False``,
-    ``expire_on_commit=False``).
-
-    Example:
-        ```python
-        with isolated_sessionmaker(engine) as factory:
-            with session_scope(factory) as session:   # commits: a RELEASE SAVEPOINT
-                session.add(Order(item="tea"))
-            with factory() as session:
-                assert session.scalar(select(func.count(Order.id))) == 1
-        # rolled back: the table is as it was
-        ```
-    """
+    Each session's ``commit()`` releases a savepoint (later sessions see the work, other
+    connections never do); on exit everything is rolled back."""
     with engine.connect() as connection:
         transaction = connection.begin()
         try:
@@ -295,15 +183,8 @@ def _async_joined_sessionmaker(connection: AsyncConnection) -> async_sessionmake
 
 
 def override_get_db(factory: sessionmaker[Session]) -> Callable[[], Iterator[Session]]:
-    """Return a replacement for ``get_db`` that yields sessions from ``factory``.
-
-    It behaves like ``get_db`` (a ``session_scope``: flush and commit when the handler
-    returns, roll back if it raises, close), on the test's factory instead of
-    ``request.app.state.db``. Install it with
-    ``app.dependency_overrides[get_db] = override_get_db(factory)``. FastAPI keeps the
-    scope declared at the route, so ``Depends(get_db, scope="function")`` still commits
-    before the response is sent.
-    """
+    """Return a replacement for ``get_db`` yielding ``session_scope`` sessions from ``factory``:
+    ``app.dependency_overrides[get_db] = override_get_db(factory)``."""
     def get_test_db() -> Iterator[Session]:
         with session_scope(factory) as session:
             yield session
@@ -396,12 +277,8 @@ def labkit_settings(labkit_db_url: URL) -> Settings:
 
 @pytest.fixture(scope="session")
 def labkit_metadata() -> MetaData | None:
-    """The tables the tests need: ``None``; override it to return your ``MetaData``.
-
-    Tables it lists that are missing are created once per test session, committed, and
-    left in place (like a migration; the test database keeps its schema, never its
-    test data).
-    """
+    """The tables the tests need: ``None``; override it to return your ``MetaData`` (missing
+    tables are created once per session and kept)."""
     return None
 
 
@@ -423,11 +300,7 @@ def labkit_engine(pytestconfig: pytest.Config, labkit_settings: Settings,
 
 @pytest.fixture
 def labkit_connection(labkit_engine: Engine) -> Iterator[Connection]:
-    """A connection inside a transaction that is rolled back when the test ends.
-
-    Use it for Core statements; do not call its ``commit()`` (that would commit for
-    real): take a session from ``labkit_sessionmaker`` for code that commits.
-    """
+    """A connection inside a transaction rolled back when the test ends (do not commit it)."""
     with labkit_engine.connect() as connection:
         transaction = connection.begin()
         try:
@@ -456,12 +329,8 @@ def labkit_session(labkit_sessionmaker: sessionmaker[Session]) -> Iterator[Sessi
 @pytest.fixture
 def labkit_db_override(labkit_sessionmaker: sessionmaker[Session]
                        ) -> Iterator[Callable[[_App], _App]]:
-    """A function ``override(app)`` that makes the app's ``get_db`` yield test sessions.
-
-    Each request gets a new session from ``labkit_sessionmaker``, committed (a savepoint)
-    when the handler returns, as ``get_db`` does. The override is removed from every app
-    it was installed on when the test ends. Returns the app, for chaining.
-    """
+    """A function ``override(app)`` that makes the app's ``get_db`` yield test sessions (each
+    committed as a savepoint); removed from every app when the test ends."""
     apps: list[_HasDependencyOverrides] = []
 
     def override(app: _App) -> _App:
@@ -553,12 +422,8 @@ if _HAS_PYTEST_ASYNCIO:
     @pytest.fixture
     def labkit_async_db_override(labkit_async_sessionmaker: async_sessionmaker[AsyncSession]
                                  ) -> Iterator[Callable[[_App], _App]]:
-        """Async twin of ``labkit_db_override``, for ``get_async_db``.
-
-        Send the requests from the test's event loop (``httpx.AsyncClient`` with
-        ``ASGITransport``), not with ``TestClient``, which runs the app on a loop of
-        its own.
-        """
+        """Async twin of ``labkit_db_override``, for ``get_async_db``; send requests from the
+    test's event loop (``httpx.AsyncClient`` with ``ASGITransport``)."""
         apps: list[_HasDependencyOverrides] = []
 
         def override(app: _App) -> _App:

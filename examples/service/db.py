@@ -17,10 +17,9 @@ from fastapi import Depends, FastAPI, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import greenlet_spawn
 
 from labkit import Settings, async_wait_for_database, wait_for_database
-from labkit.health import check_connection_budget
+from labkit.health import async_check_connection_budget, check_connection_budget
 from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
 
 from .metrics import ServiceMetrics
@@ -103,9 +102,7 @@ async def async_lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.metrics = ServiceMetrics(manager.engine)
     try:
         await async_wait_for_database(manager.engine)
-        # check_connection_budget takes a sync Engine: run it where the async engine's
-        # sync face may do I/O (labkit has no async twin of it).
-        await greenlet_spawn(check_connection_budget, manager.engine.sync_engine, settings)
+        await async_check_connection_budget(manager.engine, settings)  # warns when over
         async with manager.connect() as conn:
             for statement in SCHEMA:
                 await conn.execute(text(statement))
