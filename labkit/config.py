@@ -1,9 +1,8 @@
 """Settings: where the database is and how the pool behaves, read in one place.
 
-Nothing is read at import. ``Settings.from_env(env)`` reads a mapping (``os.environ``
-by default) once; tests pass a dict. One ``DATABASE_URL`` serves both drivers:
-``to_sync_url`` / ``to_async_url`` translate it, and a URL parameter is either honoured
-by both drivers or refused at once with a ``ConfigurationError``.
+Nothing is read at import: ``Settings.from_env(env)`` reads a mapping (``os.environ`` by
+default) once. One ``DATABASE_URL`` serves both drivers (``to_sync_url``,
+``to_async_url``); a URL parameter is honoured by both, or refused at once.
 
 | variable | field | unit |
 |---|---|---|
@@ -16,22 +15,17 @@ by both drivers or refused at once with a ``ConfigurationError``.
 | ``DB_POOL_PRE_PING`` | ``pool.pool_pre_ping``: test each connection at checkout | bool |
 | ``DB_ECHO`` | ``echo``: log every statement | bool |
 | ``DB_CONNECT_TIMEOUT`` | ``connect_timeout``: give up opening a connection | seconds |
-| ``DB_STATEMENT_TIMEOUT`` | ``statement_timeout_ms``: the server cancels longer statements | ms |
-| ``DB_TCP_KEEPALIVE_IDLE`` | ``tcp_keepalive_idle``: silence before the first probe | seconds |
-| ``DB_TCP_KEEPALIVE_INTERVAL`` | ``tcp_keepalive_interval``: between probes | seconds |
-| ``DB_TCP_KEEPALIVE_COUNT`` | ``tcp_keepalive_count``: unanswered probes before drop | |
-| ``DB_TCP_USER_TIMEOUT`` | ``tcp_user_timeout``: drop when sent data stays unacknowledged | seconds |
-| ``DB_BEHIND_POOLER`` | ``behind_pooler``: the URL is a transaction-mode pooler | bool |
-| ``DB_PROCESSES`` | ``processes``: processes sharing the server (connection budget) | |
+| ``DB_STATEMENT_TIMEOUT`` | ``statement_timeout_ms``: the server cancels longer ones | ms |
+| ``DB_PROCESSES`` | ``processes``: processes sharing the server (budget) | |
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import numbers
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,24 +36,18 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigurationError, redact
 
-__all__ = [
-    "DEVELOPMENT_POOL", "PRODUCTION_POOL", "PRODUCTION_TCP", "TEST_POOL", "PoolProfile",
-    "Settings", "build_url", "mask_url", "parse_url", "to_async_url", "to_sync_url",
-]
+__all__ = ["DEVELOPMENT_POOL", "PRODUCTION_POOL", "TEST_POOL", "PoolProfile", "Settings",
+           "build_url", "mask_url", "parse_url", "server_settings", "to_async_url",
+           "to_sync_url"]
 
 ENVIRONMENTS = ("development", "production", "test")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-# URL parameters both drivers honour (labkit translates the spelling). Anything else,
-# a typo such as 'sslmod' or one driver's own option, is refused when Settings is made.
+# URL parameters both drivers honour; anything else (a typo such as 'sslmod', one
+# driver's own option) is refused when Settings is made.
 URL_PARAMETERS = frozenset({"sslmode", "ssl", "options", "application_name",
                             "connect_timeout", "target_session_attrs", "host"})
 _BOTH_READ = {"sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
               "sslcrl": "PGSSLCRL"}
-
-PRODUCTION_TCP: dict[str, float] = {"tcp_keepalive_idle": 60, "tcp_keepalive_interval": 10,
-                                    "tcp_keepalive_count": 3, "tcp_user_timeout": 30.0}
-"""TCP settings used in production unless set: idle flows kept alive through NATs and load
-balancers, a dead peer found in about 70 s instead of the kernel's two hours."""
 
 
 def _seconds(name: str, value: Any, maximum: float = threading.TIMEOUT_MAX) -> float:
@@ -82,7 +70,7 @@ class PoolProfile:
     """Pool settings for SQLAlchemy's ``create_engine``; times in seconds.
 
     ``poolclass`` is ``"queue"`` (QueuePool), ``"null"`` (a new connection per checkout)
-    or ``"static"`` (one shared connection). ``pool_recycle=-1`` never recycles. Invalid
+    or ``"static"`` (one shared connection); ``pool_recycle=-1`` never recycles. Invalid
     values raise ``ConfigurationError`` naming the field.
     """
 
@@ -123,8 +111,7 @@ class PoolProfile:
 
 DEVELOPMENT_POOL = PoolProfile(pool_size=5, max_overflow=10, pool_timeout=30.0)
 # Small on purpose: processes x (pool_size + max_overflow + 1 probe) must fit the server's
-# max_connections (100 by default); a request waits at most 5 s for a connection, then
-# fails while the service can still answer. docs/concepts/engine-and-pool.md has the sums.
+# max_connections, and a request waits at most 5 s for a connection (docs: engine and pool).
 PRODUCTION_POOL = PoolProfile(pool_size=5, max_overflow=5, pool_timeout=5.0,
                               pool_recycle=1800)
 # Tests open and close engines often against servers that restart: nothing is kept.
@@ -133,34 +120,28 @@ _PROFILES = {"development": DEVELOPMENT_POOL, "production": PRODUCTION_POOL,
              "test": TEST_POOL}
 
 
-# --- URLs ------------------------------------------------------------------------------
-
 def parse_url(url: str | URL) -> URL:
     """Parse a PostgreSQL URL; raise ``ConfigurationError`` (never showing the password).
 
-    ``postgres://`` becomes ``postgresql://``; a ``?password=`` moves into the URL's
-    password field, which every rendering masks; an unencoded ``@`` in the password is
-    refused with the fix (``%40``; ``build_url`` encodes for you).
+    ``postgres://`` becomes ``postgresql://``; a ``?password=`` moves into the password
+    field, which every rendering masks; an unencoded ``@`` in the password is refused.
     """
-    if isinstance(url, URL):
-        parsed = url
-    else:
-        try:
-            parsed = make_url(str(url).strip())
-        except (ArgumentError, ValueError):
-            raise ConfigurationError(
-                "malformed database URL (not shown: it may hold a password); expected "
-                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with @ : / ? # in the "
-                "password percent-encoded (labkit.build_url does it)") from None
+    try:
+        parsed = url if isinstance(url, URL) else make_url(str(url).strip())
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(
+            "malformed database URL (not shown: it may hold a password); expected "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with @ : / ? # in the "
+            "password percent-encoded (labkit.build_url does it)") from None
     if parsed.host is not None and "@" in parsed.host:
         raise ConfigurationError(
             "malformed database URL (not shown: it holds a password): more than one '@'; "
             "write an '@' in the password as %40 (labkit.build_url does it)")
-    if parsed.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"labkit speaks PostgreSQL, not {parsed.get_backend_name()!r} "
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"labkit speaks PostgreSQL, not {backend!r} "
                                  f"({mask_url(parsed)})")
-    if parsed.get_backend_name() == "postgres":
-        parsed = parsed.set(drivername="postgresql" + parsed.drivername[len("postgres"):])
+    parsed = parsed.set(drivername="postgresql" + parsed.drivername[len(backend):])
     if "password" in parsed.query:
         if parsed.password is not None or not isinstance(parsed.query["password"], str):
             raise ConfigurationError(
@@ -174,11 +155,10 @@ def parse_url(url: str | URL) -> URL:
 
 def mask_url(url: str | URL) -> str:
     """Return the URL as text with its password (wherever it sits) shown as ``***``."""
-    if not isinstance(url, URL):
-        try:
-            url = make_url(str(url).strip())
-        except (ArgumentError, ValueError):
-            return redact(str(url))
+    try:
+        url = url if isinstance(url, URL) else make_url(str(url).strip())
+    except (ArgumentError, ValueError):
+        return redact(str(url))
     if "password" in url.query:
         url = url.difference_update_query(["password"]).set(password="***")
     if url.host is not None and "@" in url.host:
@@ -232,28 +212,21 @@ def to_sync_url(url: str | URL) -> URL:
 
 
 def to_async_url(url: str | URL) -> URL:
-    """Return the URL for asyncpg (``postgresql+asyncpg://``, TLS mode as ``ssl``).
-
-    ``options`` stays: ``create_async_engine`` hands its ``-c`` settings to asyncpg as
-    ``server_settings``.
-    """
+    """Return the URL for asyncpg (``postgresql+asyncpg://``, TLS mode as ``ssl``); its
+    ``options`` become asyncpg's ``server_settings`` in ``create_async_engine``."""
     parsed = _with_driver(url, "asyncpg", "ssl")
-    if _one(parsed, "options") is not None:
-        server_settings(_one(parsed, "options") or "")
+    server_settings(_one(parsed, "options") or "")
     return parsed
 
 
 def server_settings(options: str) -> dict[str, str]:
     """Turn libpq ``options`` (``-c name=value ...``) into asyncpg's ``server_settings``."""
-    words = re.split(r"(?<!\\)\s+", options.strip()) if options.strip() else []
-    words = [word.replace("\\ ", " ") for word in words]
+    words = [w.replace("\\ ", " ") for w in re.split(r"(?<!\\)\s+", options.strip()) if w]
     settings: dict[str, str] = {}
-    index = 0
-    while index < len(words):
-        word = words[index]
-        if word == "-c" and index + 1 < len(words):
-            index += 1
-            pair = words[index]
+    while words:
+        word = words.pop(0)
+        if word == "-c" and words:
+            pair = words.pop(0)
         elif word.startswith(("--", "-c")) and len(word) > 2:
             pair = word[2:]
         else:
@@ -263,17 +236,14 @@ def server_settings(options: str) -> dict[str, str]:
         if not sep or not name:
             raise ConfigurationError("URL parameter 'options' holds a '-c' without name=value")
         settings[name.replace("-", "_")] = value
-        index += 1
     return settings
 
 
-# --- settings --------------------------------------------------------------------------
-
 def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value in ("1", "true", "yes", "on")
-    raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 def _number(kind: type) -> Callable[[str, str], Any]:
@@ -283,14 +253,13 @@ def _number(kind: type) -> Callable[[str, str], Any]:
         except ValueError:
             value = None
         if value is None or not math.isfinite(value):
-            raise ConfigurationError(f"{name} must be {'an integer' if kind is int else 'a number'}"
-                                     f", got {raw!r}")
+            raise ConfigurationError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
         return value
     return parse
 
 
-# variable -> (field, parser); "pool." fields go to the pool profile.
-_ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+_ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {  # "pool." fields: the profile's
     "DB_POOL_SIZE": ("pool.pool_size", _number(int)),
     "DB_MAX_OVERFLOW": ("pool.max_overflow", _number(int)),
     "DB_POOL_TIMEOUT": ("pool.pool_timeout", _number(float)),
@@ -299,11 +268,6 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DB_ECHO": ("echo", _bool),
     "DB_CONNECT_TIMEOUT": ("connect_timeout", _number(float)),
     "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", _number(int)),
-    "DB_TCP_KEEPALIVE_IDLE": ("tcp_keepalive_idle", _number(int)),
-    "DB_TCP_KEEPALIVE_INTERVAL": ("tcp_keepalive_interval", _number(int)),
-    "DB_TCP_KEEPALIVE_COUNT": ("tcp_keepalive_count", _number(int)),
-    "DB_TCP_USER_TIMEOUT": ("tcp_user_timeout", _number(float)),
-    "DB_BEHIND_POOLER": ("behind_pooler", _bool),
     "DB_PROCESSES": ("processes", _number(int)),
 }
 
@@ -314,9 +278,7 @@ class Settings:
 
     ``connect_timeout`` (seconds, default 5) and ``application_name`` (default
     ``"labkit"``) may come from the URL's query instead; given both ways with different
-    values, they are refused. ``statement_timeout_ms`` is sent at connect time (with
-    ``behind_pooler``, as ``SET LOCAL`` per transaction). The four ``tcp_*`` values tune
-    keepalives and ``TCP_USER_TIMEOUT`` on both drivers (``None``: the OS default).
+    values they are refused. ``statement_timeout_ms`` is sent at connect time.
     ``processes`` is how many processes share the server, for the connection budget.
     """
 
@@ -327,11 +289,6 @@ class Settings:
     connect_timeout: float | None = None
     statement_timeout_ms: int | None = None
     application_name: str | None = None
-    tcp_keepalive_idle: int | None = None
-    tcp_keepalive_interval: int | None = None
-    tcp_keepalive_count: int | None = None
-    tcp_user_timeout: float | None = None
-    behind_pooler: bool = False
     processes: int = 1
 
     def __post_init__(self) -> None:
@@ -339,14 +296,13 @@ class Settings:
         for name, default in (("connect_timeout", 5.0), ("application_name", "labkit")):
             given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
             if in_url is not None:
-                in_url = float(_number(float)(name, in_url)) if name == "connect_timeout" \
-                    else in_url
-                if given is not None and given not in (in_url, default):  # default: not given
+                if name == "connect_timeout":
+                    in_url = float(_number(float)(name, in_url))
+                if given not in (None, in_url, default):  # a default counts as not given
                     raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
                                              f"and in the settings ({given}); keep one")
-                url = url.difference_update_query([name])
-            if in_url is not None and given in (None, default):
-                given = in_url
+                url, given = url.difference_update_query([name]), (
+                    in_url if given in (None, default) else given)
             object.__setattr__(self, name, default if given is None else given)
         for name in url.query:
             if name in _BOTH_READ:
@@ -358,12 +314,7 @@ class Settings:
                     f"unknown URL parameter {name!r} in {mask_url(url)}: labkit accepts "
                     f"{', '.join(sorted(URL_PARAMETERS))} (the same for both drivers)")
         _ssl_mode(url)
-        if _one(url, "options") is not None:
-            server_settings(_one(url, "options") or "")
-            if self.behind_pooler:
-                raise ConfigurationError(
-                    "behind_pooler: a transaction-mode pooler refuses 'options' at connect "
-                    "time; set them on the role (ALTER ROLE ... SET) instead")
+        server_settings(_one(url, "options") or "")
         object.__setattr__(self, "url", url)
         if self.environment not in ENVIRONMENTS:
             raise ConfigurationError(f"ENVIRONMENT must be one of {', '.join(ENVIRONMENTS)}, "
@@ -371,18 +322,11 @@ class Settings:
         _seconds("connect_timeout", self.connect_timeout, 2_147_483_647)
         if self.statement_timeout_ms is not None:
             _integer("statement_timeout_ms", self.statement_timeout_ms, 0)
-        for name in ("tcp_keepalive_idle", "tcp_keepalive_interval"):
-            if getattr(self, name) is not None:
-                _integer(name, getattr(self, name), 1, 32_767)
-        if self.tcp_keepalive_count is not None:
-            _integer("tcp_keepalive_count", self.tcp_keepalive_count, 1, 127)
-        if self.tcp_user_timeout is not None:
-            _seconds("tcp_user_timeout", self.tcp_user_timeout, 2_147_483)
         _integer("processes", self.processes, 1)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                           if f.name != "url")
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}"
+                           for f in dataclasses.fields(self) if f.name != "url")
         return f"Settings(url={mask_url(self.url)!r}, {fields})"
 
     __str__ = __repr__
@@ -406,10 +350,10 @@ class Settings:
                  default_url: str | URL | Callable[[], str | URL] | None = None) -> Settings:
         """Read settings from ``env`` (``os.environ`` when ``None``), as the table says.
 
-        ``default_url`` (or a function returning it, called only when needed) serves when
-        ``DATABASE_URL`` is unset, except in production: there a missing ``DATABASE_URL``
-        is a ``ConfigurationError``, never a guess. Production gets ``PRODUCTION_POOL``
-        and ``PRODUCTION_TCP``; test gets ``TEST_POOL`` (a pool size turns it into a queue).
+        ``default_url`` (or a function returning it) serves when ``DATABASE_URL`` is unset,
+        except in production, where that is a ``ConfigurationError``, never a guess. The
+        environment picks the pool: ``PRODUCTION_POOL``, ``TEST_POOL`` (a pool size turns it
+        into a queue) or ``DEVELOPMENT_POOL``.
 
         Raises:
             ConfigurationError: a value is malformed (the message names the variable), or
@@ -430,14 +374,12 @@ class Settings:
             if default_url is None:
                 raise ConfigurationError("DATABASE_URL is not set")
             raw_url = default_url() if callable(default_url) else default_url
-        values: dict[str, Any] = dict(PRODUCTION_TCP) if environment == "production" else {}
+        values: dict[str, Any] = {}
         pool_changes: dict[str, Any] = {}
         for var, (field, parse) in _ENV.items():
             if env.get(var, "").strip():
-                if field.startswith("pool."):
-                    pool_changes[field[5:]] = parse(var, env[var])
-                else:
-                    values[field] = parse(var, env[var])
+                target = pool_changes if field.startswith("pool.") else values
+                target[field.removeprefix("pool.")] = parse(var, env[var])
         pool = _PROFILES[environment]
         if pool.poolclass == "null" and {"pool_size", "max_overflow"} & pool_changes.keys():
             pool_changes["poolclass"] = "queue"

@@ -1,7 +1,7 @@
 """Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings].
 
 Create one engine per process at start-up, share it, ``dispose()`` it at shutdown. Both
-factories apply the pool profile, timeouts and TCP settings, and take overrides:
+apply the pool profile and the timeouts, and take overrides for SQLAlchemy:
 
 ```python
 engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
@@ -11,9 +11,6 @@ engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
 from __future__ import annotations
 
 import math
-import os
-import socket
-import uuid
 from typing import Any
 
 import sqlalchemy
@@ -26,84 +23,62 @@ from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
 from . import _private, watchdog
 from .config import PoolProfile, Settings, mask_url, server_settings
+from .errors import ConfigurationError, DatabaseUnavailableError, is_database_error
 from .metrics import install as install_metrics
 from .metrics import timed_pool_class
-from .errors import ConfigurationError, DatabaseUnavailableError, is_database_error
 
 __all__ = ["create_async_engine", "create_engine", "engine_kwargs"]
 
-_FRESH = "labkit_fresh"  # set on a new connection's record: no ping at its first checkout
+_FRESH = "labkit_fresh"  # on a new connection's record: no ping at its first checkout
 _ERROR_SEEN = "labkit_error_in_transaction"  # see session.py: an error inside a transaction
-
-
-def _pool_kwargs(profile: PoolProfile, *, is_async: bool) -> dict[str, Any]:
-    if profile.poolclass == "null":
-        return {"poolclass": timed_pool_class(sa_pool.NullPool)}
-    if profile.poolclass == "static":
-        return {"poolclass": timed_pool_class(sa_pool.StaticPool)}
-    queue = sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool
-    return {"poolclass": timed_pool_class(queue),
-            "pool_size": profile.pool_size, "max_overflow": profile.max_overflow,
-            "pool_timeout": profile.pool_timeout, "pool_recycle": profile.pool_recycle,
-            "pool_use_lifo": profile.pool_use_lifo}
-
-
-def _pooler_statement_name() -> str:
-    # Unique across processes: a transaction-mode pooler may run the next transaction on
-    # a server connection another client prepared statements on.
-    return f"__labkit_{uuid.uuid4().hex}__"
-
-
-def _connect_args(settings: Settings, *, is_async: bool) -> dict[str, Any]:
-    options = settings.url.query.get("options")
-    at_connect = settings.statement_timeout_ms is not None and not settings.behind_pooler
-    if is_async:
-        extra = server_settings(options) if isinstance(options, str) else {}
-        extra["application_name"] = settings.application_name or "labkit"
-        if at_connect:
-            extra["statement_timeout"] = str(settings.statement_timeout_ms)
-        args: dict[str, Any] = {"timeout": settings.connect_timeout, "server_settings": extra}
-        if settings.behind_pooler:  # no prepared statement outlives its transaction
-            args.update(statement_cache_size=0, prepared_statement_cache_size=0,
-                        prepared_statement_name_func=_pooler_statement_name)
-        return args
-    args = {"connect_timeout": max(2, math.ceil(settings.connect_timeout or 5)),  # libpq: >= 2
-            "application_name": settings.application_name}
-    words = [options] if isinstance(options, str) and options else []
-    if at_connect:
-        words.append(f"-c statement_timeout={settings.statement_timeout_ms}")
-    if words:
-        args["options"] = " ".join(words)
-    if any(v is not None for v in (settings.tcp_keepalive_idle, settings.tcp_keepalive_interval,
-                                   settings.tcp_keepalive_count)):
-        args["keepalives"] = 1
-        for name in ("idle", "interval", "count"):
-            if getattr(settings, f"tcp_keepalive_{name}") is not None:
-                args[f"keepalives_{name}"] = getattr(settings, f"tcp_keepalive_{name}")
-    if settings.tcp_user_timeout is not None:
-        args["tcp_user_timeout"] = max(1, round(settings.tcp_user_timeout * 1000))  # ms
-    return args
 
 
 def engine_kwargs(settings: Settings, *, is_async: bool = False,
                   pool: PoolProfile | None = None) -> dict[str, Any]:
     """Return the keyword arguments labkit passes to SQLAlchemy's ``create_engine``."""
-    return {**_pool_kwargs(pool or settings.pool, is_async=is_async), "echo": settings.echo,
-            "connect_args": _connect_args(settings, is_async=is_async)}
+    profile = pool or settings.pool
+    kwargs: dict[str, Any] = {"echo": settings.echo}
+    if profile.poolclass == "queue":
+        kwargs.update(poolclass=timed_pool_class(
+            sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool),
+            pool_size=profile.pool_size, max_overflow=profile.max_overflow,
+            pool_timeout=profile.pool_timeout, pool_recycle=profile.pool_recycle,
+            pool_use_lifo=profile.pool_use_lifo)
+    else:
+        kwargs["poolclass"] = timed_pool_class(
+            sa_pool.NullPool if profile.poolclass == "null" else sa_pool.StaticPool)
+    options = settings.url.query.get("options")
+    options = options if isinstance(options, str) else ""
+    timeout = settings.statement_timeout_ms
+    if is_async:
+        extra = server_settings(options)
+        extra["application_name"] = settings.application_name or "labkit"
+        if timeout is not None:
+            extra["statement_timeout"] = str(timeout)
+        kwargs["connect_args"] = {"timeout": settings.connect_timeout, "server_settings": extra}
+    else:
+        words = [options] if options else []
+        if timeout is not None:
+            words.append(f"-c statement_timeout={timeout}")
+        kwargs["connect_args"] = {  # libpq takes whole seconds, at least 2
+            "connect_timeout": max(2, math.ceil(settings.connect_timeout or 5)),
+            "application_name": settings.application_name,
+            **({"options": " ".join(words)} if words else {})}
+    return kwargs
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides win; ``connect_args`` and asyncpg's ``server_settings`` merge key by key."""
+    """Overrides win; ``connect_args`` merge key by key (asyncpg's ``server_settings`` too),
+    and an ``options`` string joins labkit's, after it, so its ``-c`` settings win."""
     merged = {**base, **overrides}
     if "connect_args" in overrides:
-        extra = dict(overrides["connect_args"])
+        ours, extra = base["connect_args"], dict(overrides["connect_args"])
         if "server_settings" in extra:
-            extra["server_settings"] = {**base["connect_args"].get("server_settings", {}),
+            extra["server_settings"] = {**ours.get("server_settings", {}),
                                         **extra["server_settings"]}
-        if extra.get("options") and base["connect_args"].get("options"):
-            # libpq applies -c switches in order: labkit's first, the caller's win.
-            extra["options"] = f"{base['connect_args']['options']} {extra['options']}"
-        merged["connect_args"] = {**base["connect_args"], **extra}
+        if extra.get("options") and ours.get("options"):
+            extra["options"] = f"{ours['options']} {extra['options']}"
+        merged["connect_args"] = {**ours, **extra}
     if isinstance(merged.get("poolclass"), type) and issubclass(
             merged["poolclass"], (sa_pool.NullPool, sa_pool.StaticPool)):
         for key in ("pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"):
@@ -111,48 +86,43 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _build(factory: Any, url: Any, kwargs: dict[str, Any]) -> Any:
+def _build(factory: Any, url: Any, settings: Settings, pool: PoolProfile | None,
+           overrides: dict[str, Any], is_async: bool) -> Any:
+    profile = pool or settings.pool
+    kwargs = _merge(engine_kwargs(settings, is_async=is_async, pool=profile), overrides)
+    pre_ping = kwargs.pop("pool_pre_ping", profile.pool_pre_ping)
     try:
-        return factory(url, **kwargs)
+        engine = factory(url, **kwargs)
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError, ImportError) as exc:
         raise ConfigurationError(f"cannot create an engine for {mask_url(url)}: "
                                  f"{type(exc).__name__}: {exc}") from None
+    _install(engine.sync_engine if is_async else engine, settings, pre_ping, is_async)
+    return engine
 
 
 def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
                   **overrides: Any) -> Engine:
-    """Create the sync engine (psycopg2). No connection is opened here.
+    """Create the sync engine (psycopg2); no connection is opened here.
 
     ``pool`` replaces the settings' profile; ``overrides`` go to SQLAlchemy last. With
-    pre-ping on, a checkout from a warm pool fails within ``connect_timeout`` with
-    ``DatabaseUnavailableError`` when the server is hung (its socket is cut).
+    pre-ping, a checkout from a warm pool on a hung server fails within
+    ``connect_timeout`` (``DatabaseUnavailableError``).
     """
-    profile = pool or settings.pool
-    kwargs = _merge(engine_kwargs(settings, pool=profile), overrides)
-    pre_ping = kwargs.pop("pool_pre_ping", profile.pool_pre_ping)
-    engine: Engine = _build(sqlalchemy.create_engine, settings.sync_url, kwargs)
-    _install(engine, settings, pre_ping=pre_ping, is_async=False)
-    return engine
+    return _build(sqlalchemy.create_engine, settings.sync_url, settings, pool, overrides,
+                  is_async=False)  # type: ignore[no-any-return]
 
 
 def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
                         **overrides: Any) -> AsyncEngine:
-    """Create the async engine (asyncpg); the twin of ``create_engine``.
-
-    Pool events live on ``engine.sync_engine``. The TCP settings, which asyncpg has no
-    argument for, are set on each new connection's socket.
-    """
-    profile = pool or settings.pool
-    kwargs = _merge(engine_kwargs(settings, is_async=True, pool=profile), overrides)
+    """Create the async engine (asyncpg): the twin of ``create_engine``. Pool events live
+    on ``engine.sync_engine``."""
     url = settings.async_url.difference_update_query(["options"])  # now server_settings
-    pre_ping = kwargs.pop("pool_pre_ping", profile.pool_pre_ping)
-    engine: AsyncEngine = _build(sa_create_async_engine, url, kwargs)
-    _install(engine.sync_engine, settings, pre_ping=pre_ping, is_async=True)
-    return engine
+    return _build(sa_create_async_engine, url, settings, pool, overrides,
+                  is_async=True)  # type: ignore[no-any-return]
 
 
-def _install(engine: Engine, settings: Settings, *, pre_ping: bool, is_async: bool) -> None:
-    """Add labkit's listeners: bounded pre-ping, error tracking, pooler and TCP settings."""
+def _install(engine: Engine, settings: Settings, pre_ping: bool, is_async: bool) -> None:
+    """Add labkit's listeners: metrics, error tracking, bounded pre-ping (documented events)."""
     if hasattr(engine.pool, "labkit_collectors"):
         install_metrics(engine)
     if pre_ping:
@@ -161,13 +131,6 @@ def _install(engine: Engine, settings: Settings, *, pre_ping: bool, is_async: bo
     @event.listens_for(engine, "begin")
     def new_transaction(conn: sqlalchemy.Connection) -> None:
         conn.info.pop(_ERROR_SEEN, None)
-        if settings.behind_pooler and settings.statement_timeout_ms is not None:
-            # SET LOCAL ends with the transaction: nothing stays on a shared server connection.
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute(f"SET LOCAL statement_timeout = {settings.statement_timeout_ms}")
-            finally:
-                cursor.close()
 
     @event.listens_for(engine, "handle_error")
     def error_seen(context: Any) -> None:
@@ -178,35 +141,7 @@ def _install(engine: Engine, settings: Settings, *, pre_ping: bool, is_async: bo
         @event.listens_for(engine, "checkin")
         def discard_lost_transaction(dbapi_connection: Any, record: Any) -> None:
             if _private.asyncpg_lost_transaction(dbapi_connection):
-                record.invalidate()
-        options = _socket_options(settings)
-        if options:
-            @event.listens_for(engine, "connect")
-            def tune_socket(dbapi_connection: Any, record: Any) -> None:
-                fileno = _private.asyncpg_fileno(dbapi_connection)
-                if fileno is not None:
-                    sock = socket.socket(fileno=os.dup(fileno))
-                    try:
-                        for level, option, value in options:
-                            sock.setsockopt(level, option, value)
-                    finally:
-                        sock.close()  # the duplicate only
-
-
-def _socket_options(settings: Settings) -> list[tuple[int, int, int]]:
-    """What libpq sets for psycopg2's keepalive and tcp_user_timeout parameters."""
-    options = []
-    for name, option in (("idle", "TCP_KEEPIDLE"), ("interval", "TCP_KEEPINTVL"),
-                         ("count", "TCP_KEEPCNT")):
-        value = getattr(settings, f"tcp_keepalive_{name}")
-        if value is not None and hasattr(socket, option):
-            options.append((socket.IPPROTO_TCP, getattr(socket, option), int(value)))
-    if options:
-        options.insert(0, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
-    if settings.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                        max(1, round(settings.tcp_user_timeout * 1000))))
-    return options
+                record.invalidate()  # never lend a connection out idle in transaction
 
 
 def _ping_timeout(seconds: float) -> DatabaseUnavailableError:
@@ -217,13 +152,12 @@ def _ping_timeout(seconds: float) -> DatabaseUnavailableError:
 
 
 def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None:
-    """Ping an idle connection at checkout, within ``seconds``, however the server is broken.
+    """Ping an idle connection at checkout within ``seconds``, however the server is broken.
 
-    SQLAlchemy's own ``pool_pre_ping`` has no deadline. This is the pessimistic check of
-    SQLAlchemy's pool documentation, in the ``checkout`` event: a ping that fails on a
-    disconnect raises ``InvalidatePoolError`` (the pool reconnects, as pre-ping does); one
-    that gets no answer in time raises ``DatabaseUnavailableError`` and the connection is
-    discarded.
+    SQLAlchemy's ``pool_pre_ping`` has no deadline; this is the pessimistic check of its
+    pool documentation, in the ``checkout`` event. A ping that fails on a database error
+    raises ``InvalidatePoolError`` (the pool reconnects, as pre-ping does); one with no
+    answer in time raises ``DatabaseUnavailableError`` and the connection is discarded.
     """
     dialect = engine.dialect
 
@@ -251,8 +185,6 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
                 raise _ping_timeout(seconds) from exc
             if not is_database_error(exc):
                 raise  # not the server's doing (an event loop closed under the pool: a bug)
-            # The connection is unusable (closed, reset, killed, or the driver left
-            # mid-protocol): the pool replaces it, as SQLAlchemy's pre-ping does.
-            raise sa_exc.InvalidatePoolError() from exc
+            raise sa_exc.InvalidatePoolError() from exc  # unusable: the pool replaces it
         if ticket is not None and ticket.disarm():  # answered as the socket was cut
             raise _ping_timeout(seconds)
