@@ -1,11 +1,7 @@
-"""Sessions: factories and a transactional scope, sync and async.
+"""Sessions: factories (``autoflush``, ``expire_on_commit`` off) and a transactional scope.
 
-``session_scope`` is the unit of work: flush and commit when the block ends, roll back
-when it raises, always close. It never reports success for work PostgreSQL did not
-store: a block that caught a database error and went on raises ``ProgrammingError``
-(the transaction was aborted, and COMMIT would roll it back), and a COMMIT whose answer
-was lost raises ``CommitOutcomeUnknownError``. Factories set ``autoflush=False`` and
-``expire_on_commit=False``; docs/concepts/sessions.md measures what each changes.
+``session_scope`` commits, or rolls back on error, and never reports success for work that
+PostgreSQL did not store; docs/concepts/sessions.md says why.
 """
 
 from __future__ import annotations
@@ -15,9 +11,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,76 +38,62 @@ def create_async_sessionmaker(engine: AsyncEngine,
     return async_sessionmaker(bind=engine, **{**_DEFAULTS, **options})
 
 
-def _outcome_unknown(exc: BaseException) -> bool:
-    """True when a failed COMMIT got no answer: a lost connection, never a server's "no".
+def _aborted(exc: Exception) -> None:
+    """Raise ``ProgrammingError`` for a statement refused in an aborted transaction (25P02)."""
+    if isinstance(exc, sa_exc.DBAPIError) and sqlstate_of(exc) == "25P02":
+        raise ProgrammingError(
+            "PostgreSQL rolled this transaction back: a statement in the block failed and the "
+            "block caught the error and went on, so nothing was stored. Put a savepoint around "
+            "the statement that may fail (with session.begin_nested(): ...), or let the error "
+            "end the scope. (SQLSTATE 25P02)", sqlstate="25P02") from exc
 
-    A refusal (deferred constraint, serialization failure) comes with a SQLSTATE on an
-    open connection: rolled back. When in doubt: unknown, never "not committed".
-    """
+
+def _unknown(exc: Exception) -> None:
+    """Raise ``CommitOutcomeUnknownError`` when a COMMIT got no answer, or when in doubt."""
+    code = sqlstate_of(exc)
     if isinstance(exc, sa_exc.DBAPIError):
-        code = sqlstate_of(exc)
-        return bool(exc.connection_invalidated or code is None or code[:2] == "08"
-                    or code in _UNKNOWN_SQLSTATES)
-    return isinstance(exc, (OSError, EOFError, TimeoutError))
-
-
-def _unknown_error(exc: BaseException) -> CommitOutcomeUnknownError:
+        if not (exc.connection_invalidated or code is None or code[:2] == "08"
+                or code in _UNKNOWN_SQLSTATES):
+            return  # a refusal on an open connection (deferred constraint...): rolled back
+    elif not isinstance(exc, (OSError, EOFError, TimeoutError)):
+        return
     orig = getattr(exc, "orig", None) or exc
     detail = redact(" ".join(str(orig).split())[:300]) or "no message"
-    return CommitOutcomeUnknownError(
+    raise CommitOutcomeUnknownError(
         "The connection was lost while COMMIT was in flight, so the outcome is unknown: the "
-        "server may have committed and lost only its answer. Do not run the work again "
-        "blindly; look it up by a key you chose, or make it idempotent and use "
+        "work may be stored. Look it up by a key you chose, or make it idempotent and use "
         f"run_in_transaction(..., idempotent=True). [{type(orig).__name__}: {detail}]",
-        sqlstate=sqlstate_of(exc))
+        sqlstate=code) from exc
 
 
-def _aborted_error(exc: BaseException) -> ProgrammingError:
-    return ProgrammingError(
-        "PostgreSQL rolled this transaction back: a statement in the block failed and the "
-        "block caught the error and went on, so every later statement was ignored and "
-        "COMMIT would have rolled back. Nothing was stored. Put a savepoint around the "
-        "statement that may fail (with session.begin_nested(): ...), or let the error end "
-        "the scope. (SQLSTATE 25P02)", sqlstate="25P02")
+@contextlib.contextmanager
+def _raising(translate: Callable[[Exception], None]) -> Iterator[None]:
+    """Let ``translate`` raise its own error for one of the block's; else re-raise it."""
+    try:
+        yield
+    except Exception as exc:
+        translate(exc)
+        raise
 
 
 def check_and_commit(connection: Connection, commit: Callable[[], None]) -> None:
-    """Commit, raising instead when PostgreSQL aborted the transaction or the answer was lost.
-
-    The abort check costs a round trip only after a database error inside the
-    transaction (labkit's engines record one); a savepoint that undid the error passes.
-    """
+    """Commit; raise instead if the transaction was aborted (checked after an error) or the
+    answer was lost."""
     if connection.info.get(_ERROR_SEEN):
-        try:
+        with _raising(_aborted):
             connection.exec_driver_sql("SELECT 1")
-        except sa_exc.DBAPIError as exc:
-            if sqlstate_of(exc) == "25P02":
-                raise _aborted_error(exc) from exc
-            raise
-    try:
+    with _raising(_unknown):
         commit()
-    except Exception as exc:
-        if _outcome_unknown(exc):
-            raise _unknown_error(exc) from exc
-        raise
 
 
 async def async_check_and_commit(connection: AsyncConnection,
                                  commit: Callable[[], Awaitable[None]]) -> None:
     """Async twin of ``check_and_commit``."""
     if connection.info.get(_ERROR_SEEN):
-        try:
+        with _raising(_aborted):
             await connection.exec_driver_sql("SELECT 1")
-        except sa_exc.DBAPIError as exc:
-            if sqlstate_of(exc) == "25P02":
-                raise _aborted_error(exc) from exc
-            raise
-    try:
+    with _raising(_unknown):
         await commit()
-    except Exception as exc:
-        if _outcome_unknown(exc):
-            raise _unknown_error(exc) from exc
-        raise
 
 
 @contextlib.contextmanager
@@ -122,14 +103,6 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     Raises:
         ProgrammingError: the block caught a database error and went on (SQLSTATE 25P02).
         CommitOutcomeUnknownError: the connection was lost while COMMIT was in flight.
-        Exception: any error of the block or the flush, unchanged; nothing was committed.
-
-    Example:
-        ```python
-        with session_scope(factory) as session:
-            session.add(Order(id=1))
-        # committed here, and the connection is back in the pool
-        ```
     """
     session = factory()
     try:
@@ -148,11 +121,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 @contextlib.asynccontextmanager
 async def async_session_scope(factory: async_sessionmaker[AsyncSession]
                               ) -> AsyncIterator[AsyncSession]:
-    """Async twin of ``session_scope``; rollback and close are shielded from cancellation.
-
-    A task cancelled while COMMIT is in flight gets ``CancelledError``: its outcome is
-    unknown too.
-    """
+    """Async twin of ``session_scope``; rollback and close are shielded from cancellation."""
     session = factory()
     try:
         yield session
