@@ -42,12 +42,10 @@ __all__ = ["DEVELOPMENT_POOL", "PRODUCTION_POOL", "TEST_POOL", "PoolProfile", "S
 
 ENVIRONMENTS = ("development", "production", "test")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-# URL parameters both drivers honour; anything else (a typo such as 'sslmod', one
-# driver's own option) is refused when Settings is made.
+# What both drivers honour; anything else (a typo, one driver's option) is refused.
 URL_PARAMETERS = frozenset({"sslmode", "ssl", "options", "application_name",
                             "connect_timeout", "target_session_attrs", "host"})
-_BOTH_READ = {"sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
-              "sslcrl": "PGSSLCRL"}
+_BOTH_READ = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq and asyncpg: PGSSL...
 
 
 def _seconds(name: str, value: Any, maximum: float = threading.TIMEOUT_MAX) -> float:
@@ -67,12 +65,8 @@ def _integer(name: str, value: Any, low: int, high: int = 2_147_483_647) -> None
 
 @dataclass(frozen=True)
 class PoolProfile:
-    """Pool settings for SQLAlchemy's ``create_engine``; times in seconds.
-
-    ``poolclass`` is ``"queue"`` (QueuePool), ``"null"`` (a new connection per checkout)
-    or ``"static"`` (one shared connection); ``pool_recycle=-1`` never recycles. Invalid
-    values raise ``ConfigurationError`` naming the field.
-    """
+    """Pool settings for SQLAlchemy (seconds; ``pool_recycle=-1``: never); ``poolclass`` is
+    ``"queue"``, ``"null"`` (a connection per checkout) or ``"static"`` (one, shared)."""
 
     poolclass: Literal["queue", "null", "static"] = "queue"
     pool_size: int = 5
@@ -239,42 +233,34 @@ def server_settings(options: str) -> dict[str, str]:
     return settings
 
 
-def _bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
-    return value in ("1", "true", "yes", "on")
-
-
-def _number(kind: type) -> Callable[[str, str], Any]:
+def _parse(kind: type) -> Callable[[str, str], Any]:
+    """A parser of one variable's text: ``bool``, ``int`` or (finite) ``float``."""
     def parse(name: str, raw: str) -> Any:
+        text = raw.strip().lower()
+        if kind is bool and text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text in ("1", "true", "yes", "on")
         try:
-            value = kind(raw.strip())
+            value = None if kind is bool else kind(text)
         except ValueError:
             value = None
         if value is None or not math.isfinite(value):
-            raise ConfigurationError(
-                f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+            raise ConfigurationError(f"{name} must be " + {bool: "true or false", int: "an "
+                                     "integer", float: "a number"}[kind] + f", got {raw!r}")
         return value
     return parse
 
 
-_ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {  # "pool." fields: the profile's
-    "DB_POOL_SIZE": ("pool.pool_size", _number(int)),
-    "DB_MAX_OVERFLOW": ("pool.max_overflow", _number(int)),
-    "DB_POOL_TIMEOUT": ("pool.pool_timeout", _number(float)),
-    "DB_POOL_RECYCLE": ("pool.pool_recycle", _number(int)),
-    "DB_POOL_PRE_PING": ("pool.pool_pre_ping", _bool),
-    "DB_ECHO": ("echo", _bool),
-    "DB_CONNECT_TIMEOUT": ("connect_timeout", _number(float)),
-    "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", _number(int)),
-    "DB_PROCESSES": ("processes", _number(int)),
-}
+_ENV = {"DB_POOL_SIZE": ("pool.pool_size", int), "DB_MAX_OVERFLOW": ("pool.max_overflow", int),
+        "DB_POOL_TIMEOUT": ("pool.pool_timeout", float),
+        "DB_POOL_RECYCLE": ("pool.pool_recycle", int),
+        "DB_POOL_PRE_PING": ("pool.pool_pre_ping", bool), "DB_ECHO": ("echo", bool),
+        "DB_CONNECT_TIMEOUT": ("connect_timeout", float),
+        "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", int), "DB_PROCESSES": ("processes", int)}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything labkit needs to open a database; ``repr`` masks the password.
+    """Everything labkit needs to open a database; its ``repr`` (the URL's) masks the password.
 
     ``connect_timeout`` (seconds, default 5) and ``application_name`` (default
     ``"labkit"``) may come from the URL's query instead; given both ways with different
@@ -297,7 +283,7 @@ class Settings:
             given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
             if in_url is not None:
                 if name == "connect_timeout":
-                    in_url = float(_number(float)(name, in_url))
+                    in_url = float(_parse(float)(name, in_url))
                 if given not in (None, in_url, default):  # a default counts as not given
                     raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
                                              f"and in the settings ({given}); keep one")
@@ -306,9 +292,8 @@ class Settings:
             object.__setattr__(self, name, default if given is None else given)
         for name in url.query:
             if name in _BOTH_READ:
-                raise ConfigurationError(
-                    f"URL parameter {name!r}: set {_BOTH_READ[name]} in the environment "
-                    "instead, which psycopg2 and asyncpg both read")
+                raise ConfigurationError(f"URL parameter {name!r}: set PG{name.upper()} in the "
+                                         "environment instead, which both drivers read")
             if name not in URL_PARAMETERS:
                 raise ConfigurationError(
                     f"unknown URL parameter {name!r} in {mask_url(url)}: labkit accepts "
@@ -323,13 +308,6 @@ class Settings:
         if self.statement_timeout_ms is not None:
             _integer("statement_timeout_ms", self.statement_timeout_ms, 0)
         _integer("processes", self.processes, 1)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}"
-                           for f in dataclasses.fields(self) if f.name != "url")
-        return f"Settings(url={mask_url(self.url)!r}, {fields})"
-
-    __str__ = __repr__
 
     @property
     def sync_url(self) -> URL:
@@ -350,14 +328,10 @@ class Settings:
                  default_url: str | URL | Callable[[], str | URL] | None = None) -> Settings:
         """Read settings from ``env`` (``os.environ`` when ``None``), as the table says.
 
-        ``default_url`` (or a function returning it) serves when ``DATABASE_URL`` is unset,
-        except in production, where that is a ``ConfigurationError``, never a guess. The
-        environment picks the pool: ``PRODUCTION_POOL``, ``TEST_POOL`` (a pool size turns it
-        into a queue) or ``DEVELOPMENT_POOL``.
-
-        Raises:
-            ConfigurationError: a value is malformed (the message names the variable), or
-                ``DATABASE_URL`` is missing where it is required.
+        ``ENVIRONMENT`` picks the pool profile (``TEST_POOL`` becomes a queue when given a
+        size). ``default_url`` (or a function returning it) serves when ``DATABASE_URL`` is
+        unset, except in production: a ``ConfigurationError``, never a guess, as for any
+        malformed value (the message names the variable).
         """
         env = os.environ if env is None else env
         environment = env.get("ENVIRONMENT", "").strip().lower() or "development"
@@ -376,10 +350,10 @@ class Settings:
             raw_url = default_url() if callable(default_url) else default_url
         values: dict[str, Any] = {}
         pool_changes: dict[str, Any] = {}
-        for var, (field, parse) in _ENV.items():
+        for var, (field, kind) in _ENV.items():
             if env.get(var, "").strip():
                 target = pool_changes if field.startswith("pool.") else values
-                target[field.removeprefix("pool.")] = parse(var, env[var])
+                target[field.removeprefix("pool.")] = _parse(kind)(var, env[var])
         pool = _PROFILES[environment]
         if pool.poolclass == "null" and {"pool_size", "max_overflow"} & pool_changes.keys():
             pool_changes["poolclass"] = "queue"
