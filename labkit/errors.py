@@ -17,31 +17,26 @@ LabkitError
     └── RetryExhaustedError            a retry policy ran out; last_error says why
 ```
 
-One table (``SQLSTATES``) maps the server's SQLSTATE to a class for every driver; an
-exact code wins over its two-character class. Without a SQLSTATE the class follows what
-happened: a failure while opening a connection is ``DatabaseUnavailableError``, a
-disconnect ``ConnectionLostError``, a driver-side timeout ``QueryTimeoutError``. Only
-database errors are translated (``is_database_error``); the caller's own exceptions pass
-through unchanged. Messages pass through ``redact``: no password ever leaves.
+One table (``SQLSTATES``) maps the server's SQLSTATE to a class for every driver, an exact
+code before its two-character class. Without a SQLSTATE the class follows what happened: a
+failure while connecting is ``DatabaseUnavailableError``, a disconnect ``ConnectionLostError``,
+a driver-side timeout ``QueryTimeoutError``. Messages pass through ``redact``: no password leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+import traceback
+from collections.abc import Iterable
 
-__all__ = [
-    "AuthenticationError", "CommitOutcomeUnknownError", "ConfigurationError",
-    "ConnectionLostError", "DatabaseError", "DatabaseUnavailableError", "IntegrityError",
-    "LabkitError", "PoolTimeoutError", "ProgrammingError", "QueryTimeoutError",
-    "RetryExhaustedError", "SQLSTATES", "SerializationError", "TransientError",
-    "async_translating_errors", "is_database_error", "redact", "sqlstate_of",
-    "translate_error", "translating_errors",
-]
+__all__ = ["AuthenticationError", "CommitOutcomeUnknownError", "ConfigurationError",
+           "ConnectionLostError", "DatabaseError", "DatabaseUnavailableError", "IntegrityError",
+           "LabkitError", "PoolTimeoutError", "ProgrammingError", "QueryTimeoutError",
+           "RetryExhaustedError", "SQLSTATES", "SerializationError", "TransientError",
+           "is_database_error", "redact", "sqlstate_of", "translate_error"]
 
 
 class LabkitError(Exception):
@@ -85,8 +80,7 @@ class SerializationError(TransientError):
 
 
 class CommitOutcomeUnknownError(DatabaseError):
-    """The answer to ``COMMIT`` was lost: stored or not, unknown. Not transient: retry only
-    idempotent work, and say so (``run_in_transaction(..., idempotent=True)``)."""
+    """The answer to ``COMMIT`` was lost. Not transient: retry only ``idempotent=True`` work."""
 
 
 class AuthenticationError(DatabaseError):
@@ -110,64 +104,45 @@ class RetryExhaustedError(DatabaseError):
         self.attempts, self.elapsed, self.last_error = attempts, elapsed, last_error
 
 
-# PostgreSQL's errcodes appendix: an exact code, else its two-character class.
-SQLSTATES: dict[str, type[DatabaseError]] = {
+SQLSTATES: dict[str, type[DatabaseError]] = {  # errcodes: an exact code, else its class
     "08": ConnectionLostError, "08001": DatabaseUnavailableError,  # cannot connect
-    "08004": DatabaseUnavailableError, "08007": CommitOutcomeUnknownError,
-    "08P01": DatabaseError,  # protocol violation
+    "08004": DatabaseUnavailableError, "08007": CommitOutcomeUnknownError, "08P01": DatabaseError,
     "10": ProgrammingError, "22": ProgrammingError,  # data exceptions
-    "23": IntegrityError, "40002": IntegrityError,
+    "23": IntegrityError, "40002": IntegrityError, "28": AuthenticationError,
     "25P03": ConnectionLostError, "25P04": ConnectionLostError,  # FATAL session timeouts
-    "28": AuthenticationError,
     "40": SerializationError, "40003": CommitOutcomeUnknownError, "72": SerializationError,
     "53": DatabaseError, "53300": DatabaseUnavailableError,  # too many connections
     "55": ProgrammingError, "55006": DatabaseError, "55P03": QueryTimeoutError,  # lock
     "57": DatabaseError, "57014": QueryTimeoutError,  # query canceled
     "57P01": ConnectionLostError, "57P02": ConnectionLostError,  # shutdown, crash
     "57P03": DatabaseUnavailableError, "57P05": ConnectionLostError,
-    **{cls: ProgrammingError for cls in (
-        "0A", "0B", "0F", "0L", "0P", "0Z", "20", "21", "24", "25", "26", "27", "2B",
-        "2D", "2F", "34", "38", "39", "3B", "3D", "3F", "42", "44", "54")},
+    **dict.fromkeys("0A 0B 0F 0L 0P 0Z 20 21 24 25 26 27 2B 2D 2F 34 38 39 3B 3D 3F 42 44 54"
+                    .split(), ProgrammingError),  # more wrong SQL, data or state
 }
 
 _HINTS: dict[type[DatabaseError] | str, str] = {
-    DatabaseUnavailableError: "Could not connect to PostgreSQL: is the server running and "
-    "reachable at this host and port?",
-    ConnectionLostError: "The connection to PostgreSQL was lost (restart, killed backend or "
-    "network). Run the whole transaction again; pre-ping catches connections that died idle.",
-    PoolTimeoutError: "No pooled connection became free within pool_timeout: every one is "
-    "checked out. Release sessions sooner, or size the pool (docs: engine and pool).",
+    DatabaseUnavailableError: "Could not connect to PostgreSQL: is it up at this host and port?",
+    ConnectionLostError: "Connection lost (restart, network). Run the whole transaction again.",
+    PoolTimeoutError: "No pooled connection came free in pool_timeout: release sessions sooner.",
     QueryTimeoutError: "The statement was stopped by a timeout.",
-    SerializationError: "The transaction conflicted with a concurrent one. Run the whole "
-    "transaction again.",
-    CommitOutcomeUnknownError: "The connection was lost while COMMIT was in flight: the "
-    "transaction may or may not be stored. Check before running it again.",
+    SerializationError: "A concurrent transaction conflicted: run the whole transaction again.",
+    CommitOutcomeUnknownError: "The answer to COMMIT was lost: stored or not, unknown.",
     AuthenticationError: "PostgreSQL rejected the user name or password in DATABASE_URL.",
     IntegrityError: "A constraint rejected the data (unique, foreign key, not null or check).",
-    ProgrammingError: "The SQL or its data is wrong: syntax, a missing table or column, a "
-    "value invalid for its type.",
+    ProgrammingError: "The SQL or its data is wrong: syntax, no such table or column, a bad value.",
     DatabaseError: "The database reported an error.",
-    "08P01": "The client and the server disagreed on the wire protocol (a proxy or pooler in "
-    "between?). Retrying will not help.",
-    "25006": "The transaction is read-only: this server is a replica (after a failover?) or "
-    "default_transaction_read_only is on. Connect to the primary.",
-    "25P02": "An earlier statement of this transaction failed, so PostgreSQL ignores the rest "
-    "until ROLLBACK. Roll back, or put a savepoint (begin_nested) around the statement "
-    "that may fail.",
-    "28000": "PostgreSQL rejected the role or this host: the user does not exist, or "
-    "pg_hba.conf has no entry for this host, user and database.",
+    "08P01": "Client and server disagree on the wire protocol (a proxy or pooler between?).",
+    "25006": "Read-only: this server is a replica (after a failover?). Connect to the primary.",
+    "25P02": "An earlier statement failed: ROLLBACK, or put a savepoint (begin_nested) around it.",
+    "28000": "No such role, or pg_hba.conf has no entry for this host, user and database.",
     "3D000": "The database named in DATABASE_URL does not exist on this server.",
-    "40P01": "Deadlock: two transactions waited for each other's locks. Run the whole "
-    "transaction again; take row locks in one consistent order to avoid it.",
+    "40P01": "Deadlock: run the whole transaction again; take row locks in one consistent order.",
     "42501": "Permission denied: the role lacks a privilege on this object. GRANT it.",
     "53100": "The server's disk is full. Retrying will not help; read the server's log.",
     "53200": "The server ran out of memory. Lower work_mem or the connection count.",
-    "53300": "The server has no connection slot left (max_connections or a connection "
-    "limit): lower pool_size + max_overflow across processes, or put a pooler in front.",
-    "55P03": "Another transaction holds a lock this statement needed, and lock_timeout or "
-    "NOWAIT stopped the wait. Keep the transactions that hold locks short.",
-    "57014": "The statement ran longer than statement_timeout (or was cancelled). Make it "
-    "faster, or raise the timeout for it alone: SET LOCAL statement_timeout.",
+    "53300": "Server has no connection slot left: lower pool_size + max_overflow across processes.",
+    "55P03": "A lock wait hit lock_timeout or NOWAIT: keep the transactions that hold locks short.",
+    "57014": "The statement ran longer than statement_timeout (or was cancelled): make it faster.",
     "57P03": "PostgreSQL is starting up or shutting down; wait_for_database waits for it.",
 }
 
@@ -211,47 +186,33 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     return text
 
 
-def _driver_errors() -> tuple[type[BaseException], ...]:
-    from sqlalchemy import exc as sa_exc
-
-    types: list[type[BaseException]] = [LabkitError, sa_exc.SQLAlchemyError]
-    for module, names in (("psycopg2", ("Error",)), ("psycopg", ("Error",)), (
-            "asyncpg", ("PostgresError", "InterfaceError", "InternalClientError"))):
-        package = sys.modules.get(module)  # not imported: cannot have raised
-        types += [getattr(package, name) for name in names if hasattr(package, name)]
-    return tuple(types)
-
-
 def is_database_error(exc: BaseException) -> bool:
     """True for SQLAlchemy's, the drivers' and labkit's errors, and for a bare
     ``OSError``/``TimeoutError``/``EOFError`` raised inside SQLAlchemy or a driver."""
-    if isinstance(exc, _driver_errors()):
+    from sqlalchemy import exc as sa_exc
+
+    drivers = (getattr(sys.modules.get(module), name, None) for module, name in (
+        ("psycopg2", "Error"), ("psycopg", "Error"), ("asyncpg", "PostgresError"),
+        ("asyncpg", "InterfaceError"), ("asyncpg", "InternalClientError")))  # None: not imported
+    if isinstance(exc, (LabkitError, sa_exc.SQLAlchemyError, *filter(None, drivers))):
         return True
     if not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, EOFError)):
         return False
-    frames, tb = [], exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):  # the raiser nearest the raise, past the stdlib
-        module = frame.f_globals.get("__name__") or ""
-        if not (frame.f_code.co_filename.startswith("<frozen")
-                or module.partition(".")[0] in sys.stdlib_module_names):
-            return module.partition(".")[0] in ("sqlalchemy", "asyncpg", "psycopg2", "psycopg")
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):  # nearest the raise
+        top = (frame.f_globals.get("__name__") or "").partition(".")[0]
+        if not (frame.f_code.co_filename.startswith("<frozen") or top in sys.stdlib_module_names):
+            return top in ("sqlalchemy", "asyncpg", "psycopg2", "psycopg")  # past the stdlib
     return False
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then what it wraps (``orig``, ``__cause__``), nearest first."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo and len(seen) < 8:
-        current = todo.pop(0)
-        if id(current) not in seen:
-            seen.add(id(current))
-            yield current
-            todo += [e for e in (getattr(current, "orig", None), current.__cause__)
-                     if isinstance(e, BaseException)]
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, then what it wraps (``orig``, ``__cause__``), nearest first; 8 at most."""
+    found = [exc]
+    for current in found:  # grows while it is read: breadth first
+        for e in (getattr(current, "orig", None), current.__cause__):
+            if isinstance(e, BaseException) and len(found) < 8 and all(e is not f for f in found):
+                found.append(e)
+    return found
 
 
 def _texts(exc: BaseException) -> list[str]:
@@ -263,28 +224,11 @@ def _texts(exc: BaseException) -> list[str]:
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE the server sent (``pgcode``/``sqlstate``), the innermost winning (asyncpg
     wraps a killed backend's 57P01 in 08003); else read from a FATAL that libpq gave as text."""
-    found = None
-    for e in _chain(exc):
-        code = getattr(e, "sqlstate", None) if isinstance(e, LabkitError) else (
-            getattr(e, "pgcode", None) or getattr(e, "sqlstate", None))
-        if isinstance(code, str) and len(code) == 5 and code.isalnum():
-            found = code.upper()
-    return found or next((code for text in _texts(exc) for pattern, code in _FATAL
-                          if pattern.search(text)), None)
-
-
-def _while_connecting(exc: BaseException) -> bool:
-    """True when the traceback passes through the opening of a new connection."""
-    for e in _chain(exc):
-        tb = e.__traceback__
-        while tb is not None:
-            module, name = tb.tb_frame.f_globals.get("__name__") or "", tb.tb_frame.f_code.co_name
-            if (module.startswith("sqlalchemy.pool") and name == "__connect") \
-                    or module == "asyncpg.connect_utils" \
-                    or (module in ("asyncpg.connection", "psycopg2") and name == "connect"):
-                return True
-            tb = tb.tb_next
-    return False
+    codes = [getattr(e, "sqlstate", None) if isinstance(e, LabkitError) else
+             getattr(e, "pgcode", None) or getattr(e, "sqlstate", None) for e in _chain(exc)]
+    sent = [c.upper() for c in codes if isinstance(c, str) and len(c) == 5 and c.isalnum()]
+    return sent[-1] if sent else next((code for text in _texts(exc) for pattern, code in _FATAL
+                                       if pattern.search(text)), None)
 
 
 def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
@@ -292,13 +236,19 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
 
     if isinstance(exc, sa_exc.TimeoutError):
         return PoolTimeoutError, None
-    connecting, code = _while_connecting(exc), sqlstate_of(exc)
+    frames = [(frame.f_globals.get("__name__") or "", frame.f_code.co_name)
+              for e in _chain(exc) for frame, _ in traceback.walk_tb(e.__traceback__)]
+    connecting = any(  # the traceback passes through the opening of a new connection
+        (module.startswith("sqlalchemy.pool") and name == "__connect")
+        or module == "asyncpg.connect_utils"
+        or (module in ("asyncpg.connection", "psycopg2") and name == "connect")
+        for module, name in frames)
+    code = sqlstate_of(exc)
     if code is not None:
         kind = SQLSTATES.get(code) or SQLSTATES.get(code[:2], DatabaseError)
-        if kind is ConnectionLostError and connecting:
-            kind = DatabaseUnavailableError  # there was no open connection to lose
-        return kind, code
-    chain, text = list(_chain(exc)), " ".join(_texts(exc))
+        lost = kind is ConnectionLostError and connecting  # none was open to lose
+        return (DatabaseUnavailableError if lost else kind), code
+    chain, text = _chain(exc), " ".join(_texts(exc))
     asyncpg = sys.modules.get("asyncpg")
     if asyncpg is not None and any(isinstance(e, asyncpg.exceptions.DataError) for e in chain):
         return ProgrammingError, None  # asyncpg refused a parameter before sending it
@@ -322,19 +272,15 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
 
 
 def translate_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -> LabkitError:
-    """Return (not raise) the labkit error for a driver or SQLAlchemy exception.
-
-    The message says what it means and what to do, then the SQLSTATE, then the driver's
-    words, passwords masked; the original is the ``__cause__``. Labkit errors pass as they are.
-    """
+    """Return (not raise) the labkit error for a driver or SQLAlchemy exception: its message
+    says what it means and what to do, then the SQLSTATE, then the driver's words, passwords
+    masked; the original is the ``__cause__``. Labkit errors pass as they are."""
     if isinstance(exc, LabkitError):
         return exc
     kind, code = _classify(exc)
-    hint = _HINTS.get(code or "") or _HINTS.get(kind) or _HINTS[DatabaseError]
-    if code and code[:2] == "28" and code != "28P01":
-        hint = _HINTS["28000"]
-    orig = getattr(exc, "orig", None)
-    raw = (str(orig) if orig is not None and str(orig) else str(exc))
+    key = "28000" if code and code[:2] == "28" and code != "28P01" else code or ""
+    hint = _HINTS.get(key) or _HINTS.get(kind) or _HINTS[DatabaseError]
+    raw = str(getattr(exc, "orig", None) or "") or str(exc)
     raw = raw.split("\n(Background on this error")[0]
     detail = " ".join(line.strip() for line in raw.splitlines()[:3] if line.strip())[:500]
     message = hint + (f" (SQLSTATE {code})" if code else "") + (
@@ -342,28 +288,3 @@ def translate_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -
     error = kind(redact(message, list(secrets)), sqlstate=code)
     error.__cause__ = exc
     return error
-
-
-def _reraise(exc: Exception, secrets: Iterable[str | None]) -> None:
-    if isinstance(exc, LabkitError) or not is_database_error(exc):
-        raise exc
-    raise translate_error(exc, secrets=secrets) from exc
-
-
-@contextlib.contextmanager
-def translating_errors(*, secrets: Iterable[str | None] = ()) -> Iterator[None]:
-    """Re-raise database errors inside the block as labkit errors; others pass unchanged."""
-    try:
-        yield
-    except Exception as exc:
-        _reraise(exc, secrets)
-
-
-@contextlib.asynccontextmanager
-async def async_translating_errors(*, secrets: Iterable[str | None] = ()
-                                   ) -> AsyncIterator[None]:
-    """Async twin of ``translating_errors``."""
-    try:
-        yield
-    except Exception as exc:
-        _reraise(exc, secrets)

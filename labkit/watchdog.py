@@ -1,16 +1,13 @@
 """A deadline for a blocking call on a connection: at the deadline, cut its socket.
 
-A hung server (a frozen process, a paused VM) keeps ACKing TCP, so neither keepalives
-nor ``tcp_user_timeout`` notice, and libpq has no deadline of its own for a query on an
-open connection. One daemon thread keeps a heap of deadlines; when one passes it calls
-``shutdown(SHUT_RDWR)`` on the socket, and the blocked driver call fails at once.
-Arming and disarming cost a lock and a heap operation, never a thread.
+A hung server keeps ACKing TCP, so keepalives never notice. One daemon thread keeps a heap
+of deadlines and calls ``shutdown(SHUT_RDWR)`` on each socket whose deadline passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
-import itertools
 import os
 import socket
 import threading
@@ -20,7 +17,7 @@ __all__ = ["Ticket", "arm"]
 
 
 class Ticket:
-    """One armed deadline; ``disarm()`` returns True if the socket was already cut."""
+    """One armed deadline (``deadline`` on ``time.monotonic()``'s clock)."""
 
     __slots__ = ("active", "deadline", "fileno", "fired")
 
@@ -35,8 +32,7 @@ class Ticket:
 
 
 _cond = threading.Condition()
-_heap: list[tuple[float, int, Ticket]] = []
-_order = itertools.count()
+_heap: list[tuple[float, int, Ticket]] = []  # (deadline, id(ticket), ticket)
 _thread: threading.Thread | None = None
 
 
@@ -45,10 +41,9 @@ def arm(fileno: int, seconds: float) -> Ticket:
     global _thread
     ticket = Ticket(fileno, time.monotonic() + max(0.0, seconds))
     with _cond:
-        heapq.heappush(_heap, (ticket.deadline, next(_order), ticket))
+        heapq.heappush(_heap, (ticket.deadline, id(ticket), ticket))
         if _thread is None or not _thread.is_alive():  # also after a fork
-            _thread = threading.Thread(target=_run, name="labkit-watchdog", daemon=True)
-            _thread.start()
+            (_thread := threading.Thread(target=_run, name="labkit-watchdog", daemon=True)).start()
         _cond.notify()
     return ticket
 
@@ -58,24 +53,10 @@ def _run() -> None:
         with _cond:
             while _heap and not _heap[0][2].active:
                 heapq.heappop(_heap)
-            if not _heap:
-                _cond.wait()
-                continue
-            delay = _heap[0][0] - time.monotonic()
-            if delay > 0:
-                _cond.wait(timeout=delay)
+            if not _heap or _heap[0][0] > time.monotonic():
+                _cond.wait(timeout=_heap[0][0] - time.monotonic() if _heap else None)
                 continue
             ticket = heapq.heappop(_heap)[2]
-            # Under the lock: a disarmed ticket's descriptor, perhaps reused since, is
-            # never touched.
-            ticket.active, ticket.fired = False, True
-            try:
-                sock = socket.socket(fileno=os.dup(ticket.fileno))
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed: nothing left to cut
-            finally:
-                sock.close()  # the duplicate only
+            ticket.active, ticket.fired = False, True  # under the lock: a disarmed fd is never cut
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(ticket.fileno)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # closing the duplicate leaves the original open

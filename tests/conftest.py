@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labkit import Settings, TEST_POOL, create_async_engine, create_engine
+from labkit.errors import LabkitError, is_database_error, translate_error
 from labkit.lab import LocalServer, database_url
 
 # labkit.testing: rollback-per-test fixtures (labkit_session, ...); pytester runs the
@@ -92,6 +93,19 @@ def observer(db_url: URL) -> Iterator[Engine]:
     eng = create_engine(Settings(url=db_url, pool=TEST_POOL))
     yield eng
     eng.dispose()
+
+
+@contextlib.contextmanager
+def translated(*, secrets: Iterable[str | None] = ()) -> Iterator[None]:
+    """Re-raise a database error from the block as its labkit error (``translate_error``);
+    labkit's own and the caller's own exceptions pass unchanged. Sync and async alike:
+    ``with translated(): await conn.execute(...)``."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, LabkitError) or not is_database_error(exc):
+            raise
+        raise translate_error(exc, secrets=secrets) from exc
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from labkit import (
     mask_url,
 )
 from labkit.config import PRODUCTION_TCP, to_async_url, to_sync_url
-from labkit.errors import translating_errors
+from tests.conftest import translated
 from labkit.lab import database_url, local_settings
 
 SECRET = "s3cr3t-P@ss:w/rd?#"
@@ -454,7 +454,7 @@ def test_without_pre_ping_a_dead_pooled_connection_fails_the_next_statement(
     try:
         terminate(observer, pid_of(engine))
         with pytest.raises(ConnectionLostError):
-            with translating_errors(), engine.connect() as conn:
+            with translated(), engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
     finally:
         engine.dispose()

@@ -20,7 +20,8 @@ from labkit import (
     create_async_engine,
     create_engine,
 )
-from labkit.errors import async_translating_errors, translate_error, translating_errors
+from labkit.errors import translate_error
+from tests.conftest import translated
 
 
 def test_counts_checkouts_connects_and_in_use(settings):
@@ -66,7 +67,7 @@ def test_exhausted_pool_raises_pool_timeout_error_and_counts_it(settings):
     metrics = PoolMetrics.attach(engine, keep_waits=True)
     held = engine.connect()
     with pytest.raises(PoolTimeoutError, match="pool_timeout") as info:
-        with translating_errors():
+        with translated():
             engine.connect()
     assert "QueuePool limit of size 1 overflow 0 reached" in str(info.value)
     snap = metrics.snapshot()
@@ -198,13 +199,13 @@ def make_engine(settings: Settings) -> Iterator[Callable[..., Engine]]:
 
 def _time_out_a_checkout(engine: Engine) -> None:
     with pytest.raises(PoolTimeoutError):
-        with translating_errors():
+        with translated():
             engine.connect()
 
 
 async def _async_time_out_a_checkout(engine: AsyncEngine) -> None:
     with pytest.raises(PoolTimeoutError):
-        async with async_translating_errors():
+        with translated():
             await engine.connect()
 
 

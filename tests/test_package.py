@@ -69,8 +69,7 @@ def test_names_that_moved_out_of_the_top_level_are_in_their_modules():
     from labkit import config, engine, errors, health, retry
 
     moved = {errors: ["ProgrammingError", "AuthenticationError", "translate_error",
-                      "is_database_error", "redact", "translating_errors",
-                      "async_translating_errors", "sqlstate_of", "SQLSTATES"],
+                      "is_database_error", "redact", "sqlstate_of", "SQLSTATES"],
              health: ["check_database", "async_check_database", "ConnectionBudget",
                       "check_connection_budget"],
              retry: ["retry", "async_retry", "STARTUP_RETRY", "Attempt"],
@@ -84,7 +83,8 @@ def test_names_that_moved_out_of_the_top_level_are_in_their_modules():
     removed = ["DataError", "ServerError", "TooManyConnectionsError", "LockNotAvailableError",
                "HealthCheckTimeoutError", "is_transient", "dispose_engine",
                "async_dispose_engine", "is_healthy", "async_is_healthy", "pool_profile_for",
-               "read_env_file", "url_as_text", "Environment"]
+               "read_env_file", "url_as_text", "Environment", "translating_errors",
+               "async_translating_errors"]
     for name in removed:
         assert not hasattr(labkit, name), name
         for module in (config, engine, errors, health, retry):
@@ -250,15 +250,17 @@ def test_the_core_copied_under_another_name_imports_and_works_alone(
         for name in {CORE_MODULES!r}:
             importlib.import_module("copied_db." + name)
         import copied_db
-        from copied_db.errors import ProgrammingError, translating_errors
+        from copied_db.errors import ProgrammingError, translate_error
         settings = copied_db.Settings.from_env(default_url=sys.argv[1])
         engine = copied_db.create_engine(settings)
         try:
             try:
-                with translating_errors(), engine.connect() as conn:
+                with engine.connect() as conn:
                     conn.execute(text("SELECT 1 / 0"))
-            except ProgrammingError as exc:
-                sqlstate = exc.sqlstate
+            except Exception as exc:
+                error = translate_error(exc)
+                assert isinstance(error, ProgrammingError), error
+                sqlstate = error.sqlstate
             report = copied_db.health_check(engine, timeout=5)
         finally:
             engine.dispose()

@@ -32,12 +32,7 @@ from labkit import (
     create_sessionmaker,
     run_in_transaction,
 )
-from labkit.errors import (
-    async_translating_errors,
-    is_database_error,
-    translate_error,
-    translating_errors,
-)
+from labkit.errors import is_database_error, translate_error
 
 # Five quick attempts: a wrongly retried error shows as attempts > 1 within a second.
 QUICK = RetryPolicy(max_attempts=5, initial_delay=0.01, max_delay=0.02, deadline=10.0)
@@ -149,30 +144,32 @@ async def test_callers_own_error_called_back_by_sqlalchemy_stays_the_callers(
 
 
 @pytest.mark.parametrize(("fail", "expected"), USER_ERRORS)
-def test_translating_errors_lets_the_callers_own_oserror_through(
+def test_the_callers_own_oserror_in_a_connection_block_is_not_a_database_error(
         engine: Engine, closed_port: int, hung_port: int,
         fail: Callable[[int, int], None], expected: type[BaseException]) -> None:
-    """Pins: ``translating_errors`` re-raises only database errors as labkit errors.
+    """Pins: ``is_database_error`` says no to the caller's own error, so nothing translates it.
 
     The old code turned the caller's ``FileNotFoundError`` into ``DatabaseUnavailableError``.
     """
     with pytest.raises(expected) as info:
-        with translating_errors(), engine.connect() as conn:
+        with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             fail(closed_port, hung_port)
     assert type(info.value) is expected
+    assert not is_database_error(info.value)
 
 
 @pytest.mark.parametrize(("fail", "expected"), USER_ERRORS)
-async def test_async_translating_errors_lets_the_callers_own_oserror_through(
+async def test_the_callers_own_oserror_in_an_async_connection_block_is_not_a_database_error(
         async_engine: AsyncEngine, closed_port: int, hung_port: int,
         fail: Callable[[int, int], None], expected: type[BaseException]) -> None:
-    """Pins: async twin of ``translating_errors``: the caller's own error passes unchanged."""
+    """Pins: async twin: the caller's own error is no database error, whatever awaited before."""
     with pytest.raises(expected) as info:
-        async with async_translating_errors(), async_engine.connect() as conn:
+        async with async_engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
             fail(closed_port, hung_port)
     assert type(info.value) is expected
+    assert not is_database_error(info.value)
 
 
 # --- what must still be classified --------------------------------------------------

@@ -40,12 +40,8 @@ from labkit import (
     create_engine,
     wait_for_database,
 )
-from labkit.errors import (
-    AuthenticationError,
-    ProgrammingError,
-    async_translating_errors,
-    translating_errors,
-)
+from labkit.errors import AuthenticationError, ProgrammingError
+from tests.conftest import translated
 
 DRIVERS = ["psycopg2", "asyncpg"]
 
@@ -59,11 +55,10 @@ class Conn:
 
     async def execute(self, sql: str) -> Any:
         """Run ``sql`` and return the first column of its first row, if any."""
-        if self.driver == "psycopg2":
-            with translating_errors():
+        with translated():
+            if self.driver == "psycopg2":
                 result = self._conn.execute(text(sql))
-        else:
-            async with async_translating_errors():
+            else:
                 result = await self._conn.execute(text(sql))
         return result.scalar() if result.returns_rows else None
 
@@ -75,7 +70,7 @@ async def connect(driver: str, url: URL) -> AsyncIterator[Conn]:
     if driver == "psycopg2":
         engine = create_engine(settings)
         try:
-            with translating_errors():
+            with translated():
                 conn = engine.connect()
             try:
                 yield Conn(driver, conn)
@@ -87,7 +82,7 @@ async def connect(driver: str, url: URL) -> AsyncIterator[Conn]:
     else:
         async_engine = create_async_engine(settings)
         try:
-            async with async_translating_errors():
+            with translated():
                 aconn = await async_engine.connect()
             try:
                 yield Conn(driver, aconn)
