@@ -1,22 +1,13 @@
 """Pool metrics from SQLAlchemy's pool events: counters, gauges and checkout waits.
 
-Counters (keys are this module's constants) count since ``attach`` or the last
-``pop_stats()``; gauges are read when asked and never reset. The checkout wait (ms) is
-the time ``engine.connect()`` spends getting a connection: measured by the pool classes
-labkit's engine factories install (``TimedQueuePool`` and twins), so on other engines
-``checkout_wait_ms_*`` stay 0. Listeners sit on the ``Engine`` (for an ``AsyncEngine``,
-its ``sync_engine``), so they survive ``dispose()``.
-
-Example:
-    ```python
-    metrics = PoolMetrics.attach(engine)
-    ...
-    metrics.snapshot()  # {'checkouts': 120, 'in_use': 3, 'checkout_wait_ms_max': 4.1, ...}
-    ```
+Counters count since ``attach`` or the last ``pop_stats()``; gauges are read when asked. The
+checkout wait (ms) is timed by labkit's pool classes (``timed_pool_class``): 0 on other
+engines. Listeners sit on the (sync) ``Engine``, so they survive ``dispose()``.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -46,31 +37,22 @@ _EVENTS = (("connect", CONNECTS), ("close", CLOSES), ("checkout", CHECKOUTS),
 class PoolMetrics:
     """Collect one engine's pool events; thread-safe, cheap enough to leave on.
 
-    On labkit's engines collectors attach and detach at any time (the engine's own
-    listeners fan out to them; the pool holds them weakly). On other engines each
-    collector adds listeners: attach it before the engine serves traffic.
-    """
+    On engines not made by labkit, attach before the engine serves traffic."""
 
     def __init__(self, engine: Engine, *, keep_waits: bool = False) -> None:
-        self.engine = engine
-        self.keep_waits = keep_waits
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-        self._wait_total = self._wait_max = 0.0
-        self._waits_ms: list[float] = []
+        self.engine, self.keep_waits, self._lock = engine, keep_waits, threading.Lock()
+        self.reset()
         self._out = 0  # checkouts - checkins since attach: in_use on non-queue pools
-        self._listeners = [(name, lambda *_, key=key: self.count(key))
-                           for name, key in _EVENTS]
+        self._listeners = [(name, lambda *_, key=key: self.count(key)) for name, key in _EVENTS]
 
     @classmethod
     def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
-        """Start collecting for ``engine`` (sync or async); ``keep_waits`` keeps every
-        checkout wait for distributions (``waits_ms``)."""
+        """Start collecting for ``engine`` (sync or async); ``keep_waits`` keeps each wait."""
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         metrics = cls(sync_engine, keep_waits=keep_waits)
         collectors = getattr(sync_engine.pool, "labkit_collectors", None)
         if collectors is not None:
-            collectors.add(metrics)  # labkit's engine fans its events out: safe under load
+            collectors.add(metrics)  # labkit's engine fans its events out
         else:
             for name, fn in metrics._listeners:
                 event.listen(sync_engine, name, fn)
@@ -81,15 +63,20 @@ class PoolMetrics:
         for name, fn in self._listeners:
             if event.contains(self.engine, name, fn):
                 event.remove(self.engine, name, fn)
-        collectors = getattr(self.engine.pool, "labkit_collectors", None)
-        if collectors is not None:
-            collectors.discard(self)
+        getattr(self.engine.pool, "labkit_collectors", set()).discard(self)
 
     def count(self, key: str) -> None:
         """Count one pool event (called by the engine's listeners)."""
         with self._lock:
             self._counts[key] += 1
             self._out += 1 if key == CHECKOUTS else -1 if key == CHECKINS else 0
+
+    def reset(self) -> None:
+        """Zero the counters and forget kept waits."""
+        with self._lock:
+            self._counts: Counter[str] = Counter()
+            self._wait_total = self._wait_max = 0.0
+            self._waits_ms: list[float] = []
 
     def record_wait(self, ms: float, *, failed: bool) -> None:
         """Record one checkout's wait (called by labkit's pool classes)."""
@@ -127,13 +114,6 @@ class PoolMetrics:
         self.reset()
         return data
 
-    def reset(self) -> None:
-        """Zero the counters and forget kept waits."""
-        with self._lock:
-            self._counts.clear()
-            self._wait_total = self._wait_max = 0.0
-            self._waits_ms.clear()
-
     def waits_ms(self) -> list[float]:
         """Every checkout wait since the last reset, in ms (with ``keep_waits=True``)."""
         with self._lock:
@@ -153,10 +133,9 @@ class _Timed:
         self.labkit_lent = None if isinstance(self, sa_pool.QueuePool) else weakref.WeakSet()
 
     def connect(self) -> Any:
-        start, failed = (time.perf_counter() if self.labkit_collectors else None), True
+        start, connection = (time.perf_counter() if self.labkit_collectors else None), None
         try:
             connection = super().connect()  # type: ignore[misc]
-            failed = False
             if self.labkit_lent is not None:
                 self.labkit_lent.add(connection)
             return connection
@@ -164,7 +143,7 @@ class _Timed:
             if start is not None:
                 ms = (time.perf_counter() - start) * 1000.0
                 for metrics in list(self.labkit_collectors):
-                    metrics.record_wait(ms, failed=failed)
+                    metrics.record_wait(ms, failed=connection is None)
 
     def recreate(self) -> Any:
         new = super().recreate()  # type: ignore[misc]
@@ -172,15 +151,10 @@ class _Timed:
         return new
 
 
-_TIMED: dict[type, type] = {}
-
-
+@functools.cache
 def timed_pool_class(pool_class: type[sa_pool.Pool]) -> type[sa_pool.Pool]:
-    """Return ``pool_class`` with checkout timing (one subclass per class, cached)."""
-    if pool_class not in _TIMED:
-        # The same name as the class it times: reports and reprs read as SQLAlchemy's.
-        _TIMED[pool_class] = type(pool_class.__name__, (_Timed, pool_class), {})
-    return _TIMED[pool_class]
+    """Return ``pool_class`` with checkout timing: a cached subclass of the same name."""
+    return type(pool_class.__name__, (_Timed, pool_class), {})
 
 
 def install(engine: Engine) -> None:
