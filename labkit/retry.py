@@ -1,11 +1,8 @@
 """Retry with exponential backoff and jitter: the whole unit of work, only what is safe.
 
-``DEFAULT_RETRY`` (a request's) retries a lost connection and a serialization failure or
-deadlock: cheap to retry, and nothing was committed. It does not retry timeouts, an
-exhausted pool or a full server, which more attempts make worse, nor a COMMIT whose
-answer was lost (``CommitOutcomeUnknownError``) unless the work is declared idempotent.
-``STARTUP_RETRY`` waits up to 30 s for any ``TransientError``: a server coming up.
-docs/concepts/failures.md says why.
+``DEFAULT_RETRY`` retries a lost connection, a serialization failure or a deadlock; never a
+timeout, a full pool or server, nor a lost COMMIT answer unless the work is idempotent.
+``STARTUP_RETRY`` waits up to 30 s for any ``TransientError`` (docs/concepts/failures.md).
 """
 
 from __future__ import annotations
@@ -16,22 +13,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import (
-    CommitOutcomeUnknownError,
-    ConnectionLostError,
-    LabkitError,
-    RetryExhaustedError,
-    SerializationError,
-    TransientError,
-    is_database_error,
-    translate_error,
-)
+from .errors import (CommitOutcomeUnknownError, ConnectionLostError, LabkitError,
+                     RetryExhaustedError, SerializationError, TransientError,
+                     is_database_error, translate_error)
 from .session import async_session_scope, session_scope
 
 __all__ = ["DEFAULT_RETRY", "STARTUP_RETRY", "Attempt", "RetryPolicy", "async_retry",
@@ -41,10 +31,7 @@ __all__ = ["DEFAULT_RETRY", "STARTUP_RETRY", "Attempt", "RetryPolicy", "async_re
 logger = logging.getLogger("labkit")
 T = TypeVar("T")
 
-INITIAL_DELAY = 0.1  # seconds
-MULTIPLIER = 2.0
-MAX_DELAY = 2.0  # seconds
-JITTER = 0.1  # each delay randomised by +-10 %
+INITIAL_DELAY, MULTIPLIER, MAX_DELAY, JITTER = 0.1, 2.0, 2.0, 0.1  # s, factor, s, +-fraction
 PROBE_TIMEOUT = 5.0  # seconds, at most, per wait_for_database probe
 
 
@@ -62,9 +49,7 @@ class Attempt:
 class RetryPolicy:
     """How often, how long and what to retry; times in seconds.
 
-    Delays start at ``initial_delay``, grow by ``multiplier`` up to ``max_delay``, each
-    randomised by ``±jitter`` (drawn from the process's own generator, so workers forked
-    from one parent do not retry in lockstep); no attempt starts after ``deadline``.
+    Delays grow from ``initial_delay`` by ``multiplier`` to ``max_delay``, ``±jitter`` each.
     """
 
     max_attempts: int = 5
@@ -89,10 +74,9 @@ class RetryPolicy:
 
     def delays(self) -> Iterator[float]:
         """Yield the sleep before each retry (``max_attempts - 1`` values)."""
-        delay = self.initial_delay
+        delay = min(self.max_delay, self.initial_delay)
         for _ in range(self.max_attempts - 1):
-            capped = min(self.max_delay, delay)
-            yield max(0.0, capped * (1 + random.uniform(-self.jitter, self.jitter)))
+            yield max(0.0, delay * (1 + random.uniform(-self.jitter, self.jitter)))
             delay = min(self.max_delay, delay * self.multiplier)
 
 
@@ -101,34 +85,51 @@ STARTUP_RETRY = RetryPolicy(max_attempts=1000, deadline=30.0)
 
 
 class _Budget:
-    """The bookkeeping the sync and async loops share."""
+    """One call's attempts, elapsed time and delays; the sync and async loops share it."""
 
     def __init__(self, policy: RetryPolicy, on_retry: Callable[[Attempt], None] | None,
                  idempotent: bool) -> None:
         self.policy, self.on_retry, self.idempotent = policy, on_retry, idempotent
-        self.start = time.monotonic()
-        self.delays = policy.delays()
-        self.attempts = self.unknown_commits = 0
+        self.start, self.delays = time.monotonic(), policy.delays()
+        self.attempts, self.unknown_commits = 1, 0
+
+    def run(self, fn: Callable[[], T]) -> T:
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified by failed()
+                time.sleep(self.failed(exc))
+
+    async def run_async(self, fn: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:  # noqa: BLE001 - classified by failed()
+                await asyncio.sleep(self.failed(exc))
+
+    def probe_timeout(self) -> float:
+        """Seconds for one health probe: what is left of the deadline, at most 5 s."""
+        left = (self.policy.deadline or float("inf")) - (time.monotonic() - self.start)
+        return max(0.05, min(PROBE_TIMEOUT, left))
 
     def failed(self, exc: Exception) -> float:
         """Classify a failure; return the delay before the next attempt, or raise."""
         if not is_database_error(exc):
             raise exc  # the caller's own: not ours to classify or retry
         error = translate_error(exc)
-        if isinstance(error, CommitOutcomeUnknownError):
-            self.unknown_commits += 1
-            if not self.idempotent:
-                self._give_up(error, exc)
-        elif not isinstance(error, self.policy.retry_on):
-            self._give_up(error, exc)
+        unknown = isinstance(error, CommitOutcomeUnknownError)
+        self.unknown_commits += unknown
+        if not (self.idempotent if unknown else isinstance(error, self.policy.retry_on)):
+            if error is exc:
+                raise exc
+            raise error from exc
         elapsed = time.monotonic() - self.start
-        delay = next(self.delays, None)
-        deadline = self.policy.deadline
+        delay, deadline = next(self.delays, None), self.policy.deadline
         if delay is None or (deadline is not None and elapsed + delay > deadline):
-            budget = f"{self.policy.max_attempts} attempts" + (
-                f" / {deadline:g} s" if deadline is not None else "")
+            limit = f" / {deadline:g} s" if deadline is not None else ""
             message = (f"gave up after {self.attempts} attempt(s) in {elapsed:.2f} s (budget: "
-                       f"{budget}); last error: {type(error).__name__}: {error}")
+                       f"{self.policy.max_attempts} attempts{limit}); last error: "
+                       f"{type(error).__name__}: {error}")
             if self.unknown_commits:
                 message += (f" -- {self.unknown_commits} attempt(s) lost the answer to "
                             "COMMIT: the work may have been stored")
@@ -138,13 +139,8 @@ class _Budget:
                     type(error).__name__, delay)
         if self.on_retry is not None:
             self.on_retry(Attempt(self.attempts, error, delay, elapsed))
+        self.attempts += 1
         return delay
-
-    @staticmethod
-    def _give_up(error: LabkitError, exc: Exception) -> NoReturn:
-        if error is exc:
-            raise exc
-        raise error from exc
 
 
 def retry(fn: Callable[[], T], *, policy: RetryPolicy = DEFAULT_RETRY,
@@ -152,55 +148,27 @@ def retry(fn: Callable[[], T], *, policy: RetryPolicy = DEFAULT_RETRY,
     """Call ``fn()`` until it succeeds, retrying what ``policy.retry_on`` names.
 
     Raises:
-        CommitOutcomeUnknownError: at once, unless ``idempotent`` (running ``fn`` twice
-            then has the effect of once).
+        CommitOutcomeUnknownError: at once, unless ``idempotent`` (a second run after a
+            committed first changes nothing).
         RetryExhaustedError: the budget ran out; ``last_error`` says why.
-        LabkitError: at once, for a database error the policy does not retry. Anything
-            that is not a database error propagates unchanged after one attempt.
+        LabkitError: at once, for a database error the policy does not retry; any other
+            error propagates unchanged after one attempt.
     """
-    budget = _Budget(policy, on_retry, idempotent)
-    while True:
-        budget.attempts += 1
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified by the budget
-            time.sleep(budget.failed(exc))
+    return _Budget(policy, on_retry, idempotent).run(fn)
 
 
 async def async_retry(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy = DEFAULT_RETRY,
                       on_retry: Callable[[Attempt], None] | None = None,
                       idempotent: bool = False) -> T:
     """Async twin of ``retry``: awaits ``fn()``."""
-    budget = _Budget(policy, on_retry, idempotent)
-    while True:
-        budget.attempts += 1
-        try:
-            return await fn()
-        except Exception as exc:  # noqa: BLE001 - classified by the budget
-            await asyncio.sleep(budget.failed(exc))
+    return await _Budget(policy, on_retry, idempotent).run_async(fn)
 
 
 def run_in_transaction(factory: sessionmaker[Session], work: Callable[[Session], T], *,
                        policy: RetryPolicy = DEFAULT_RETRY,
                        on_retry: Callable[[Attempt], None] | None = None,
                        idempotent: bool = False) -> T:
-    """Run ``work(session)`` in a ``session_scope``, retrying the whole transaction.
-
-    Declare ``idempotent=True`` only for work whose second run changes nothing after a
-    first that committed (an idempotency key chosen before the first attempt, with
-    ``ON CONFLICT DO NOTHING``): then a lost COMMIT answer is retried too.
-
-    Example:
-        ```python
-        key = request.headers["Idempotency-Key"]   # chosen once, before any attempt
-
-        def pay(session: Session) -> None:
-            session.execute(text("INSERT INTO payments (key, amount) VALUES (:k, 100) "
-                                 "ON CONFLICT (key) DO NOTHING"), {"k": key})
-
-        run_in_transaction(factory, pay, idempotent=True)
-        ```
-    """
+    """Run ``work(session)`` in a ``session_scope``, retrying the whole transaction."""
     def attempt() -> T:
         with session_scope(factory) as session:
             return work(session)
@@ -221,44 +189,23 @@ async def async_run_in_transaction(factory: async_sessionmaker[AsyncSession],
     return await async_retry(attempt, policy=policy, on_retry=on_retry, idempotent=idempotent)
 
 
-def _probe_timeout(policy: RetryPolicy, started: float) -> float:
-    if policy.deadline is None:
-        return PROBE_TIMEOUT
-    return max(0.05, min(PROBE_TIMEOUT, policy.deadline - (time.monotonic() - started)))
-
-
 def wait_for_database(engine: Engine, *, policy: RetryPolicy = STARTUP_RETRY,
                       on_retry: Callable[[Attempt], None] | None = None) -> int:
     """Block until a health probe succeeds; return the number of attempts.
 
-    Each probe gets the time left in ``policy.deadline`` (at most 5 s), so a hung server
-    cannot hold start-up past it. A wrong password fails at once; a server that stays
-    down raises ``RetryExhaustedError`` by the deadline.
+    Each probe gets what is left of ``policy.deadline``, at most 5 s. Raises
+    ``RetryExhaustedError`` by the deadline; a wrong password fails at once.
     """
     from .health import check_database
-
-    attempts, started = 0, time.monotonic()
-
-    def probe() -> None:
-        nonlocal attempts
-        attempts += 1
-        check_database(engine, timeout=_probe_timeout(policy, started))
-
-    retry(probe, policy=policy, on_retry=on_retry)
-    return attempts
+    budget = _Budget(policy, on_retry, idempotent=False)
+    budget.run(lambda: check_database(engine, timeout=budget.probe_timeout()))
+    return budget.attempts
 
 
 async def async_wait_for_database(engine: AsyncEngine, *, policy: RetryPolicy = STARTUP_RETRY,
                                   on_retry: Callable[[Attempt], None] | None = None) -> int:
     """Async twin of ``wait_for_database``."""
     from .health import async_check_database
-
-    attempts, started = 0, time.monotonic()
-
-    async def probe() -> None:
-        nonlocal attempts
-        attempts += 1
-        await async_check_database(engine, timeout=_probe_timeout(policy, started))
-
-    await async_retry(probe, policy=policy, on_retry=on_retry)
-    return attempts
+    budget = _Budget(policy, on_retry, idempotent=False)
+    await budget.run_async(lambda: async_check_database(engine, timeout=budget.probe_timeout()))
+    return budget.attempts
