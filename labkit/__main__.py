@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -23,21 +22,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = argparse.ArgumentParser(prog="python -m labkit",
                                      description="labkit: check that the database answers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    health = sub.add_parser("health", help="check that the database answers")
+    health = parser.add_subparsers(dest="command", required=True).add_parser(
+        "health", help="check that the database answers")
     health.add_argument("--url", help="database URL (default: DATABASE_URL)")
-    health.add_argument("--timeout", type=float, default=5.0,
-                        help="give up after this many seconds (default 5)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if not math.isfinite(args.timeout) or args.timeout <= 0:
+    if not 0 < args.timeout < float("inf"):  # NaN too
         print("error: --timeout must be > 0 seconds", file=sys.stderr)
         return 2
     try:
         env = {**os.environ, **({"DATABASE_URL": args.url} if args.url else {})}
-        settings = Settings.from_env(env).replace(
-            pool=TEST_POOL, connect_timeout=max(1.0, min(args.timeout, 5.0)))
-        engine = create_engine(settings)
+        engine = create_engine(Settings.from_env(env).replace(
+            pool=TEST_POOL, connect_timeout=max(1.0, min(args.timeout, 5.0))))
     except ConfigurationError as exc:
         message = redact(str(exc))
         if args.json:
