@@ -18,6 +18,8 @@ gone): only a client deadline does (``labkit.deadline``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import socket
 from collections.abc import Mapping
@@ -59,8 +61,11 @@ class TcpSettings:
                                       or not 1 <= value <= high):
                 raise ConfigurationError(f"{name} must be an integer from 1 to {high}, "
                                          f"got {value!r}")
-        if self.user_timeout is not None and not 0 < self.user_timeout <= 2_147_483:
-            raise ConfigurationError(f"user_timeout must be > 0 seconds, got {self.user_timeout}")
+        timeout = self.user_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, numbers.Real) or not 0 < timeout <= 2_147_483):  # nan fails too
+            raise ConfigurationError("user_timeout must be a number of seconds > 0 and "
+                                     f"<= 2147483, got {timeout!r}")
 
     def replace(self, **changes: Any) -> TcpSettings:
         """Return a copy with some values changed (validated again)."""
@@ -78,7 +83,11 @@ class TcpSettings:
                 try:
                     values[field] = kind(env[var].strip())
                 except ValueError:
-                    raise ConfigurationError(f"{var} must be a number, got {env[var]!r}") from None
+                    values[field] = math.nan
+                if not math.isfinite(values[field]):
+                    raise ConfigurationError(
+                        f"{var} must be {'an integer' if kind is int else 'a number'}, "
+                        f"got {env[var]!r}")
         return cls(**values)
 
     def libpq_args(self) -> dict[str, int]:

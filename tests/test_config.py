@@ -26,9 +26,10 @@ from labkit import (
     create_engine,
     mask_url,
 )
-from labkit.config import PRODUCTION_TCP, to_async_url, to_sync_url
+from labkit.config import to_async_url, to_sync_url
 from tests.conftest import translated
 from labkit.lab import database_url, local_settings
+from labkit.tcp import PRODUCTION_TCP, TcpSettings
 
 SECRET = "s3cr3t-P@ss:w/rd?#"
 
@@ -90,11 +91,6 @@ def test_from_env_reads_every_setting():
         "DB_ECHO": "yes",
         "DB_CONNECT_TIMEOUT": "4",
         "DB_STATEMENT_TIMEOUT": "1500",
-        "DB_TCP_KEEPALIVE_IDLE": "30",
-        "DB_TCP_KEEPALIVE_INTERVAL": "5",
-        "DB_TCP_KEEPALIVE_COUNT": "4",
-        "DB_TCP_USER_TIMEOUT": "12.5",
-        "DB_BEHIND_POOLER": "on",
         "DB_PROCESSES": "4",
     })
     assert settings.environment == "production"
@@ -103,9 +99,6 @@ def test_from_env_reads_every_setting():
     assert settings.echo is True
     assert settings.connect_timeout == 4.0
     assert settings.statement_timeout_ms == 1500
-    assert (settings.tcp_keepalive_idle, settings.tcp_keepalive_interval,
-            settings.tcp_keepalive_count, settings.tcp_user_timeout) == (30, 5, 4, 12.5)
-    assert settings.behind_pooler is True
     assert settings.processes == 4
 
 
@@ -115,17 +108,77 @@ def test_defaults_when_nothing_is_set():
     assert settings.pool == DEVELOPMENT_POOL
     assert settings.connect_timeout == 5.0 and settings.application_name == "labkit"
     assert settings.statement_timeout_ms is None and settings.processes == 1
-    assert settings.tcp_keepalive_idle is None and settings.tcp_user_timeout is None
 
 
-def test_production_gets_the_production_pool_and_tcp_settings_unless_set():
+def test_production_gets_the_production_pool():
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d",
                                   "ENVIRONMENT": "Production "})
     assert settings.environment == "production" and settings.pool == PRODUCTION_POOL
-    assert {name: getattr(settings, name) for name in PRODUCTION_TCP} == PRODUCTION_TCP
-    tuned = Settings.from_env({"DATABASE_URL": "postgresql://u:p@h/d",
-                               "ENVIRONMENT": "production", "DB_TCP_USER_TIMEOUT": "9"})
-    assert tuned.tcp_user_timeout == 9.0 and tuned.tcp_keepalive_idle == 60
+
+
+# --- labkit.tcp: TcpSettings -------------------------------------------------------------
+
+def test_tcp_settings_from_env_read_every_variable_and_production_fills_the_rest():
+    env = {"DB_TCP_KEEPALIVE_IDLE": "30", "DB_TCP_KEEPALIVE_INTERVAL": " 5 ",
+           "DB_TCP_KEEPALIVE_COUNT": "4", "DB_TCP_USER_TIMEOUT": "12.5"}
+    assert TcpSettings.from_env(env) == TcpSettings(30, 5, 4, 12.5)
+    assert TcpSettings.from_env({}) == TcpSettings()        # the kernel's defaults
+    assert TcpSettings.from_env({"ENVIRONMENT": "Production "}) == PRODUCTION_TCP
+    assert PRODUCTION_TCP == TcpSettings(60, 10, 3, 30.0)
+    tuned = TcpSettings.from_env({"ENVIRONMENT": "production", "DB_TCP_USER_TIMEOUT": "9"})
+    assert tuned == PRODUCTION_TCP.replace(user_timeout=9.0)
+    assert TcpSettings.from_env({"ENVIRONMENT": "production", "DB_TCP_USER_TIMEOUT": " "}) \
+        == PRODUCTION_TCP                                     # blank: unset
+
+
+def test_tcp_settings_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("ENVIRONMENT", raising=False)
+    monkeypatch.setenv("DB_TCP_KEEPALIVE_IDLE", "45")
+    assert TcpSettings.from_env().keepalive_idle == 45
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"DB_TCP_KEEPALIVE_COUNT": "500"}, "keepalive_count must be an integer from 1 to 127"),
+    ({"DB_TCP_KEEPALIVE_IDLE": "0"}, "keepalive_idle must be an integer from 1 to 32767"),
+    ({"DB_TCP_KEEPALIVE_IDLE": "1.5"}, "DB_TCP_KEEPALIVE_IDLE must be an integer"),
+    ({"DB_TCP_KEEPALIVE_INTERVAL": "soon"}, "DB_TCP_KEEPALIVE_INTERVAL must be an integer"),
+    ({"DB_TCP_USER_TIMEOUT": "five"}, "DB_TCP_USER_TIMEOUT must be a number"),
+    ({"DB_TCP_USER_TIMEOUT": "nan"}, "DB_TCP_USER_TIMEOUT must be a number"),
+    ({"DB_TCP_USER_TIMEOUT": "inf"}, "DB_TCP_USER_TIMEOUT must be a number"),
+    ({"DB_TCP_USER_TIMEOUT": "-1"}, "user_timeout must be a number of seconds > 0"),
+])
+def test_invalid_tcp_environment_values_are_explained(env, words):
+    with pytest.raises(ConfigurationError, match=words):
+        TcpSettings.from_env(env)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"keepalive_idle": 0}, "keepalive_idle must be an integer from 1 to 32767"),
+    ({"keepalive_idle": 32_768}, "keepalive_idle must be an integer"),
+    ({"keepalive_interval": 2.5}, "keepalive_interval must be an integer"),
+    ({"keepalive_interval": "5"}, "keepalive_interval must be an integer"),
+    ({"keepalive_count": True}, "keepalive_count must be an integer from 1 to 127"),
+    ({"keepalive_count": 128}, "keepalive_count must be an integer from 1 to 127"),
+    ({"user_timeout": 0}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": -1}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": "5"}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": True}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": float("nan")}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": float("inf")}, "user_timeout must be a number of seconds > 0"),
+    ({"user_timeout": 1e10}, "user_timeout must be a number of seconds > 0"),
+])
+def test_invalid_tcp_settings_name_the_field(changes, words):
+    with pytest.raises(ConfigurationError, match=words):
+        TcpSettings(**changes)
+    with pytest.raises(ConfigurationError, match=words):   # replace validates again
+        PRODUCTION_TCP.replace(**changes)
+
+
+def test_tcp_settings_translate_for_libpq_in_whole_milliseconds():
+    assert TcpSettings(keepalive_idle=5).libpq_args() == {"keepalives": 1, "keepalives_idle": 5}
+    assert TcpSettings(user_timeout=0.0001).libpq_args() == {"tcp_user_timeout": 1}
+    assert PRODUCTION_TCP.libpq_args()["tcp_user_timeout"] == 30_000
+    assert [value for _, _, value in PRODUCTION_TCP.socket_options()] == [1, 60, 10, 3, 30_000]
 
 
 def test_test_environment_gets_the_null_pool_and_a_pool_size_makes_it_a_queue():
@@ -235,7 +288,6 @@ def test_invalid_pool_values_name_the_argument(changes, words):
     ({"DB_POOL_PRE_PING": "maybe"}, "DB_POOL_PRE_PING must be true or false"),
     ({"ENVIRONMENT": "staging"}, "ENVIRONMENT must be"),
     ({"DB_PROCESSES": "0"}, "processes must be an integer from 1"),
-    ({"DB_TCP_KEEPALIVE_COUNT": "500"}, "tcp_keepalive_count must be an integer from 1 to 127"),
 ])
 def test_invalid_environment_values_are_explained(env, words):
     with pytest.raises(ConfigurationError, match=words):
@@ -324,7 +376,6 @@ def test_non_finite_timeouts_in_the_environment_name_the_variable(var, value):
     ("connect_timeout", lambda v: Settings(url="postgresql://u:p@h/d", connect_timeout=v)),
     ("pool_timeout", lambda v: PoolProfile(pool_timeout=v)),
     ("pool_timeout", lambda v: DEVELOPMENT_POOL.replace(pool_timeout=v)),
-    ("tcp_user_timeout", lambda v: Settings(url="postgresql://u:p@h/d", tcp_user_timeout=v)),
 ])
 def test_timeouts_no_layer_can_wait_are_refused_at_construction(
         field: str, build: Callable[[float], object], value: float):

@@ -22,7 +22,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 import labkit
-from labkit import ConnectionLostError, Settings, create_async_engine, create_engine
+import labkit.tcp
+from labkit import ConnectionLostError, Settings, create_async_engine
 from labkit.engine import engine_kwargs
 from labkit.errors import translate_error
 from labkit.lab.faults import throwaway_server
@@ -36,6 +37,7 @@ from labkit.lab.network import (
     namespace_unavailable,
 )
 from labkit.lab.server import LocalServer
+from labkit.tcp import PRODUCTION_TCP, TcpSettings
 
 ONE = labkit.DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0, pool_pre_ping=False)
 
@@ -200,12 +202,11 @@ def _tcp_options(sock: socket.socket) -> tuple[int, int, int, int, int]:
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
 
 
-TCP = {"tcp_keepalive_idle": 7, "tcp_keepalive_interval": 3, "tcp_keepalive_count": 2,
-       "tcp_user_timeout": 4.5}
+TCP = TcpSettings(keepalive_idle=7, keepalive_interval=3, keepalive_count=2, user_timeout=4.5)
 
 
 def test_tcp_settings_are_set_on_psycopg2_sockets(db_url: URL):
-    engine = create_engine(Settings(url=db_url, **TCP), pool=ONE)  # type: ignore[arg-type]
+    engine = labkit.tcp.create_engine(Settings(url=db_url), TCP, pool=ONE)
     try:
         with engine.connect() as conn:
             fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
@@ -219,7 +220,7 @@ def test_tcp_settings_are_set_on_psycopg2_sockets(db_url: URL):
 
 
 async def test_tcp_settings_are_set_on_asyncpg_sockets(db_url: URL):
-    engine = create_async_engine(Settings(url=db_url, **TCP), pool=ONE)  # type: ignore[arg-type]
+    engine = labkit.tcp.create_async_engine(Settings(url=db_url), TCP, pool=ONE)
     try:
         async with engine.connect() as conn:
             raw = await conn.get_raw_connection()
@@ -230,25 +231,41 @@ async def test_tcp_settings_are_set_on_asyncpg_sockets(db_url: URL):
         await engine.dispose()
 
 
-def test_production_settings_tune_tcp_and_the_environment_overrides_them(db_url: URL):
-    url = db_url.render_as_string(hide_password=False)
-    prod = Settings.from_env({"ENVIRONMENT": "production", "DATABASE_URL": url})
-    assert (prod.tcp_keepalive_idle, prod.tcp_keepalive_interval, prod.tcp_keepalive_count,
-            prod.tcp_user_timeout) == (60, 10, 3, 30.0)
-    dev = Settings.from_env({"DATABASE_URL": url})
-    assert (dev.tcp_keepalive_idle, dev.tcp_keepalive_interval, dev.tcp_keepalive_count,
-            dev.tcp_user_timeout) == (None, None, None, None)
-    tuned = Settings.from_env({"ENVIRONMENT": "production", "DATABASE_URL": url,
-                               "DB_TCP_KEEPALIVE_IDLE": "20", "DB_TCP_USER_TIMEOUT": "5"})
-    assert (tuned.tcp_keepalive_idle, tuned.tcp_user_timeout) == (20, 5.0)
-    args = engine_kwargs(tuned)["connect_args"]
-    assert (args["keepalives"], args["keepalives_idle"], args["keepalives_interval"],
-            args["keepalives_count"], args["tcp_user_timeout"]) == (1, 20, 10, 3, 5000)
-    assert "keepalives" not in engine_kwargs(dev)["connect_args"]
-    for bad in ({"tcp_keepalive_idle": 0}, {"tcp_keepalive_count": 1.5},
-                {"tcp_user_timeout": -1}):
-        with pytest.raises(labkit.ConfigurationError, match=next(iter(bad))):
-            Settings(url=db_url, **bad)  # type: ignore[arg-type]
+def test_the_core_sets_no_tcp_options_and_the_kernel_defaults_stay(db_url: URL):
+    assert not any(k.startswith(("keepalives", "tcp_"))
+                   for k in engine_kwargs(Settings(url=db_url))["connect_args"])
+    engine = labkit.tcp.create_engine(Settings(url=db_url), TcpSettings(), pool=ONE)
+    try:
+        with engine.connect() as conn:
+            fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+            sock = socket.socket(fileno=os.dup(fileno))
+            try:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+            finally:
+                sock.close()
+    finally:
+        engine.dispose()
+
+
+def test_production_tcp_from_the_environment_reaches_libpq_and_the_socket_options():
+    prod = TcpSettings.from_env({"ENVIRONMENT": "production"})
+    assert prod == PRODUCTION_TCP
+    assert (prod.keepalive_idle, prod.keepalive_interval, prod.keepalive_count,
+            prod.user_timeout) == (60, 10, 3, 30.0)
+    assert TcpSettings.from_env({}) == TcpSettings()
+    tuned = TcpSettings.from_env({"ENVIRONMENT": "production", "DB_TCP_KEEPALIVE_IDLE": "20",
+                                  "DB_TCP_USER_TIMEOUT": "5"})
+    assert tuned.libpq_args() == {"keepalives": 1, "keepalives_idle": 20,
+                                  "keepalives_interval": 10, "keepalives_count": 3,
+                                  "tcp_user_timeout": 5000}
+    assert tuned.socket_options() == [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 20),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000)]
+    assert TcpSettings().libpq_args() == {} and TcpSettings().socket_options() == []
+    assert TcpSettings(user_timeout=2).libpq_args() == {"tcp_user_timeout": 2000}
 
 
 # --- a private network namespace (root) ---------------------------------------------------
@@ -266,10 +283,10 @@ def inside() -> Iterator[tuple[NetworkNamespace, LocalServer]]:
         yield ns, server
 
 
-def _engine(ns: NetworkNamespace, server: LocalServer, **settings: Any) -> Engine:
+def _engine(ns: NetworkNamespace, server: LocalServer, **tcp: Any) -> Engine:
     # No client-side statement deadline (labkit.deadline): only TCP settings end a wait.
-    return ns.attach(create_engine(Settings(url=server.info().url(), connect_timeout=2,
-                                            **settings), pool=ONE))
+    settings = Settings(url=server.info().url(), connect_timeout=2)
+    return ns.attach(labkit.tcp.create_engine(settings, TcpSettings(**tcp), pool=ONE))
 
 
 def _timed(engine: Engine, sql: str = "SELECT 1", cap: float = 8.0) -> tuple[float, str | None]:
@@ -311,10 +328,10 @@ def test_partition_drops_packets_in_the_kernel_and_is_lifted_when_the_block_rais
         inside: tuple[NetworkNamespace, LocalServer]):
     ns, server = inside
     port = server.info().port
-    # A statement sent into the partition is never ACKed: tcp_user_timeout ends it. Only
+    # A statement sent into the partition is never ACKed: TCP_USER_TIMEOUT ends it. Only
     # the kernel dropping packets does that (a userspace proxy ACKs everything), and
     # nothing else bounds it here.
-    engine = _engine(ns, server, tcp_user_timeout=1.5)
+    engine = _engine(ns, server, user_timeout=1.5)
     try:
         assert _timed(engine)[1] is None
         with pytest.raises(Boom):
@@ -340,8 +357,8 @@ def test_kernel_idle_reaper_forgets_idle_flows_keepalives_keep_them_and_it_resto
         with ns.reaping_idle(port, after=2) as table:
             before = ns.call(lambda: open(path).read().strip())
             assert before == "2"
-            idle = _engine(ns, server, tcp_user_timeout=1.0)   # ends a send nobody ACKs
-            busy = _engine(ns, server, tcp_keepalive_idle=1, tcp_keepalive_interval=1)
+            idle = _engine(ns, server, user_timeout=1.0)   # ends a send nobody ACKs
+            busy = _engine(ns, server, keepalive_idle=1, keepalive_interval=1)
             assert _timed(idle)[1] is None and _timed(busy)[1] is None
             time.sleep(3.5)                      # idle past 2 s; busy probes every 1 s
             elapsed, error = _timed(idle)        # its flow was forgotten: dropped, silently

@@ -66,16 +66,17 @@ def test_all_has_at_most_35_names():
 def test_names_that_moved_out_of_the_top_level_are_in_their_modules():
     """The moved names live in their modules (``labkit.errors`` and the rest), not in
     ``labkit``; the removed ones exist nowhere in the core."""
-    from labkit import config, engine, errors, health, retry
+    from labkit import config, engine, errors, health, pooler, retry, tcp
 
     moved = {errors: ["ProgrammingError", "AuthenticationError", "translate_error",
                       "is_database_error", "redact", "sqlstate_of", "SQLSTATES"],
              health: ["check_database", "async_check_database", "ConnectionBudget",
                       "check_connection_budget"],
              retry: ["retry", "async_retry", "STARTUP_RETRY", "Attempt"],
-             config: ["parse_url", "to_sync_url", "to_async_url", "PRODUCTION_TCP",
-                      "server_settings"],
-             engine: ["engine_kwargs"]}
+             config: ["parse_url", "to_sync_url", "to_async_url", "server_settings"],
+             engine: ["engine_kwargs"],
+             tcp: ["TcpSettings", "PRODUCTION_TCP"],   # optional modules
+             pooler: ["ASYNCPG_ARGS"]}
     for module, names in moved.items():
         for name in names:
             assert hasattr(module, name), (module.__name__, name)

@@ -1,9 +1,10 @@
 """labkit through a real PgBouncer (Debian's package) in front of a throwaway server.
 
-What ``Settings.behind_pooler`` changes is proven in both directions: with it, many
+What ``labkit.pooler``'s engines change is proven in both directions: with them, many
 transactions of both drivers pass through transaction mode and the statement timeout
-still holds; without it, PgBouncer refuses labkit's connect-time ``statement_timeout``
-and asyncpg's named prepared statements clash between worker processes.
+still holds; with the core's engines, PgBouncer refuses labkit's connect-time
+``statement_timeout`` and asyncpg's named prepared statements clash between worker
+processes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, exc, text
+from sqlalchemy import Engine, event, exc, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labkit import (
     TEST_POOL,
@@ -21,6 +24,7 @@ from labkit import (
     Settings,
     create_async_engine,
     create_engine,
+    pooler,
 )
 from labkit.engine import engine_kwargs
 from labkit.lab import pgbouncer as pgbouncer_module
@@ -62,38 +66,79 @@ def server_backends(admin: Engine, application_name: str | None = None) -> int:
             {"app": application_name}).scalar_one())
 
 
-# --- the setting itself ---------------------------------------------------------------
+# --- the module itself ----------------------------------------------------------------
 
-def test_behind_pooler_is_read_from_the_environment() -> None:
-    env = {"DATABASE_URL": "postgresql://u:p@db/x", "DB_BEHIND_POOLER": "true"}
-    assert Settings.from_env(env).behind_pooler is True
-    assert Settings.from_env({"DATABASE_URL": "postgresql://u:p@db/x"}).behind_pooler is False
-    with pytest.raises(ConfigurationError, match="DB_BEHIND_POOLER"):
-        Settings.from_env({**env, "DB_BEHIND_POOLER": "maybe"})
-
-
-def test_behind_pooler_refuses_url_options() -> None:
+@pytest.mark.parametrize("factory", ["create_engine", "create_async_engine"])
+def test_pooler_engines_refuse_url_options(factory: str) -> None:
     with pytest.raises(ConfigurationError, match="ALTER ROLE"):
-        Settings(url="postgresql://u:p@db/x?options=-c%20search_path%3Dapp",
-                 behind_pooler=True)
+        getattr(pooler, factory)(
+            Settings(url="postgresql://u:p@db/x?options=-c%20search_path%3Dapp"))
 
 
-def test_behind_pooler_sends_no_session_state_at_connect() -> None:
-    settings = Settings(url="postgresql://u:p@db/x", statement_timeout_ms=1500,
-                        behind_pooler=True)
-    sync_args = engine_kwargs(settings)["connect_args"]
-    assert "options" not in sync_args
-    assert sync_args["application_name"] == "labkit"
-    async_args = engine_kwargs(settings, is_async=True)["connect_args"]
-    assert async_args["server_settings"] == {"application_name": "labkit"}
-    assert async_args["statement_cache_size"] == 0
-    assert async_args["prepared_statement_cache_size"] == 0
-    names = {async_args["prepared_statement_name_func"]() for _ in range(100)}
-    assert len(names) == 100
-    # Without the setting nothing changes: the timeout still goes at connect time.
-    direct = settings.replace(behind_pooler=False)
-    assert "statement_timeout=1500" in engine_kwargs(direct)["connect_args"]["options"]
-    assert "statement_cache_size" not in engine_kwargs(direct, is_async=True)["connect_args"]
+class Captured(Exception):
+    """Raised in ``do_connect``: the arguments were seen, nothing was connected."""
+
+
+def _capture(engine: Engine) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    @event.listens_for(engine, "do_connect")
+    def capture(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.update(cparams)
+        raise Captured
+
+    return seen
+
+
+def connect_params(engine: Engine) -> dict[str, Any]:
+    """The keyword arguments the engine hands psycopg2 at connect, without connecting."""
+    seen = _capture(engine)
+    with pytest.raises(Captured):
+        engine.raw_connection()
+    return seen
+
+
+async def async_connect_params(engine: AsyncEngine) -> dict[str, Any]:
+    """The keyword arguments the engine hands asyncpg at connect, without connecting."""
+    seen = _capture(engine.sync_engine)
+    with pytest.raises(Captured):
+        async with engine.connect():
+            pass
+    return seen
+
+
+async def test_pooler_engines_send_no_session_state_at_connect() -> None:
+    """What each engine hands its driver at connect (captured in ``do_connect``)."""
+    settings = Settings(url="postgresql://u:p@db/x", statement_timeout_ms=1500)
+    sync_engine = pooler.create_engine(settings)
+    async_engine = pooler.create_async_engine(settings)
+    try:
+        sync_args = connect_params(sync_engine)
+        assert "options" not in sync_args
+        assert sync_args["application_name"] == "labkit"
+        async_args = await async_connect_params(async_engine)
+        assert async_args["server_settings"] == {"application_name": "labkit"}
+        assert async_args["statement_cache_size"] == 0
+        assert async_args["prepared_statement_cache_size"] == 0
+        names = {async_args["prepared_statement_name_func"]() for _ in range(100)}
+        assert len(names) == 100 and all(name.startswith("__labkit_") for name in names)
+    finally:
+        sync_engine.dispose()
+        await async_engine.dispose()
+    # The core's engines are unchanged: the timeout still goes at connect time.
+    assert "statement_timeout=1500" in engine_kwargs(settings)["connect_args"]["options"]
+    assert "statement_cache_size" not in engine_kwargs(settings, is_async=True)["connect_args"]
+    assert settings.statement_timeout_ms == 1500    # the caller's settings are not changed
+
+
+async def test_caller_connect_args_join_the_pooler_ones() -> None:
+    settings = Settings(url="postgresql://u:p@db/x")
+    engine = pooler.create_async_engine(settings, connect_args={"command_timeout": 5})
+    try:
+        args = await async_connect_params(engine)
+        assert args["command_timeout"] == 5 and args["statement_cache_size"] == 0
+    finally:
+        await engine.dispose()
 
 
 def test_missing_binary_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +148,7 @@ def test_missing_binary_names_the_install_command(monkeypatch: pytest.MonkeyPatc
         pgbouncer_module.find_pgbouncer()
 
 
-# --- without the setting: what goes wrong -------------------------------------------
+# --- the core's engines: what goes wrong ---------------------------------------------
 
 def test_pgbouncer_refuses_connect_time_statement_timeout_psycopg2(
         transaction_pooler: PgBouncer) -> None:
@@ -131,13 +176,13 @@ async def test_pgbouncer_refuses_connect_time_statement_timeout_asyncpg(
 
 
 @pytest.mark.slow
-def test_asyncpg_prepared_statements_clash_between_processes_without_the_setting(
+def test_asyncpg_prepared_statements_clash_between_processes_without_labkit_pooler(
         server: LocalServer) -> None:
     # One server connection: the second worker's transactions run on the connection the
     # first one left its named prepared statements on (transaction mode resets nothing).
     with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
         first, second = run_async_workers(bouncer.info.url(), processes=2, transactions=20,
-                                          behind_pooler=False)
+                                          use_pooler=False)
     assert first == {"ok": 20, "errors": {}}
     assert second["ok"] < 20
     assert any('prepared statement "__asyncpg_stmt_' in message and "already exists" in message
@@ -145,20 +190,21 @@ def test_asyncpg_prepared_statements_clash_between_processes_without_the_setting
 
 
 @pytest.mark.slow
-def test_asyncpg_workers_behind_pooler_never_clash(server: LocalServer) -> None:
+def test_asyncpg_workers_with_labkit_pooler_never_clash(server: LocalServer) -> None:
     with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
         results = run_async_workers(bouncer.info.url(), processes=3, transactions=30,
-                                    behind_pooler=True)
+                                    use_pooler=True)
     assert results == [{"ok": 30, "errors": {}}] * 3
 
 
-# --- with the setting: transaction mode works -----------------------------------------
+# --- labkit.pooler's engines: transaction mode works ----------------------------------
 
 def test_psycopg2_many_transactions_share_two_server_connections(
         transaction_pooler: PgBouncer, admin: Engine) -> None:
     settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=3000,
-                        behind_pooler=True, application_name=f"{APP}-sync")
-    engine = create_engine(settings, pool=settings.pool.replace(pool_size=8, max_overflow=0))
+                        application_name=f"{APP}-sync")
+    engine = pooler.create_engine(settings,
+                                  pool=settings.pool.replace(pool_size=8, max_overflow=0))
     errors: list[BaseException] = []
     timeouts: set[str] = set()
     peak = [0]
@@ -195,9 +241,9 @@ def test_psycopg2_many_transactions_share_two_server_connections(
 async def test_asyncpg_many_transactions_through_transaction_mode(
         transaction_pooler: PgBouncer, admin: Engine) -> None:
     settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=3000,
-                        behind_pooler=True, application_name=f"{APP}-async")
-    engine = create_async_engine(settings,
-                                 pool=settings.pool.replace(pool_size=10, max_overflow=0))
+                        application_name=f"{APP}-async")
+    engine = pooler.create_async_engine(settings,
+                                        pool=settings.pool.replace(pool_size=10, max_overflow=0))
 
     async def client(n: int) -> set[str]:
         seen = set()
@@ -220,12 +266,11 @@ async def test_asyncpg_many_transactions_through_transaction_mode(
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
 def test_statement_timeout_per_transaction_cancels_and_leaves_nothing_behind(
         transaction_pooler: PgBouncer, driver: str) -> None:
-    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=200,
-                        behind_pooler=True)
-    plain = Settings(url=transaction_pooler.info.url(), behind_pooler=True)
+    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=200)
+    plain = Settings(url=transaction_pooler.info.url())
 
     def run_sync() -> str:
-        engine, other = create_engine(settings), create_engine(plain)
+        engine, other = pooler.create_engine(settings), pooler.create_engine(plain)
         try:
             with pytest.raises(exc.OperationalError, match="statement timeout"):
                 with engine.begin() as conn:
@@ -238,7 +283,7 @@ def test_statement_timeout_per_transaction_cancels_and_leaves_nothing_behind(
             other.dispose()
 
     async def run_async() -> str:
-        engine, other = create_async_engine(settings), create_async_engine(plain)
+        engine, other = pooler.create_async_engine(settings), pooler.create_async_engine(plain)
         try:
             with pytest.raises(exc.DBAPIError, match="statement timeout"):
                 async with engine.begin() as conn:
@@ -274,7 +319,7 @@ def test_session_mode_holds_a_server_connection_per_client_transaction_mode_does
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
-def test_health_check_leaves_no_statement_timeout_behind_pooler(
+def test_health_check_leaves_no_statement_timeout_behind_a_pooler(
         server: LocalServer, driver: str) -> None:
     """Pins: the probe's timeout is transaction-local, so a pooler hands on nothing.
 
@@ -285,9 +330,9 @@ def test_health_check_leaves_no_statement_timeout_behind_pooler(
     from labkit import async_health_check, health_check
 
     with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
-        settings = Settings(url=bouncer.info.url(), behind_pooler=True)
+        settings = Settings(url=bouncer.info.url())
         if driver == "psycopg2":
-            engine = create_engine(settings)
+            engine = pooler.create_engine(settings)
             try:
                 assert health_check(engine, timeout=3).ok
                 with engine.begin() as conn:
@@ -296,7 +341,7 @@ def test_health_check_leaves_no_statement_timeout_behind_pooler(
                 engine.dispose()
         else:
             async def probe_then_show() -> str:
-                async_engine = create_async_engine(settings)
+                async_engine = pooler.create_async_engine(settings)
                 try:
                     assert (await async_health_check(async_engine, timeout=3)).ok
                     async with async_engine.begin() as conn:

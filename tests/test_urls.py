@@ -324,9 +324,13 @@ def test_a_query_string_password_still_logs_in_through_both_drivers(db_url, driv
     assert scalars(Settings(url=raw, pool=TEST_POOL), driver, "SELECT 7") == [7]
 
 
-def test_options_behind_a_transaction_pooler_are_refused():
+@pytest.mark.parametrize("factory", ["create_engine", "create_async_engine"])
+def test_options_behind_a_transaction_pooler_are_refused(factory):
     """Pins: a transaction-mode pooler refuses ``options`` at connect time, so
-    ``behind_pooler`` with ``?options=`` is a ``ConfigurationError`` naming the fix."""
+    ``labkit.pooler``'s engines refuse a URL with ``?options=``, naming the fix."""
+    from labkit import pooler
+
+    make = getattr(pooler, factory)
     with pytest.raises(ConfigurationError, match="ALTER ROLE"):
-        Settings(url="postgresql://u:p@h/d?options=-csearch_path%3Dapp", behind_pooler=True)
-    assert Settings(url="postgresql://u:p@h/d", behind_pooler=True).behind_pooler
+        make(Settings(url="postgresql://u:p@h/d?options=-csearch_path%3Dapp"))
+    make(Settings(url="postgresql://u:p@h/d"))   # no options: an engine (nothing connects)

@@ -8,8 +8,8 @@ into a temporary folder, starts PgBouncer in the foreground on a free port of
 ```python
 with throwaway_server() as server:
     with pgbouncer(server.info(), mode="transaction", pool_size=4) as bouncer:
-        settings = Settings(url=bouncer.info.url(), behind_pooler=True)
-        engine = create_engine(settings)
+        settings = Settings(url=bouncer.info.url(), statement_timeout_ms=5000)
+        engine = labkit.pooler.create_engine(settings)   # nothing session-level at connect
         ...
         bouncer.pools()   # SHOW POOLS: client and server connections
 ```
@@ -287,18 +287,20 @@ def pgbouncer(server: ServerInfo, *, mode: Mode = "transaction", pool_size: int 
         atexit.unregister(clean_up)
 
 
-# One worker process: an async engine from the given settings, ``transactions``
+# One worker process: an async engine (labkit.pooler's or the plain one), ``transactions``
 # transactions of a few statements each, then the distinct errors it met (as JSON).
 _ASYNC_WORKER = r"""
 import asyncio, json, sys
 from sqlalchemy import text
+from labkit import pooler
 from labkit.config import Settings, parse_url
 from labkit.engine import create_async_engine
 from labkit.errors import redact
 
 args = json.loads(sys.stdin.read())
-settings = Settings(url=parse_url(args["url"]), behind_pooler=args["behind_pooler"],
-                    application_name="labkit-worker")
+settings = Settings(url=parse_url(args["url"]), application_name="labkit-worker")
+if args["use_pooler"]:
+    create_async_engine = pooler.create_async_engine
 
 async def main():
     engine = create_async_engine(settings)
@@ -322,7 +324,7 @@ asyncio.run(main())
 
 
 def run_async_workers(url: Any, *, processes: int = 2, transactions: int = 50,
-                      behind_pooler: bool, timeout: float = 60.0) -> list[dict[str, Any]]:
+                      use_pooler: bool, timeout: float = 60.0) -> list[dict[str, Any]]:
     """Run ``processes`` separate Python processes, each an asyncpg engine on ``url``.
 
     The processes start one after the other (each finishes before the next starts), so
@@ -333,7 +335,8 @@ def run_async_workers(url: Any, *, processes: int = 2, transactions: int = 50,
         url: Where to connect (a SQLAlchemy ``URL`` or string, password included).
         processes: How many worker processes.
         transactions: Transactions each runs (two statements each).
-        behind_pooler: ``Settings.behind_pooler`` in the workers.
+        use_pooler: the workers' engine comes from ``labkit.pooler.create_async_engine``
+            (True) or ``labkit.create_async_engine`` (False).
         timeout: Seconds each process may take.
 
     Returns:
@@ -347,7 +350,7 @@ def run_async_workers(url: Any, *, processes: int = 2, transactions: int = 50,
 
     text_url = (url.render_as_string(hide_password=False) if isinstance(url, URL)
                 else str(url))
-    payload = json.dumps({"url": text_url, "behind_pooler": behind_pooler,
+    payload = json.dumps({"url": text_url, "use_pooler": use_pooler,
                           "transactions": transactions})
     results: list[dict[str, Any]] = []
     for _ in range(processes):

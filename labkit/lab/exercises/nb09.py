@@ -1,7 +1,8 @@
 """Exercises of notebook 09, beyond one process.
 
-09.1: settings for asyncpg behind PgBouncer in transaction mode: connect-time settings
-refused, and prepared statements another worker left on the shared server connection.
+09.1: an asyncpg engine behind PgBouncer in transaction mode: connect-time settings
+refused, and prepared statements another worker left on the shared server connection
+(``labkit.pooler`` fixes both).
 09.2: pool sizes for several worker processes within a role's connection budget, the
 health probe's own connection counted.
 """
@@ -15,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from labkit import (DEVELOPMENT_POOL, TEST_POOL, Settings, create_async_engine,
-                    create_engine, health_check)
+from labkit import DEVELOPMENT_POOL, TEST_POOL, Settings, create_engine, health_check
 from labkit.errors import redact
 from labkit.lab.exercises import ExerciseFailed, exercise, require
 from labkit.lab.pgbouncer import PgBouncerError, pgbouncer
@@ -52,9 +53,8 @@ def _leave_prepared_statements(bouncer_info: ServerInfo) -> int:
     return len(names)
 
 
-async def _work(settings: Settings) -> tuple[int, str]:
-    """Run transactions on an async engine; return (committed, statement_timeout seen)."""
-    engine = create_async_engine(settings)
+async def _work(engine: AsyncEngine) -> tuple[int, str]:
+    """Run transactions on the async engine; return (committed, statement_timeout seen)."""
     try:
         seen = ""
         for i in range(TRANSACTIONS):
@@ -67,28 +67,29 @@ async def _work(settings: Settings) -> tuple[int, str]:
 
 
 @exercise("09.1", title="asyncpg behind PgBouncer in transaction mode",
-          hint="Tell labkit the URL is a transaction-mode pooler: Settings(..., "
-               "behind_pooler=True). It sends nothing but application_name at connect, sets "
-               "statement_timeout per transaction with SET LOCAL, and gives asyncpg's "
-               "prepared statements unique names.")
+          hint="Build the engine for a transaction-mode pooler: "
+               "labkit.pooler.create_async_engine(settings) instead of create_async_engine. "
+               "It sends nothing but application_name at connect, sets statement_timeout per "
+               "transaction with SET LOCAL, and gives asyncpg's prepared statements unique "
+               "names.")
 def check_behind_pooler(namespace: Mapping[str, Any], url: URL) -> str:
-    """Run asyncpg through a transaction-mode PgBouncer with the learner's settings."""
-    make_settings = require(namespace, "make_settings", callable)
+    """Run asyncpg through a transaction-mode PgBouncer on the learner's engine."""
+    make_engine = require(namespace, "make_engine", callable)
     server = ServerInfo(host=str(url.host), port=int(url.port or 5432), user=str(url.username),
                         password=str(url.password or ""), database=str(url.database))
     secrets: list[str | None] = [server.password]
     try:
         with pgbouncer(server, mode="transaction", pool_size=1) as bouncer:
-            settings = make_settings(bouncer.info.url())
-            if not isinstance(settings, Settings):
-                raise ExerciseFailed("make_settings(url) must return labkit Settings, got "
-                                     f"{type(settings).__name__}")
-            if settings.url.port != bouncer.info.port:
-                raise ExerciseFailed("the settings do not use the URL given to make_settings "
+            engine = make_engine(bouncer.info.url())
+            if not isinstance(engine, AsyncEngine):
+                raise ExerciseFailed("make_engine(url) must return an async engine, got "
+                                     f"{type(engine).__name__}")
+            if engine.url.port != bouncer.info.port:
+                raise ExerciseFailed("the engine does not use the URL given to make_engine "
                                      "(PgBouncer's), so nothing went through the pooler")
             left = _leave_prepared_statements(bouncer.info)
             try:
-                committed, seen = asyncio.run(asyncio.wait_for(_work(settings), 15))
+                committed, seen = asyncio.run(asyncio.wait_for(_work(engine), 15))
             except TimeoutError as exc:
                 raise ExerciseFailed("the transactions through PgBouncer did not finish "
                                      "within 15 s") from exc
