@@ -47,10 +47,8 @@ class Attempt:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often, how long and what to retry; times in seconds.
-
-    Delays grow from ``initial_delay`` by ``multiplier`` to ``max_delay``, ``±jitter`` each.
-    """
+    """How often, how long and what to retry; times in seconds. Delays grow from
+    ``initial_delay`` by ``multiplier`` to ``max_delay``, ``±jitter`` each."""
 
     max_attempts: int = 5
     initial_delay: float = INITIAL_DELAY
