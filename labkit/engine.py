@@ -1,11 +1,7 @@
 """Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings].
 
-Create one engine per process at start-up, share it, ``dispose()`` it at shutdown. Both
-apply the pool profile and the timeouts, and take overrides for SQLAlchemy:
-
-```python
-engine = create_engine(settings, pool=settings.pool.replace(pool_size=2))
-```
+One engine per process, made at start-up, shared, ``dispose()``-d at shutdown; overrides
+go to SQLAlchemy: ``create_engine(settings, pool=settings.pool.replace(pool_size=2))``.
 """
 
 from __future__ import annotations
@@ -102,20 +98,15 @@ def _build(factory: Any, url: Any, settings: Settings, pool: PoolProfile | None,
 
 def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
                   **overrides: Any) -> Engine:
-    """Create the sync engine (psycopg2); no connection is opened here.
-
-    ``pool`` replaces the settings' profile; ``overrides`` go to SQLAlchemy last. With
-    pre-ping, a checkout from a warm pool on a hung server fails within
-    ``connect_timeout`` (``DatabaseUnavailableError``).
-    """
+    """Create the sync engine (psycopg2), opening no connection; ``pool`` replaces the
+    profile. With pre-ping, a checkout on a hung server fails within ``connect_timeout``."""
     return _build(sqlalchemy.create_engine, settings.sync_url, settings, pool, overrides,
                   is_async=False)  # type: ignore[no-any-return]
 
 
 def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
                         **overrides: Any) -> AsyncEngine:
-    """Create the async engine (asyncpg): the twin of ``create_engine``. Pool events live
-    on ``engine.sync_engine``."""
+    """Async twin of ``create_engine`` (asyncpg); pool events live on ``engine.sync_engine``."""
     url = settings.async_url.difference_update_query(["options"])  # now server_settings
     return _build(sa_create_async_engine, url, settings, pool, overrides,
                   is_async=True)  # type: ignore[no-any-return]
@@ -144,13 +135,6 @@ def _install(engine: Engine, settings: Settings, pre_ping: bool, is_async: bool)
                 record.invalidate()  # never lend a connection out idle in transaction
 
 
-def _ping_timeout(seconds: float) -> DatabaseUnavailableError:
-    return DatabaseUnavailableError(
-        f"The server accepted the connection but did not answer the pool's pre-ping within "
-        f"{seconds:g} s (connect_timeout): it is hung or overloaded, or the network drops "
-        "packets. The connection was closed; nothing was sent on it.")
-
-
 def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None:
     """Ping an idle connection at checkout within ``seconds``, however the server is broken.
 
@@ -160,6 +144,10 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
     answer in time raises ``DatabaseUnavailableError`` and the connection is discarded.
     """
     dialect = engine.dialect
+    message = (
+        f"The server accepted the connection but did not answer the pool's pre-ping within "
+        f"{seconds:g} s (connect_timeout): it is hung or overloaded, or the network drops "
+        "packets. The connection was closed; nothing was sent on it.")
 
     @event.listens_for(engine, "connect")
     def fresh(dbapi_connection: Any, record: Any) -> None:
@@ -182,9 +170,9 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
                     is_async and isinstance(exc, TimeoutError)):
                 if is_async:  # no polite close: it would wait on the hung server again
                     dbapi_connection.driver_connection.terminate()
-                raise _ping_timeout(seconds) from exc
+                raise DatabaseUnavailableError(message) from exc
             if not is_database_error(exc):
                 raise  # not the server's doing (an event loop closed under the pool: a bug)
             raise sa_exc.InvalidatePoolError() from exc  # unusable: the pool replaces it
         if ticket is not None and ticket.disarm():  # answered as the socket was cut
-            raise _ping_timeout(seconds)
+            raise DatabaseUnavailableError(message)
