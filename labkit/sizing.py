@@ -1,40 +1,34 @@
-"""Size a connection pool from two numbers: throughput and how long a request holds a connection.
+"""Pool sizing: Little's law and Erlang C (the M/M/c queue), and the connection budget.
 
-Pure Python (standard library only), so it can be copied with the core. The models:
+``recommend_pool(throughput_per_s, hold_time_s)`` advises ``pool_size`` and ``max_overflow``;
+``check_connection_budget`` compares every process's pool with the server's
+``max_connections``. The models and their limits: docs/concepts/engine-and-pool.md.
 
-- **Little's law**: a pool that lends out ``throughput_per_s`` connections a second,
-  each held for ``hold_time_s`` on average, has ``throughput_per_s * hold_time_s`` of them
-  in use on average (the *offered load*, in connections). It holds for any arrival
-  pattern and any hold-time distribution, as long as the system is stable.
-- **Erlang C** (the M/M/c queue): requests arrive at random (a Poisson process), hold a
-  connection for an exponentially distributed time, and a pool of ``c`` connections
-  serves them first come, first served; a request that finds every connection lent out
-  waits. It gives the probability of waiting, the mean wait and the wait's percentiles.
-
-Real services differ, in ways that mostly make the model err on the safe side:
-hold times steadier than exponential (a constant hold time roughly halves the mean wait);
-arrivals from a fixed number of workers that each wait for their answer (a closed
-system: the queue can never exceed the workers). One way it errs on the unsafe side:
-SQLAlchemy's ``QueuePool`` does not hand a returned connection to the longest waiter,
-which leaves the mean wait unchanged but stretches the tail.
-
-Example:
-    ```python
-    from labkit.sizing import recommend_pool
-
-    rec = recommend_pool(400, 0.012, target_wait_s=0.005)   # 400 req/s, 12 ms each
-    rec.pool_size, rec.max_overflow     # (10, 1): p99 wait <= 5 ms, 25 % headroom
-    print(rec.explanation)
-    ```
+Throughout, ``connections`` is the pool size, ``throughput_per_s`` checkouts per second
+(Poisson arrivals), ``hold_time_s`` the mean time one holds its connection in seconds
+(exponential) and ``offered_load`` their product, in connections.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import LabkitError, translate_error
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .config import Settings
 
 __all__ = [
+    "ConnectionBudget",
     "PoolRecommendation",
+    "async_check_connection_budget",
+    "check_connection_budget",
     "connections_in_use",
     "erlang_b",
     "erlang_c",
@@ -47,6 +41,7 @@ __all__ = [
 
 #: The largest pool ``recommend_pool`` considers before it gives up.
 MAX_POOL = 10_000
+logger = logging.getLogger("labkit")
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -82,16 +77,7 @@ def _stable(connections: int, load: float) -> None:
 
 
 def connections_in_use(throughput_per_s: float, hold_time_s: float) -> float:
-    """Return the mean number of connections in use, by Little's law.
-
-    Args:
-        throughput_per_s: Checkouts per second (requests that use the database).
-        hold_time_s: Mean time a request holds its connection, in seconds.
-
-    Returns:
-        ``throughput_per_s * hold_time_s``: the mean number of connections lent out
-        (the offered load, in connections). A pool needs at least this many, plus room
-        for randomness.
+    """Return ``throughput_per_s * hold_time_s``: the mean connections in use (Little's law).
 
     Raises:
         ValueError: On a negative or non-finite throughput, or a hold time <= 0.
@@ -100,18 +86,8 @@ def connections_in_use(throughput_per_s: float, hold_time_s: float) -> float:
 
 
 def erlang_b(connections: int, offered_load: float) -> float:
-    """Return the Erlang B blocking probability of ``connections`` servers.
-
-    The probability that all connections are busy when there is no queue (M/M/c/c).
-    Computed by the stable recursion ``B(k) = A B(k-1) / (k + A B(k-1))``, which never
-    forms the factorials of the textbook formula.
-
-    Args:
-        connections: Number of connections (servers), >= 1.
-        offered_load: Offered load ``A`` in connections (throughput x hold time), >= 0.
-
-    Returns:
-        The blocking probability, between 0 and 1.
+    """Return the Erlang B blocking probability (M/M/c/c) of ``connections`` servers under
+    ``offered_load`` connections of work (throughput x hold time), between 0 and 1.
 
     Raises:
         ValueError: On fewer than 1 connection or a negative load.
@@ -125,18 +101,7 @@ def erlang_b(connections: int, offered_load: float) -> float:
 
 
 def erlang_c(connections: int, offered_load: float) -> float:
-    """Return the Erlang C probability that a request has to wait for a connection.
-
-    M/M/c: Poisson arrivals, exponential hold times, ``connections`` servers and an
-    unbounded first-come-first-served queue. Derived from Erlang B:
-    ``C = c B / (c - A (1 - B))``.
-
-    Args:
-        connections: Number of connections (servers), >= 1.
-        offered_load: Offered load ``A`` in connections (throughput x hold time).
-
-    Returns:
-        The probability that an arriving request finds every connection lent out.
+    """Return the Erlang C probability (M/M/c) that a request waits for a connection.
 
     Raises:
         ValueError: On bad input, or when ``offered_load >= connections`` (the pool can
@@ -159,20 +124,7 @@ def _queue_terms(connections: int, throughput_per_s: float, hold_time_s: float
 
 
 def mean_queue_wait(connections: int, throughput_per_s: float, hold_time_s: float) -> float:
-    """Return the mean time a request waits for a connection (M/M/c), in seconds.
-
-    Averaged over all requests, those that wait and those that do not:
-    ``C * hold_time / (connections - A)``. The mean does not depend on the order in
-    which waiters are served, so it holds for a pool that is not first come, first
-    served too.
-
-    Args:
-        connections: Pool size (connections that can be lent out at once).
-        throughput_per_s: Requests per second (Poisson arrivals).
-        hold_time_s: Mean time each holds its connection, in seconds (exponential).
-
-    Returns:
-        The mean checkout wait in seconds.
+    """Return the mean checkout wait over all requests (M/M/c), in seconds.
 
     Raises:
         ValueError: On bad input, or when the pool can never keep up.
@@ -183,19 +135,8 @@ def mean_queue_wait(connections: int, throughput_per_s: float, hold_time_s: floa
 
 def wait_probability(connections: int, throughput_per_s: float, hold_time_s: float,
                      longer_than_s: float = 0.0) -> float:
-    """Return the share of requests that wait longer than ``longer_than_s`` (M/M/c, FIFO).
-
-    ``P(wait > t) = C exp(-(connections - A) t / hold_time_s)``; with ``t = 0`` it is the
-    Erlang C probability of waiting at all.
-
-    Args:
-        connections: Pool size.
-        throughput_per_s: Requests per second (Poisson arrivals).
-        hold_time_s: Mean hold time in seconds (exponential).
-        longer_than_s: The wait, in seconds, >= 0.
-
-    Returns:
-        A probability between 0 and 1.
+    """Return the share of requests that wait longer than ``longer_than_s`` (M/M/c, FIFO);
+    with 0, the Erlang C probability of waiting at all.
 
     Raises:
         ValueError: On bad input, or when the pool can never keep up.
@@ -207,20 +148,8 @@ def wait_probability(connections: int, throughput_per_s: float, hold_time_s: flo
 
 def queue_wait_percentile(connections: int, throughput_per_s: float, hold_time_s: float,
                           percentile: float = 99.0) -> float:
-    """Return a percentile of the time spent waiting for a connection (M/M/c, FIFO), in s.
-
-    The wait is 0 with probability ``1 - C`` and otherwise exponential with rate
-    ``(connections - A) / hold_time_s``, so ``P(wait > t) = C exp(-rate t)``. When at
-    least ``percentile`` % of requests do not wait at all, the percentile is 0.
-
-    Args:
-        connections: Pool size.
-        throughput_per_s: Requests per second (Poisson arrivals).
-        hold_time_s: Mean hold time in seconds (exponential).
-        percentile: Which percentile, strictly between 0 and 100 (99 for p99).
-
-    Returns:
-        The waiting time in seconds that ``percentile`` % of requests do not exceed.
+    """Return the checkout wait, in seconds, that ``percentile`` % of requests (0 < p < 100)
+    do not exceed (M/M/c, FIFO); 0 when at least that share does not wait at all.
 
     Raises:
         ValueError: On bad input, or when the pool can never keep up.
@@ -235,19 +164,8 @@ def queue_wait_percentile(connections: int, throughput_per_s: float, hold_time_s
 
 def response_time_percentile(connections: int, throughput_per_s: float, hold_time_s: float,
                              percentile: float = 99.0) -> float:
-    """Return a percentile of wait plus hold time (M/M/c, FIFO), in seconds.
-
-    The response time is the checkout wait plus an independent exponential hold time;
-    its tail ``P(T > t)`` has a closed form, inverted here by bisection.
-
-    Args:
-        connections: Pool size.
-        throughput_per_s: Requests per second (Poisson arrivals).
-        hold_time_s: Mean hold time in seconds (exponential).
-        percentile: Which percentile, strictly between 0 and 100.
-
-    Returns:
-        The time in seconds within which ``percentile`` % of requests are done.
+    """Return the time, in seconds, within which ``percentile`` % of requests have waited
+    and held their connection (M/M/c, FIFO).
 
     Raises:
         ValueError: On bad input, or when the pool can never keep up.
@@ -290,26 +208,11 @@ def _fraction(percentile: float) -> float:
 class PoolRecommendation:
     """What ``recommend_pool`` advises, with the numbers behind it.
 
-    Attributes:
-        pool_size: Connections to keep (``pool_size``): enough for the measured load.
-        max_overflow: Extra connections for peaks (``max_overflow``): with them the pool
-            meets the target at the measured load plus the headroom.
-        throughput_per_s: The measured throughput the advice is for.
-        hold_time_s: The measured mean hold time.
-        peak_throughput_per_s: ``throughput_per_s * (1 + headroom)``.
-        connections_in_use: Mean connections in use at the measured load (Little's law).
-        utilisation: Share of ``pool_size`` in use on average at the measured load.
-        probability_of_waiting: Share of requests that wait at all, at the measured load
-            with ``pool_size`` connections (Erlang C).
-        mean_wait_s: Mean checkout wait then, in seconds.
-        wait_s: The bounded statistic of the wait then (the ``percentile``, or the mean
-            when ``percentile`` is ``None``), in seconds.
-        peak_wait_s: The same statistic at the peak load with all
-            ``pool_size + max_overflow`` connections.
-        target_wait_s: The bound asked for, in seconds.
-        percentile: Which percentile of the wait ``target_wait_s`` bounds (``None``: the
-            mean).
-        explanation: The reasoning in a few plain sentences.
+    ``connections_in_use``, ``utilisation`` (of ``pool_size``), ``probability_of_waiting``,
+    ``mean_wait_s`` and ``wait_s`` (the ``percentile`` of the wait, or its mean when
+    ``percentile`` is ``None``) are at the measured load with ``pool_size`` connections;
+    ``peak_wait_s`` at ``peak_throughput_per_s`` (throughput × (1 + headroom)) with
+    ``pool_size + max_overflow``. ``explanation``: the reasoning in plain sentences.
     """
 
     pool_size: int
@@ -357,39 +260,23 @@ def recommend_pool(throughput_per_s: float, hold_time_s: float, *,
                    headroom: float = 0.25) -> PoolRecommendation:
     """Recommend ``pool_size`` and ``max_overflow`` for a measured load (M/M/c model).
 
-    ``pool_size`` is the smallest pool whose checkout wait meets the target at the
-    measured throughput; ``pool_size + max_overflow`` the smallest that meets it at the
-    throughput plus ``headroom``. Measure both inputs on your own service: throughput
-    as checkouts per second at a busy time, the hold time as the mean time from checkout
-    to return (or, by Little's law, the mean connections in use divided by the
-    throughput).
-
-    The model assumes random arrivals and exponential hold times; steadier hold times
-    wait less, so the advice errs on the safe side for them. Check the sum over all
-    processes against the server's ``max_connections``.
+    ``pool_size`` is the smallest pool whose checkout wait meets the target at the measured
+    throughput; ``pool_size + max_overflow`` the smallest that meets it with ``headroom``.
 
     Args:
-        throughput_per_s: Checkouts per second, >= 0.
-        hold_time_s: Mean time a request holds its connection, in seconds, > 0.
-        target_wait_s: The longest acceptable checkout wait at ``percentile`` (default:
-            one hold time), in seconds, >= 0.
-        percentile: Which percentile of the wait to bound (99 for p99); ``None`` bounds
-            the mean wait instead.
-        headroom: How far above the measured throughput peaks go, as a fraction
-            (0.25 for 25 %); the overflow covers it.
+        throughput_per_s: Checkouts per second at a busy time, >= 0.
+        hold_time_s: Mean time from checkout to return, in seconds, > 0.
+        target_wait_s: The longest acceptable wait at ``percentile``, in seconds (default:
+            one hold time).
+        percentile: Which percentile of the wait to bound (99: p99); ``None``: the mean.
+        headroom: How far above the measured throughput peaks go (0.25: 25 %).
 
     Returns:
-        A ``PoolRecommendation`` with the sizes, the predicted waits and an explanation.
+        A ``PoolRecommendation``: the sizes, the predicted waits and an explanation.
 
     Raises:
         ValueError: On a negative throughput or headroom, a hold time <= 0, a percentile
             outside (0, 100), or a target no pool of up to ``MAX_POOL`` can meet.
-
-    Example:
-        ```python
-        rec = recommend_pool(150, 0.020, target_wait_s=0.020)   # p99 wait <= 20 ms
-        rec.pool_size, rec.utilisation   # (6, 0.5): 3 connections in use of 6
-        ```
     """
     throughput = _positive("throughput_per_s", throughput_per_s, allow_zero=True)
     hold = _positive("hold_time_s", hold_time_s)
@@ -426,3 +313,69 @@ def recommend_pool(throughput_per_s: float, hold_time_s: float, *,
         utilisation=in_use / size, probability_of_waiting=p_wait, mean_wait_s=mean_wait,
         wait_s=wait, peak_wait_s=peak_wait, target_wait_s=target, percentile=percentile,
         explanation=explanation)
+
+
+@dataclass(frozen=True)
+class ConnectionBudget:
+    """Connections the processes may open against what the server allows.
+
+    ``needed`` is processes × (pool_size + max_overflow + 1 health probe), ``None`` for an
+    unbounded pool; ``available`` is ``max_connections`` minus the reserved slots.
+    """
+
+    needed: int | None
+    available: int
+    processes: int
+    per_process: int | None
+
+    @property
+    def ok(self) -> bool:
+        """True when the processes cannot exceed what the server allows."""
+        return self.needed is not None and self.needed <= self.available
+
+
+def check_connection_budget(engine: Engine, settings: Settings) -> ConnectionBudget:
+    """Compare ``settings.processes`` × ``settings.pool``'s worst case (pass the settings the
+    engine was made with) with the server's ``max_connections``; log a warning when over.
+
+    Uses one pooled connection briefly; raises a labkit error if the database cannot be asked.
+    """
+    try:
+        with engine.connect() as conn:
+            return _budget(conn, settings)
+    except LabkitError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, secrets=[engine.url.password]) from exc
+
+
+async def async_check_connection_budget(engine: AsyncEngine,
+                                        settings: Settings) -> ConnectionBudget:
+    """Async twin of ``check_connection_budget``."""
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_budget, settings)
+    except LabkitError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, secrets=[engine.url.password]) from exc
+
+
+def _budget(conn: Connection, settings: Settings) -> ConnectionBudget:
+    available = conn.exec_driver_sql(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - coalesce(current_setting('reserved_connections', true)::int, 0)").scalar_one()
+    limit = settings.pool.max_connections
+    per_process = None if limit is None else limit + 1
+    budget = ConnectionBudget(
+        needed=None if per_process is None else per_process * settings.processes,
+        available=int(available), processes=settings.processes, per_process=per_process)
+    if not budget.ok:
+        logger.warning(
+            "connection budget exceeded: %s process(es) x %s connections (pool_size + "
+            "max_overflow + 1 probe) = %s, but the server allows %d (max_connections minus "
+            "reserved slots); lower the pool or put PgBouncer in front",
+            settings.processes, per_process or "unbounded", budget.needed or "unbounded",
+            budget.available)
+    return budget

@@ -70,8 +70,7 @@ def test_names_that_moved_out_of_the_top_level_are_in_their_modules():
 
     moved = {errors: ["ProgrammingError", "AuthenticationError", "translate_error",
                       "is_database_error", "redact", "sqlstate_of", "SQLSTATES"],
-             health: ["check_database", "async_check_database", "ConnectionBudget",
-                      "check_connection_budget"],
+             health: ["check_database", "async_check_database"],
              retry: ["retry", "async_retry", "STARTUP_RETRY", "Attempt"],
              config: ["parse_url", "to_sync_url", "to_async_url", "server_settings"],
              engine: ["engine_kwargs"],

@@ -139,3 +139,12 @@ def test_no_traffic_needs_one_connection():
 def test_sizing_is_an_optional_module_outside_the_cores_names():
     assert labkit.sizing.recommend_pool is recommend_pool
     assert not {"recommend_pool", "PoolRecommendation", "erlang_c"} & set(labkit.__all__)
+
+
+def test_the_connection_budget_lives_in_sizing_outside_the_core():
+    from labkit import health, sizing
+
+    for name in ("ConnectionBudget", "check_connection_budget",
+                 "async_check_connection_budget"):
+        assert hasattr(sizing, name) and name in sizing.__all__, name
+        assert not hasattr(health, name) and name not in labkit.__all__, name

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from labkit import Settings, async_wait_for_database, wait_for_database
-from labkit.health import async_check_connection_budget, check_connection_budget
+from labkit.sizing import async_check_connection_budget, check_connection_budget
 from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
 
 from .metrics import ServiceMetrics
