@@ -35,25 +35,22 @@ def engine_kwargs(settings: Settings, *, is_async: bool = False,
     profile = pool or settings.pool
     kwargs: dict[str, Any] = {"echo": settings.echo}
     if profile.poolclass == "queue":
-        kwargs.update(poolclass=timed_pool_class(
-            sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool),
-            pool_size=profile.pool_size, max_overflow=profile.max_overflow,
-            pool_timeout=profile.pool_timeout, pool_recycle=profile.pool_recycle,
-            pool_use_lifo=profile.pool_use_lifo)
+        queue = sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool
+        kwargs.update({name: getattr(profile, name) for name in (
+            "pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_use_lifo")},
+            poolclass=timed_pool_class(queue))
     else:
         kwargs["poolclass"] = timed_pool_class(
             sa_pool.NullPool if profile.poolclass == "null" else sa_pool.StaticPool)
-    options = settings.url.query.get("options")
-    options = options if isinstance(options, str) else ""
-    timeout = settings.statement_timeout_ms
+    options, timeout = settings.url.query.get("options") or "", settings.statement_timeout_ms
     if is_async:
-        extra = server_settings(options)
+        extra = server_settings(str(options))
         extra["application_name"] = settings.application_name or "labkit"
         if timeout is not None:
             extra["statement_timeout"] = str(timeout)
         kwargs["connect_args"] = {"timeout": settings.connect_timeout, "server_settings": extra}
     else:
-        words = [options] if options else []
+        words = [str(options)] if options else []
         if timeout is not None:
             words.append(f"-c statement_timeout={timeout}")
         kwargs["connect_args"] = {  # libpq takes whole seconds, at least 2
