@@ -1,8 +1,7 @@
 """Settings: where the database is and how the pool behaves, read in one place.
 
-Nothing is read at import: ``Settings.from_env(env)`` reads a mapping (``os.environ`` by
-default) once. One ``DATABASE_URL`` serves both drivers (``to_sync_url``,
-``to_async_url``); a URL parameter is honoured by both, or refused at once.
+``Settings.from_env(env)`` reads a mapping (``os.environ`` by default) once, never at import.
+One ``DATABASE_URL`` serves both drivers; each URL parameter is honoured by both, or refused.
 
 | variable | field | unit |
 |---|---|---|
@@ -28,7 +27,6 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
@@ -46,24 +44,31 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 URL_PARAMETERS = frozenset({"sslmode", "ssl", "options", "application_name",
                             "connect_timeout", "target_session_attrs", "host"})
 _BOTH_READ = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq and asyncpg: PGSSL...
+_INT_MAX = 2_147_483_647
+# name: (lowest, highest) of an integer; a lowest of None means seconds, > 0.
+_LIMITS: dict[str, tuple[int | None, float]] = {
+    "pool_size": (0, _INT_MAX), "max_overflow": (-1, _INT_MAX), "pool_recycle": (-1, _INT_MAX),
+    "statement_timeout_ms": (0, _INT_MAX), "processes": (1, _INT_MAX), "port": (1, 65535),
+    "pool_timeout": (None, threading.TIMEOUT_MAX), "connect_timeout": (None, _INT_MAX)}
 
 
-def _seconds(name: str, value: Any, maximum: float = threading.TIMEOUT_MAX) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or not 0 < float(value) <= maximum:
-        raise ConfigurationError(f"{name} must be a number of seconds > 0 and <= {maximum:g}, "
-                                 f"got {value!r}")
-    return float(value)
+def _check(name: str, value: Any) -> None:
+    """Refuse ``value`` (naming ``name``) unless it is within ``_LIMITS[name]``."""
+    low, high = _LIMITS[name]
+    number = isinstance(value, numbers.Real if low is None else numbers.Integral)
+    if not number or isinstance(value, bool) \
+            or not (0 < value if low is None else low <= value) or not value <= high:
+        wanted = (f"a number of seconds > 0 and <= {high:g}" if low is None
+                  else f"an integer from {low} to {high}")
+        raise ConfigurationError(f"{name} must be {wanted}, got {value!r}")
 
 
-def _integer(name: str, value: Any, low: int, high: int = 2_147_483_647) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not low <= int(value) <= high:
-        raise ConfigurationError(f"{name} must be an integer from {low} to {high}, "
-                                 f"got {value!r}")
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PoolProfile:
     """Pool settings for SQLAlchemy (seconds; ``pool_recycle=-1``: never); ``poolclass`` is
     ``"queue"``, ``"null"`` (a connection per checkout) or ``"static"`` (one, shared)."""
@@ -77,25 +82,19 @@ class PoolProfile:
     pool_use_lifo: bool = False
 
     def __post_init__(self) -> None:
-        if self.poolclass not in ("queue", "null", "static"):
-            raise ConfigurationError(
-                f"poolclass must be 'queue', 'null' or 'static', not {self.poolclass!r}")
-        _integer("pool_size", self.pool_size, 0)
-        _integer("max_overflow", self.max_overflow, -1)
-        _integer("pool_recycle", self.pool_recycle, -1)
+        _one_of("poolclass", self.poolclass, ("queue", "null", "static"))
+        for name in ("pool_size", "max_overflow", "pool_recycle", "pool_timeout"):
+            _check(name, getattr(self, name))
         if self.poolclass == "queue" and self.pool_size == 0 and self.max_overflow == 0:
             raise ConfigurationError("pool_size and max_overflow cannot both be 0")
         if self.pool_recycle == 0:
             raise ConfigurationError("pool_recycle must be > 0 seconds or -1 (never), got 0")
-        _seconds("pool_timeout", self.pool_timeout)
 
     @property
     def max_connections(self) -> int | None:
         """Most connections this pool opens at once (``None``: unbounded)."""
-        if self.poolclass == "static":
-            return 1
-        if self.poolclass == "null" or self.max_overflow == -1:
-            return None
+        if self.poolclass != "queue" or self.max_overflow == -1:
+            return 1 if self.poolclass == "static" else None
         return self.pool_size + self.max_overflow
 
     def replace(self, **changes: Any) -> PoolProfile:
@@ -106,20 +105,16 @@ class PoolProfile:
 DEVELOPMENT_POOL = PoolProfile(pool_size=5, max_overflow=10, pool_timeout=30.0)
 # Small on purpose: processes x (pool_size + max_overflow + 1 probe) must fit the server's
 # max_connections, and a request waits at most 5 s for a connection (docs: engine and pool).
-PRODUCTION_POOL = PoolProfile(pool_size=5, max_overflow=5, pool_timeout=5.0,
-                              pool_recycle=1800)
+PRODUCTION_POOL = PoolProfile(pool_size=5, max_overflow=5, pool_timeout=5.0, pool_recycle=1800)
 # Tests open and close engines often against servers that restart: nothing is kept.
 TEST_POOL = PoolProfile(poolclass="null", pool_size=0, max_overflow=0, pool_pre_ping=False)
-_PROFILES = {"development": DEVELOPMENT_POOL, "production": PRODUCTION_POOL,
-             "test": TEST_POOL}
+_PROFILES = dict(zip(ENVIRONMENTS, (DEVELOPMENT_POOL, PRODUCTION_POOL, TEST_POOL)))
 
 
 def parse_url(url: str | URL) -> URL:
-    """Parse a PostgreSQL URL; raise ``ConfigurationError`` (never showing the password).
-
-    ``postgres://`` becomes ``postgresql://``; a ``?password=`` moves into the password
-    field, which every rendering masks; an unencoded ``@`` in the password is refused.
-    """
+    """Parse a PostgreSQL URL or raise ``ConfigurationError`` (never showing the password):
+    ``postgres://`` becomes ``postgresql://``, a ``?password=`` moves into the (masked)
+    password field, an unencoded ``@`` in the password is refused."""
     try:
         parsed = url if isinstance(url, URL) else make_url(str(url).strip())
     except (ArgumentError, ValueError):
@@ -128,20 +123,18 @@ def parse_url(url: str | URL) -> URL:
             "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with @ : / ? # in the "
             "password percent-encoded (labkit.build_url does it)") from None
     if parsed.host is not None and "@" in parsed.host:
-        raise ConfigurationError(
-            "malformed database URL (not shown: it holds a password): more than one '@'; "
-            "write an '@' in the password as %40 (labkit.build_url does it)")
+        raise ConfigurationError("malformed database URL (not shown: it holds a password): more "
+                                 "than one '@'; write an '@' in the password as %40")
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "postgres"):
         raise ConfigurationError(f"labkit speaks PostgreSQL, not {backend!r} "
                                  f"({mask_url(parsed)})")
     parsed = parsed.set(drivername="postgresql" + parsed.drivername[len(backend):])
-    if "password" in parsed.query:
-        if parsed.password is not None or not isinstance(parsed.query["password"], str):
-            raise ConfigurationError(
-                f"the database URL {mask_url(parsed)} gives the password twice; keep one")
-        parsed = parsed.difference_update_query(["password"]).set(
-            password=parsed.query["password"])
+    password = parsed.query.get("password")
+    if password is not None:
+        if parsed.password is not None or not isinstance(password, str):
+            raise ConfigurationError(f"the URL {mask_url(parsed)} gives the password twice")
+        parsed = parsed.difference_update_query(["password"]).set(password=password)
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise ConfigurationError(f"port {parsed.port} in {mask_url(parsed)} is not 1-65535")
     return parsed
@@ -163,24 +156,22 @@ def mask_url(url: str | URL) -> str:
 def build_url(*, user: str, password: str | None, host: str, port: int = 5432,
               database: str) -> URL:
     """Build a PostgreSQL URL from parts; the password may hold any character."""
-    _integer("port", port, 1, 65535)
+    _check("port", port)
     return URL.create("postgresql", username=user, password=password, host=host, port=port,
                       database=database)
 
 
 def _one(url: URL, name: str) -> str | None:
     value = url.query.get(name)
-    if value is None or isinstance(value, str):
-        return value
-    if name == "host":
-        return ",".join(value)
-    raise ConfigurationError(f"URL parameter {name!r} is given twice in {mask_url(url)}")
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"URL parameter {name!r} is given twice in {mask_url(url)}")
+    return value
 
 
 def _ssl_mode(url: URL) -> str | None:
     modes = {name: _one(url, name) for name in ("sslmode", "ssl")}
     for name, mode in modes.items():
-        if mode is not None and mode not in SSL_MODES:
+        if mode not in (None, *SSL_MODES):
             raise ConfigurationError(f"URL parameter {name}={mode!r} is not one of "
                                      f"{', '.join(SSL_MODES)}")
     if None not in modes.values() and modes["sslmode"] != modes["ssl"]:
@@ -188,85 +179,70 @@ def _ssl_mode(url: URL) -> str | None:
     return modes["sslmode"] or modes["ssl"]
 
 
-def _with_driver(url: str | URL, driver: str, ssl_name: str) -> URL:
-    parsed = parse_url(url)
-    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
-        raise ConfigurationError(f"unknown driver {parsed.get_driver_name()!r} in "
-                                 f"{mask_url(parsed)}: use postgresql:// (labkit picks "
-                                 "psycopg2 or asyncpg)")
-    mode = _ssl_mode(parsed)
-    parsed = parsed.set(drivername=f"postgresql+{driver}").difference_update_query(
-        ["sslmode", "ssl"])
-    return parsed.update_query_dict({ssl_name: mode}) if mode else parsed
-
-
 def to_sync_url(url: str | URL) -> URL:
     """Return the URL for psycopg2 (``postgresql+psycopg2://``, TLS mode as ``sslmode``)."""
-    return _with_driver(url, "psycopg2", "sslmode")
+    parsed = parse_url(url)
+    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
+        raise ConfigurationError(f"unknown driver in {mask_url(parsed)}: use postgresql:// "
+                                 "(labkit picks psycopg2 or asyncpg)")
+    mode = _ssl_mode(parsed)
+    parsed = parsed.set(drivername="postgresql+psycopg2").difference_update_query(["ssl"])
+    return parsed.update_query_dict({"sslmode": mode}) if mode else parsed
 
 
 def to_async_url(url: str | URL) -> URL:
     """Return the URL for asyncpg (``postgresql+asyncpg://``, TLS mode as ``ssl``); its
     ``options`` become asyncpg's ``server_settings`` in ``create_async_engine``."""
-    parsed = _with_driver(url, "asyncpg", "ssl")
+    parsed = to_sync_url(url)
     server_settings(_one(parsed, "options") or "")
-    return parsed
+    mode = parsed.query.get("sslmode")
+    parsed = parsed.set(drivername="postgresql+asyncpg").difference_update_query(["sslmode"])
+    return parsed.update_query_dict({"ssl": mode}) if mode else parsed
 
 
 def server_settings(options: str) -> dict[str, str]:
     """Turn libpq ``options`` (``-c name=value ...``) into asyncpg's ``server_settings``."""
-    words = [w.replace("\\ ", " ") for w in re.split(r"(?<!\\)\s+", options.strip()) if w]
+    words = iter(w.replace("\\ ", " ") for w in re.split(r"(?<!\\)\s+", options.strip()) if w)
     settings: dict[str, str] = {}
-    while words:
-        word = words.pop(0)
-        if word == "-c" and words:
-            pair = words.pop(0)
-        elif word.startswith(("--", "-c")) and len(word) > 2:
-            pair = word[2:]
-        else:
-            raise ConfigurationError(f"URL parameter 'options' holds {word!r}: only "
-                                     "'-c name=value' settings are understood")
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
+    for word in words:
+        flag = word + next(words, "") if word == "-c" else word
+        match = re.fullmatch(r"(?:-c|--)([^=]+)=(.*)", flag, re.DOTALL)
+        if match is None and len(flag) > 2 and flag.startswith(("-c", "--")):
             raise ConfigurationError("URL parameter 'options' holds a '-c' without name=value")
-        settings[name.replace("-", "_")] = value
+        if match is None:
+            raise ConfigurationError(f"URL parameter 'options' holds {flag!r}: only "
+                                     "'-c name=value' settings are understood")
+        settings[match[1].replace("-", "_")] = match[2]
     return settings
 
 
-def _parse(kind: type) -> Callable[[str, str], Any]:
-    """A parser of one variable's text: ``bool``, ``int`` or (finite) ``float``."""
-    def parse(name: str, raw: str) -> Any:
-        text = raw.strip().lower()
-        if kind is bool and text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return text in ("1", "true", "yes", "on")
-        try:
-            value = None if kind is bool else kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value):
-            raise ConfigurationError(f"{name} must be " + {bool: "true or false", int: "an "
-                                     "integer", float: "a number"}[kind] + f", got {raw!r}")
-        return value
-    return parse
-
-
-_ENV = {"DB_POOL_SIZE": ("pool.pool_size", int), "DB_MAX_OVERFLOW": ("pool.max_overflow", int),
-        "DB_POOL_TIMEOUT": ("pool.pool_timeout", float),
-        "DB_POOL_RECYCLE": ("pool.pool_recycle", int),
-        "DB_POOL_PRE_PING": ("pool.pool_pre_ping", bool), "DB_ECHO": ("echo", bool),
-        "DB_CONNECT_TIMEOUT": ("connect_timeout", float),
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+_POOL_ENV = {"DB_POOL_SIZE": ("pool_size", int), "DB_MAX_OVERFLOW": ("max_overflow", int),
+             "DB_POOL_TIMEOUT": ("pool_timeout", float), "DB_POOL_RECYCLE": ("pool_recycle", int),
+             "DB_POOL_PRE_PING": ("pool_pre_ping", bool)}
+_ENV = {"DB_ECHO": ("echo", bool), "DB_CONNECT_TIMEOUT": ("connect_timeout", float),
         "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", int), "DB_PROCESSES": ("processes", int)}
 
 
-@dataclass(frozen=True)
+def _parse(kind: type, name: str, raw: str) -> Any:
+    """Read variable ``name``'s text as a ``bool``, an ``int`` or a finite ``float``."""
+    text = raw.strip().lower()
+    try:
+        value = _BOOLS[text] if kind is bool else kind(text)
+    except (KeyError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be {_KINDS[kind]}, got {raw!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything labkit needs to open a database; its ``repr`` (the URL's) masks the password.
-
-    ``connect_timeout`` (seconds, default 5) and ``application_name`` (default
-    ``"labkit"``) may come from the URL's query instead; given both ways with different
-    values they are refused. ``statement_timeout_ms`` is sent at connect time.
-    ``processes`` is how many processes share the server, for the connection budget.
-    """
+    ``connect_timeout`` (default 5 s) and ``application_name`` (default ``"labkit"``) may come
+    from the URL's query instead, but not both ways with different values."""
 
     url: URL
     environment: str = "development"
@@ -281,33 +257,30 @@ class Settings:
         url = parse_url(self.url)
         for name, default in (("connect_timeout", 5.0), ("application_name", "labkit")):
             given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
-            if in_url is not None:
-                if name == "connect_timeout":
-                    in_url = float(_parse(float)(name, in_url))
-                if given not in (None, in_url, default):  # a default counts as not given
-                    raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
-                                             f"and in the settings ({given}); keep one")
-                url, given = url.difference_update_query([name]), (
-                    in_url if given in (None, default) else given)
+            if in_url is not None and name == "connect_timeout":
+                in_url = _parse(float, name, in_url)
+            if in_url is not None and given not in (None, in_url, default):  # default: unset
+                raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
+                                         f"and in the settings ({given}); keep one")
+            if in_url is not None and given in (None, default):
+                given = in_url
             object.__setattr__(self, name, default if given is None else given)
+            url = url.difference_update_query([name])
         for name in url.query:
             if name in _BOTH_READ:
                 raise ConfigurationError(f"URL parameter {name!r}: set PG{name.upper()} in the "
                                          "environment instead, which both drivers read")
             if name not in URL_PARAMETERS:
-                raise ConfigurationError(
-                    f"unknown URL parameter {name!r} in {mask_url(url)}: labkit accepts "
-                    f"{', '.join(sorted(URL_PARAMETERS))} (the same for both drivers)")
+                raise ConfigurationError(f"unknown URL parameter {name!r} in {mask_url(url)}: "
+                                         f"labkit accepts {', '.join(sorted(URL_PARAMETERS))}")
         _ssl_mode(url)
         server_settings(_one(url, "options") or "")
         object.__setattr__(self, "url", url)
-        if self.environment not in ENVIRONMENTS:
-            raise ConfigurationError(f"ENVIRONMENT must be one of {', '.join(ENVIRONMENTS)}, "
-                                     f"got {self.environment!r}")
-        _seconds("connect_timeout", self.connect_timeout, 2_147_483_647)
+        _one_of("ENVIRONMENT", self.environment, ENVIRONMENTS)
+        _check("connect_timeout", self.connect_timeout)
         if self.statement_timeout_ms is not None:
-            _integer("statement_timeout_ms", self.statement_timeout_ms, 0)
-        _integer("processes", self.processes, 1)
+            _check("statement_timeout_ms", self.statement_timeout_ms)
+        _check("processes", self.processes)
 
     @property
     def sync_url(self) -> URL:
@@ -326,36 +299,26 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *,
                  default_url: str | URL | Callable[[], str | URL] | None = None) -> Settings:
-        """Read settings from ``env`` (``os.environ`` when ``None``), as the table says.
-
-        ``ENVIRONMENT`` picks the pool profile (``TEST_POOL`` becomes a queue when given a
-        size). ``default_url`` (or a function returning it) serves when ``DATABASE_URL`` is
-        unset, except in production: a ``ConfigurationError``, never a guess, as for any
-        malformed value (the message names the variable).
-        """
+        """Read ``env`` (``os.environ`` when ``None``) as the table says; ``ENVIRONMENT`` picks
+        the pool profile. ``default_url`` (or a function returning it) serves when
+        ``DATABASE_URL`` is unset, except in production: a ``ConfigurationError``, never a guess."""
         env = os.environ if env is None else env
         environment = env.get("ENVIRONMENT", "").strip().lower() or "development"
-        if environment not in ENVIRONMENTS:
-            raise ConfigurationError(f"ENVIRONMENT must be one of {', '.join(ENVIRONMENTS)}, "
-                                     f"got {environment!r}")
+        _one_of("ENVIRONMENT", environment, ENVIRONMENTS)
         raw_url: str | URL = env.get("DATABASE_URL", "").strip()
         if not raw_url:
             if environment == "production":
                 raise ConfigurationError(
                     "DATABASE_URL is not set and ENVIRONMENT=production: refusing to guess a "
-                    "database in production. Set DATABASE_URL=postgresql://USER:PASSWORD@HOST"
-                    ":5432/DATABASE")
+                    "database; set DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/DATABASE")
             if default_url is None:
                 raise ConfigurationError("DATABASE_URL is not set")
             raw_url = default_url() if callable(default_url) else default_url
-        values: dict[str, Any] = {}
-        pool_changes: dict[str, Any] = {}
-        for var, (field, kind) in _ENV.items():
-            if env.get(var, "").strip():
-                target = pool_changes if field.startswith("pool.") else values
-                target[field.removeprefix("pool.")] = _parse(kind)(var, env[var])
+        pool_changes, values = ({field: _parse(kind, var, env[var]) for var, (field, kind)
+                                 in table.items() if env.get(var, "").strip()}
+                                for table in (_POOL_ENV, _ENV))
         pool = _PROFILES[environment]
         if pool.poolclass == "null" and {"pool_size", "max_overflow"} & pool_changes.keys():
-            pool_changes["poolclass"] = "queue"
+            pool_changes["poolclass"] = "queue"  # TEST_POOL given a size becomes a queue
         return cls(url=parse_url(raw_url), environment=environment,
                    pool=pool.replace(**pool_changes), **values)
