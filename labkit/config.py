@@ -35,8 +35,7 @@ from sqlalchemy.exc import ArgumentError
 from .errors import ConfigurationError, redact
 
 __all__ = ["DEVELOPMENT_POOL", "PRODUCTION_POOL", "TEST_POOL", "PoolProfile", "Settings",
-           "build_url", "mask_url", "parse_url", "server_settings", "to_async_url",
-           "to_sync_url"]
+           "build_url", "mask_url", "parse_url", "server_settings", "to_async_url", "to_sync_url"]
 
 ENVIRONMENTS = ("development", "production", "test")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -103,8 +102,7 @@ class PoolProfile:
 
 
 DEVELOPMENT_POOL = PoolProfile(pool_size=5, max_overflow=10, pool_timeout=30.0)
-# Small on purpose: processes x (pool_size + max_overflow + 1 probe) must fit the server's
-# max_connections, and a request waits at most 5 s for a connection (docs: engine and pool).
+# Small: processes x (pool_size + max_overflow + 1 probe) must fit max_connections (docs).
 PRODUCTION_POOL = PoolProfile(pool_size=5, max_overflow=5, pool_timeout=5.0, pool_recycle=1800)
 # Tests open and close engines often against servers that restart: nothing is kept.
 TEST_POOL = PoolProfile(poolclass="null", pool_size=0, max_overflow=0, pool_pre_ping=False)
@@ -118,17 +116,15 @@ def parse_url(url: str | URL) -> URL:
     try:
         parsed = url if isinstance(url, URL) else make_url(str(url).strip())
     except (ArgumentError, ValueError):
-        raise ConfigurationError(
-            "malformed database URL (not shown: it may hold a password); expected "
-            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with @ : / ? # in the "
-            "password percent-encoded (labkit.build_url does it)") from None
+        raise ConfigurationError("malformed database URL (not shown: it may hold a password); "
+                                 "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with "
+                                 "@ : / ? # in the password percent-encoded") from None
     if parsed.host is not None and "@" in parsed.host:
         raise ConfigurationError("malformed database URL (not shown: it holds a password): more "
                                  "than one '@'; write an '@' in the password as %40")
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "postgres"):
-        raise ConfigurationError(f"labkit speaks PostgreSQL, not {backend!r} "
-                                 f"({mask_url(parsed)})")
+        raise ConfigurationError(f"labkit speaks PostgreSQL, not {backend!r} ({mask_url(parsed)})")
     parsed = parsed.set(drivername="postgresql" + parsed.drivername[len(backend):])
     password = parsed.query.get("password")
     if password is not None:
@@ -157,8 +153,7 @@ def build_url(*, user: str, password: str | None, host: str, port: int = 5432,
               database: str) -> URL:
     """Build a PostgreSQL URL from parts; the password may hold any character."""
     _check("port", port)
-    return URL.create("postgresql", username=user, password=password, host=host, port=port,
-                      database=database)
+    return URL.create("postgresql", user, password, host, port, database)
 
 
 def _one(url: URL, name: str) -> str | None:
@@ -168,24 +163,19 @@ def _one(url: URL, name: str) -> str | None:
     return value
 
 
-def _ssl_mode(url: URL) -> str | None:
-    modes = {name: _one(url, name) for name in ("sslmode", "ssl")}
+def to_sync_url(url: str | URL) -> URL:
+    """Return the URL for psycopg2 (``postgresql+psycopg2://``, TLS mode as ``sslmode``)."""
+    parsed = parse_url(url)
+    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
+        raise ConfigurationError(f"unknown driver in {mask_url(parsed)}: use postgresql://")
+    modes = {name: _one(parsed, name) for name in ("sslmode", "ssl")}
     for name, mode in modes.items():
         if mode not in (None, *SSL_MODES):
             raise ConfigurationError(f"URL parameter {name}={mode!r} is not one of "
                                      f"{', '.join(SSL_MODES)}")
     if None not in modes.values() and modes["sslmode"] != modes["ssl"]:
         raise ConfigurationError("the URL gives sslmode and ssl with different values")
-    return modes["sslmode"] or modes["ssl"]
-
-
-def to_sync_url(url: str | URL) -> URL:
-    """Return the URL for psycopg2 (``postgresql+psycopg2://``, TLS mode as ``sslmode``)."""
-    parsed = parse_url(url)
-    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
-        raise ConfigurationError(f"unknown driver in {mask_url(parsed)}: use postgresql:// "
-                                 "(labkit picks psycopg2 or asyncpg)")
-    mode = _ssl_mode(parsed)
+    mode = modes["sslmode"] or modes["ssl"]
     parsed = parsed.set(drivername="postgresql+psycopg2").difference_update_query(["ssl"])
     return parsed.update_query_dict({"sslmode": mode}) if mode else parsed
 
@@ -208,10 +198,9 @@ def server_settings(options: str) -> dict[str, str]:
         flag = word + next(words, "") if word == "-c" else word
         match = re.fullmatch(r"(?:-c|--)([^=]+)=(.*)", flag, re.DOTALL)
         if match is None and len(flag) > 2 and flag.startswith(("-c", "--")):
-            raise ConfigurationError("URL parameter 'options' holds a '-c' without name=value")
+            raise ConfigurationError("the URL's options hold a '-c' without name=value")
         if match is None:
-            raise ConfigurationError(f"URL parameter 'options' holds {flag!r}: only "
-                                     "'-c name=value' settings are understood")
+            raise ConfigurationError(f"the URL's options hold {flag!r}: only '-c name=value'")
         settings[match[1].replace("-", "_")] = match[2]
     return settings
 
@@ -257,13 +246,12 @@ class Settings:
         url = parse_url(self.url)
         for name, default in (("connect_timeout", 5.0), ("application_name", "labkit")):
             given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
-            if in_url is not None and name == "connect_timeout":
-                in_url = _parse(float, name, in_url)
-            if in_url is not None and given not in (None, in_url, default):  # default: unset
-                raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
-                                         f"and in the settings ({given}); keep one")
-            if in_url is not None and given in (None, default):
-                given = in_url
+            if in_url is not None:
+                in_url = _parse(float, name, in_url) if name == "connect_timeout" else in_url
+                if given not in (None, in_url, default):  # a default counts as unset
+                    raise ConfigurationError(f"{name} is given twice, in the URL ({in_url}) "
+                                             f"and in the settings ({given}); keep one")
+                given = in_url if given in (None, default) else given
             object.__setattr__(self, name, default if given is None else given)
             url = url.difference_update_query([name])
         for name in url.query:
@@ -273,8 +261,7 @@ class Settings:
             if name not in URL_PARAMETERS:
                 raise ConfigurationError(f"unknown URL parameter {name!r} in {mask_url(url)}: "
                                          f"labkit accepts {', '.join(sorted(URL_PARAMETERS))}")
-        _ssl_mode(url)
-        server_settings(_one(url, "options") or "")
+        to_async_url(url.set(drivername="postgresql"))  # TLS mode and options, any driver
         object.__setattr__(self, "url", url)
         _one_of("ENVIRONMENT", self.environment, ENVIRONMENTS)
         _check("connect_timeout", self.connect_timeout)
@@ -305,15 +292,12 @@ class Settings:
         env = os.environ if env is None else env
         environment = env.get("ENVIRONMENT", "").strip().lower() or "development"
         _one_of("ENVIRONMENT", environment, ENVIRONMENTS)
-        raw_url: str | URL = env.get("DATABASE_URL", "").strip()
-        if not raw_url:
-            if environment == "production":
-                raise ConfigurationError(
-                    "DATABASE_URL is not set and ENVIRONMENT=production: refusing to guess a "
-                    "database; set DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/DATABASE")
-            if default_url is None:
-                raise ConfigurationError("DATABASE_URL is not set")
-            raw_url = default_url() if callable(default_url) else default_url
+        production = environment == "production"
+        raw_url = env.get("DATABASE_URL", "").strip() or (None if production else default_url)
+        if raw_url is None:  # in production, never a guess
+            raise ConfigurationError("DATABASE_URL is not set" + (
+                " and ENVIRONMENT=production: refusing to guess a database" if production else ""))
+        raw_url = raw_url() if callable(raw_url) else raw_url
         pool_changes, values = ({field: _parse(kind, var, env[var]) for var, (field, kind)
                                  in table.items() if env.get(var, "").strip()}
                                 for table in (_POOL_ENV, _ENV))
