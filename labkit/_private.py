@@ -1,8 +1,7 @@
 """Every private attribute of SQLAlchemy or a driver that labkit reads, in one place.
 
-Each is used only where no event or public API gives the same, was checked against
-SQLAlchemy 2.1.9 and asyncpg 0.32.0 (the lower bounds in ``requirements.txt``), and
-degrades to "unknown" (``None``) if it disappears.
+Each is used only where no event or public API gives the same, was checked against SQLAlchemy
+2.1.9 and asyncpg 0.32.0 (``requirements.txt``), and degrades to "unknown" if it disappears.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ def pool_creator(engine: Engine) -> Callable[[], Any]:
 
 
 def max_overflow(pool: Pool) -> int | None:
-    """QueuePool's ``max_overflow`` (``-1`` unbounded; ``None`` for other pools), which a
-    saturation gauge needs and ``QueuePool`` does not expose."""
+    """QueuePool's ``max_overflow`` (``-1`` unbounded; ``None``: another pool), not public."""
     return getattr(pool, "_max_overflow", None)
 
 
@@ -38,7 +36,5 @@ def asyncpg_lost_transaction(dbapi_connection: Any) -> bool:
     """True when asyncpg has a transaction open that SQLAlchemy's adapter forgot (its
     ``_transaction`` dropped after a refused COMMIT): the pool's reset would miss it."""
     driver = getattr(dbapi_connection, "driver_connection", None)
-    if driver is None or not hasattr(driver, "is_in_transaction"):
-        return False
-    return bool(driver.is_in_transaction()) and \
-        getattr(dbapi_connection, "_transaction", 0) is None
+    is_open = getattr(driver, "is_in_transaction", None)  # None: not asyncpg
+    return bool(is_open and is_open()) and getattr(dbapi_connection, "_transaction", 0) is None

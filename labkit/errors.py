@@ -16,11 +16,6 @@ LabkitError
     ├── ProgrammingError               the SQL, its data or the transaction state is wrong
     └── RetryExhaustedError            a retry policy ran out; last_error says why
 ```
-
-One table (``SQLSTATES``) maps the server's SQLSTATE to a class for every driver, an exact
-code before its two-character class. Without a SQLSTATE the class follows what happened: a
-failure while connecting is ``DatabaseUnavailableError``, a disconnect ``ConnectionLostError``,
-a driver-side timeout ``QueryTimeoutError``. Messages pass through ``redact``: no password leaves.
 """
 
 from __future__ import annotations
@@ -31,6 +26,8 @@ import socket
 import sys
 import traceback
 from collections.abc import Iterable
+
+from sqlalchemy import exc as sa_exc
 
 __all__ = ["AuthenticationError", "CommitOutcomeUnknownError", "ConfigurationError",
            "ConnectionLostError", "DatabaseError", "DatabaseUnavailableError", "IntegrityError",
@@ -104,21 +101,14 @@ class RetryExhaustedError(DatabaseError):
         self.attempts, self.elapsed, self.last_error = attempts, elapsed, last_error
 
 
-SQLSTATES: dict[str, type[DatabaseError]] = {  # errcodes: an exact code, else its class
-    "08": ConnectionLostError, "08001": DatabaseUnavailableError,  # cannot connect
-    "08004": DatabaseUnavailableError, "08007": CommitOutcomeUnknownError, "08P01": DatabaseError,
-    "10": ProgrammingError, "22": ProgrammingError,  # data exceptions
-    "23": IntegrityError, "40002": IntegrityError, "28": AuthenticationError,
-    "25P03": ConnectionLostError, "25P04": ConnectionLostError,  # FATAL session timeouts
-    "40": SerializationError, "40003": CommitOutcomeUnknownError, "72": SerializationError,
-    "53": DatabaseError, "53300": DatabaseUnavailableError,  # too many connections
-    "55": ProgrammingError, "55006": DatabaseError, "55P03": QueryTimeoutError,  # lock
-    "57": DatabaseError, "57014": QueryTimeoutError,  # query canceled
-    "57P01": ConnectionLostError, "57P02": ConnectionLostError,  # shutdown, crash
-    "57P03": DatabaseUnavailableError, "57P05": ConnectionLostError,
-    **dict.fromkeys("0A 0B 0F 0L 0P 0Z 20 21 24 25 26 27 2B 2D 2F 34 38 39 3B 3D 3F 42 44 54"
-                    .split(), ProgrammingError),  # more wrong SQL, data or state
-}
+SQLSTATES: dict[str, type[DatabaseError]] = {code: kind for kind, codes in (  # exact, else class
+    (DatabaseUnavailableError, "08001 08004 53300 57P03"),  # cannot connect, no slot, starting
+    (ConnectionLostError, "08 25P03 25P04 57P01 57P02 57P05"),  # FATAL timeouts, shutdown, crash
+    (CommitOutcomeUnknownError, "08007 40003"), (AuthenticationError, "28"),
+    (DatabaseError, "08P01 53 55006 57"), (IntegrityError, "23 40002"),
+    (SerializationError, "40 72"), (QueryTimeoutError, "55P03 57014"),  # lock, statement timeout
+    (ProgrammingError, "0A 0B 0F 0L 0P 0Z 10 20 21 22 24 25 26 27 2B 2D 2F 34 38 39 3B 3D 3F 42"
+                       " 44 54 55")) for code in codes.split()}
 
 _HINTS: dict[type[DatabaseError] | str, str] = {
     DatabaseUnavailableError: "Could not connect to PostgreSQL: is it up at this host and port?",
@@ -146,8 +136,7 @@ _HINTS: dict[type[DatabaseError] | str, str] = {
     "57P03": "PostgreSQL is starting up or shutting down; wait_for_database waits for it.",
 }
 
-# libpq reports a FATAL at connect as text only (psycopg2 has no pgcode then).
-_FATAL = tuple((re.compile(pattern, re.I), code) for pattern, code in (
+_FATAL = tuple((re.compile(p, re.I), code) for p, code in (  # libpq's connect FATALs: text only
     (r'database ".*" does not exist', "3D000"),
     (r"too many clients already|remaining connection slots are reserved"
      r"|too many connections for (?:role|database)", "53300"),
@@ -180,24 +169,20 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     for pattern in _SECRETS:
         text = pattern.sub(lambda m: m.group(0) if m.group("pw") in (
             "PASSWORD", "***", "'***'", '"***"') else m.group("head") + "***", text)
-    for secret in secrets:
-        if secret and len(secret) >= 8:  # shorter ones would mangle words
-            text = re.sub(r"(?<!\w)" + re.escape(secret) + r"(?!\w)", "***", text)
+    for secret in (s for s in secrets if s and len(s) >= 8):  # shorter ones would mangle words
+        text = re.sub(r"(?<!\w)" + re.escape(secret) + r"(?!\w)", "***", text)
     return text
 
 
 def is_database_error(exc: BaseException) -> bool:
     """True for SQLAlchemy's, the drivers' and labkit's errors, and for a bare
     ``OSError``/``TimeoutError``/``EOFError`` raised inside SQLAlchemy or a driver."""
-    from sqlalchemy import exc as sa_exc
-
     drivers = (getattr(sys.modules.get(module), name, None) for module, name in (
         ("psycopg2", "Error"), ("psycopg", "Error"), ("asyncpg", "PostgresError"),
         ("asyncpg", "InterfaceError"), ("asyncpg", "InternalClientError")))  # None: not imported
-    if isinstance(exc, (LabkitError, sa_exc.SQLAlchemyError, *filter(None, drivers))):
-        return True
-    if not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, EOFError)):
-        return False
+    known = isinstance(exc, (LabkitError, sa_exc.SQLAlchemyError, *filter(None, drivers)))
+    if known or not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, EOFError)):
+        return known
     for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):  # nearest the raise
         top = (frame.f_globals.get("__name__") or "").partition(".")[0]
         if not (frame.f_code.co_filename.startswith("<frozen") or top in sys.stdlib_module_names):
@@ -215,9 +200,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return found
 
 
-def _texts(exc: BaseException) -> list[str]:
-    from sqlalchemy import exc as sa_exc  # its StatementError copies quote the SQL
-
+def _texts(exc: BaseException) -> list[str]:  # without StatementError copies: they quote SQL
     return [str(e) for e in _chain(exc) if not isinstance(e, sa_exc.StatementError)]
 
 
@@ -232,24 +215,20 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 
 def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
-    from sqlalchemy import exc as sa_exc
-
     if isinstance(exc, sa_exc.TimeoutError):
         return PoolTimeoutError, None
-    frames = [(frame.f_globals.get("__name__") or "", frame.f_code.co_name)
-              for e in _chain(exc) for frame, _ in traceback.walk_tb(e.__traceback__)]
+    chain, code = _chain(exc), sqlstate_of(exc)
     connecting = any(  # the traceback passes through the opening of a new connection
         (module.startswith("sqlalchemy.pool") and name == "__connect")
         or module == "asyncpg.connect_utils"
         or (module in ("asyncpg.connection", "psycopg2") and name == "connect")
-        for module, name in frames)
-    code = sqlstate_of(exc)
+        for module, name in ((frame.f_globals.get("__name__") or "", frame.f_code.co_name)
+                             for e in chain for frame, _ in traceback.walk_tb(e.__traceback__)))
     if code is not None:
         kind = SQLSTATES.get(code) or SQLSTATES.get(code[:2], DatabaseError)
         lost = kind is ConnectionLostError and connecting  # none was open to lose
         return (DatabaseUnavailableError if lost else kind), code
-    chain, text = _chain(exc), " ".join(_texts(exc))
-    asyncpg = sys.modules.get("asyncpg")
+    asyncpg, text = sys.modules.get("asyncpg"), " ".join(_texts(exc))
     if asyncpg is not None and any(isinstance(e, asyncpg.exceptions.DataError) for e in chain):
         return ProgrammingError, None  # asyncpg refused a parameter before sending it
     if connecting or any(isinstance(e, (ConnectionRefusedError, socket.gaierror)) for e in chain):
@@ -272,9 +251,8 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
 
 
 def translate_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -> LabkitError:
-    """Return (not raise) the labkit error for a driver or SQLAlchemy exception: its message
-    says what it means and what to do, then the SQLSTATE, then the driver's words, passwords
-    masked; the original is the ``__cause__``. Labkit errors pass as they are."""
+    """The labkit error (returned, not raised) for ``exc``: meaning, advice, SQLSTATE and the
+    driver's words, passwords masked; ``exc`` is its ``__cause__``. Labkit errors pass as is."""
     if isinstance(exc, LabkitError):
         return exc
     kind, code = _classify(exc)

@@ -1,8 +1,4 @@
-"""A deadline for a blocking call on a connection: at the deadline, cut its socket.
-
-A hung server keeps ACKing TCP, so keepalives never notice. One daemon thread keeps a heap
-of deadlines and calls ``shutdown(SHUT_RDWR)`` on each socket whose deadline passed.
-"""
+"""At its deadline, cut a blocking call's socket: a hung server ACKs TCP, keepalives miss it."""
 
 from __future__ import annotations
 
@@ -14,6 +10,9 @@ import threading
 import time
 
 __all__ = ["Ticket", "arm"]
+_cond = threading.Condition()
+_heap: list[tuple[float, int, Ticket]] = []  # (deadline, id(ticket), ticket)
+_thread: threading.Thread | None = None
 
 
 class Ticket:
@@ -31,11 +30,6 @@ class Ticket:
             return self.fired
 
 
-_cond = threading.Condition()
-_heap: list[tuple[float, int, Ticket]] = []  # (deadline, id(ticket), ticket)
-_thread: threading.Thread | None = None
-
-
 def arm(fileno: int, seconds: float) -> Ticket:
     """Cut socket ``fileno`` after ``seconds`` unless the ticket is disarmed first."""
     global _thread
@@ -48,15 +42,14 @@ def arm(fileno: int, seconds: float) -> Ticket:
     return ticket
 
 
-def _run() -> None:
+def _run() -> None:  # one daemon thread: drop disarmed tickets, shutdown() sockets past due
     while True:
         with _cond:
-            while _heap and not _heap[0][2].active:
-                heapq.heappop(_heap)
-            if not _heap or _heap[0][0] > time.monotonic():
+            if not _heap or (_heap[0][2].active and _heap[0][0] > time.monotonic()):
                 _cond.wait(timeout=_heap[0][0] - time.monotonic() if _heap else None)
                 continue
-            ticket = heapq.heappop(_heap)[2]
-            ticket.active, ticket.fired = False, True  # under the lock: a disarmed fd is never cut
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(ticket.fileno)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)  # closing the duplicate leaves the original open
+            ticket = heapq.heappop(_heap)[2]  # due, or disarmed
+            ticket.fired, ticket.active = ticket.active, False  # under the lock: disarm sees it
+            if ticket.fired:  # shutdown() on a duplicate fd: closing it leaves the original open
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(ticket.fileno)) as s:
+                    s.shutdown(socket.SHUT_RDWR)
