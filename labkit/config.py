@@ -1,7 +1,4 @@
-"""Settings: where the database is and how the pool behaves, read in one place.
-
-``Settings.from_env(env)`` reads a mapping (``os.environ`` by default) once, never at import.
-One ``DATABASE_URL`` serves both drivers; each URL parameter is honoured by both, or refused.
+"""Settings: where the database is and how the pool behaves, read once by ``Settings.from_env``.
 
 | variable | field | unit |
 |---|---|---|
@@ -39,20 +36,25 @@ __all__ = ["DEVELOPMENT_POOL", "PRODUCTION_POOL", "TEST_POOL", "PoolProfile", "S
 
 ENVIRONMENTS = ("development", "production", "test")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-# What both drivers honour; anything else (a typo, one driver's option) is refused.
 URL_PARAMETERS = frozenset({"sslmode", "ssl", "options", "application_name",
                             "connect_timeout", "target_session_attrs", "host"})
 _BOTH_READ = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq and asyncpg: PGSSL...
 _INT_MAX = 2_147_483_647
-# name: (lowest, highest) of an integer; a lowest of None means seconds, > 0.
 _LIMITS: dict[str, tuple[int | None, float]] = {
     "pool_size": (0, _INT_MAX), "max_overflow": (-1, _INT_MAX), "pool_recycle": (-1, _INT_MAX),
     "statement_timeout_ms": (0, _INT_MAX), "processes": (1, _INT_MAX), "port": (1, 65535),
     "pool_timeout": (None, threading.TIMEOUT_MAX), "connect_timeout": (None, _INT_MAX)}
+_BOOLS = {word: i < 4 for i, word in enumerate("1 true yes on 0 false no off".split())}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+_POOL_ENV = {"DB_POOL_SIZE": ("pool_size", int), "DB_MAX_OVERFLOW": ("max_overflow", int),
+             "DB_POOL_TIMEOUT": ("pool_timeout", float), "DB_POOL_RECYCLE": ("pool_recycle", int),
+             "DB_POOL_PRE_PING": ("pool_pre_ping", bool)}
+_ENV = {"DB_ECHO": ("echo", bool), "DB_CONNECT_TIMEOUT": ("connect_timeout", float),
+        "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", int), "DB_PROCESSES": ("processes", int)}
 
 
 def _check(name: str, value: Any) -> None:
-    """Refuse ``value`` (naming ``name``) unless it is within ``_LIMITS[name]``."""
+    """Refuse ``value`` outside ``_LIMITS[name]``: (lowest, highest); lowest None: seconds > 0."""
     low, high = _LIMITS[name]
     number = isinstance(value, numbers.Real if low is None else numbers.Integral)
     if not number or isinstance(value, bool) \
@@ -102,17 +104,14 @@ class PoolProfile:
 
 
 DEVELOPMENT_POOL = PoolProfile(pool_size=5, max_overflow=10, pool_timeout=30.0)
-# Small: processes x (pool_size + max_overflow + 1 probe) must fit max_connections (docs).
 PRODUCTION_POOL = PoolProfile(pool_size=5, max_overflow=5, pool_timeout=5.0, pool_recycle=1800)
-# Tests open and close engines often against servers that restart: nothing is kept.
 TEST_POOL = PoolProfile(poolclass="null", pool_size=0, max_overflow=0, pool_pre_ping=False)
 _PROFILES = dict(zip(ENVIRONMENTS, (DEVELOPMENT_POOL, PRODUCTION_POOL, TEST_POOL)))
 
 
 def parse_url(url: str | URL) -> URL:
-    """Parse a PostgreSQL URL or raise ``ConfigurationError`` (never showing the password):
-    ``postgres://`` becomes ``postgresql://``, a ``?password=`` moves into the (masked)
-    password field, an unencoded ``@`` in the password is refused."""
+    """Parse a PostgreSQL URL or raise ``ConfigurationError`` (password never shown; an
+    unencoded ``@`` refused); ``?password=`` moves to the password, ``postgres://`` is renamed."""
     try:
         parsed = url if isinstance(url, URL) else make_url(str(url).strip())
     except (ArgumentError, ValueError):
@@ -181,8 +180,7 @@ def to_sync_url(url: str | URL) -> URL:
 
 
 def to_async_url(url: str | URL) -> URL:
-    """Return the URL for asyncpg (``postgresql+asyncpg://``, TLS mode as ``ssl``); its
-    ``options`` become asyncpg's ``server_settings`` in ``create_async_engine``."""
+    """Return the URL for asyncpg (TLS mode as ``ssl``; ``options`` become server_settings)."""
     parsed = to_sync_url(url)
     server_settings(_one(parsed, "options") or "")
     mode = parsed.query.get("sslmode")
@@ -205,16 +203,6 @@ def server_settings(options: str) -> dict[str, str]:
     return settings
 
 
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
-          "0": False, "false": False, "no": False, "off": False}
-_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
-_POOL_ENV = {"DB_POOL_SIZE": ("pool_size", int), "DB_MAX_OVERFLOW": ("max_overflow", int),
-             "DB_POOL_TIMEOUT": ("pool_timeout", float), "DB_POOL_RECYCLE": ("pool_recycle", int),
-             "DB_POOL_PRE_PING": ("pool_pre_ping", bool)}
-_ENV = {"DB_ECHO": ("echo", bool), "DB_CONNECT_TIMEOUT": ("connect_timeout", float),
-        "DB_STATEMENT_TIMEOUT": ("statement_timeout_ms", int), "DB_PROCESSES": ("processes", int)}
-
-
 def _parse(kind: type, name: str, raw: str) -> Any:
     """Read variable ``name``'s text as a ``bool``, an ``int`` or a finite ``float``."""
     text = raw.strip().lower()
@@ -229,9 +217,8 @@ def _parse(kind: type, name: str, raw: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything labkit needs to open a database; its ``repr`` (the URL's) masks the password.
-    ``connect_timeout`` (default 5 s) and ``application_name`` (default ``"labkit"``) may come
-    from the URL's query instead, but not both ways with different values."""
+    """Everything labkit needs to open a database; its ``repr`` masks the password.
+    ``connect_timeout`` (5 s) and ``application_name`` (``"labkit"``) may be in the URL instead."""
 
     url: URL
     environment: str = "development"
@@ -264,10 +251,9 @@ class Settings:
         to_async_url(url.set(drivername="postgresql"))  # TLS mode and options, any driver
         object.__setattr__(self, "url", url)
         _one_of("ENVIRONMENT", self.environment, ENVIRONMENTS)
-        _check("connect_timeout", self.connect_timeout)
-        if self.statement_timeout_ms is not None:
-            _check("statement_timeout_ms", self.statement_timeout_ms)
-        _check("processes", self.processes)
+        for name in ("connect_timeout", "statement_timeout_ms", "processes"):
+            if name != "statement_timeout_ms" or self.statement_timeout_ms is not None:
+                _check(name, getattr(self, name))
 
     @property
     def sync_url(self) -> URL:
@@ -286,17 +272,15 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *,
                  default_url: str | URL | Callable[[], str | URL] | None = None) -> Settings:
-        """Read ``env`` (``os.environ`` when ``None``) as the table says; ``ENVIRONMENT`` picks
-        the pool profile. ``default_url`` (or a function returning it) serves when
-        ``DATABASE_URL`` is unset, except in production: a ``ConfigurationError``, never a guess."""
+        """Read ``env`` (``os.environ`` if ``None``) as the table says; ``ENVIRONMENT`` picks the
+        pool; ``default_url`` (or a callable) stands in for ``DATABASE_URL``, not in production."""
         env = os.environ if env is None else env
         environment = env.get("ENVIRONMENT", "").strip().lower() or "development"
         _one_of("ENVIRONMENT", environment, ENVIRONMENTS)
         production = environment == "production"
         raw_url = env.get("DATABASE_URL", "").strip() or (None if production else default_url)
-        if raw_url is None:  # in production, never a guess
-            raise ConfigurationError("DATABASE_URL is not set" + (
-                " and ENVIRONMENT=production: refusing to guess a database" if production else ""))
+        if raw_url is None:
+            raise ConfigurationError(f"DATABASE_URL is not set{' in production' * production}")
         raw_url = raw_url() if callable(raw_url) else raw_url
         pool_changes, values = ({field: _parse(kind, var, env[var]) for var, (field, kind)
                                  in table.items() if env.get(var, "").strip()}

@@ -33,36 +33,30 @@ def engine_kwargs(settings: Settings, *, is_async: bool = False,
                   pool: PoolProfile | None = None) -> dict[str, Any]:
     """Return the keyword arguments labkit passes to SQLAlchemy's ``create_engine``."""
     profile = pool or settings.pool
-    kwargs: dict[str, Any] = {"echo": settings.echo}
+    queue = sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool
+    classes = {"queue": queue, "null": sa_pool.NullPool, "static": sa_pool.StaticPool}
+    kwargs: dict[str, Any] = {"echo": settings.echo,
+                              "poolclass": timed_pool_class(classes[profile.poolclass])}
     if profile.poolclass == "queue":
-        queue = sa_pool.AsyncAdaptedQueuePool if is_async else sa_pool.QueuePool
         kwargs.update({name: getattr(profile, name) for name in (
-            "pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_use_lifo")},
-            poolclass=timed_pool_class(queue))
-    else:
-        kwargs["poolclass"] = timed_pool_class(
-            sa_pool.NullPool if profile.poolclass == "null" else sa_pool.StaticPool)
-    options, timeout = settings.url.query.get("options") or "", settings.statement_timeout_ms
+            "pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_use_lifo")})
+    options, timeout = str(settings.url.query.get("options") or ""), settings.statement_timeout_ms
     if is_async:
-        extra = server_settings(str(options))
-        extra["application_name"] = settings.application_name or "labkit"
-        if timeout is not None:
-            extra["statement_timeout"] = str(timeout)
-        kwargs["connect_args"] = {"timeout": settings.connect_timeout, "server_settings": extra}
+        kwargs["connect_args"] = {"timeout": settings.connect_timeout, "server_settings": {
+            **server_settings(options), "application_name": settings.application_name or "labkit",
+            **({} if timeout is None else {"statement_timeout": str(timeout)})}}
     else:
-        words = [str(options)] if options else []
         if timeout is not None:
-            words.append(f"-c statement_timeout={timeout}")
+            options = " ".join(filter(None, (options, f"-c statement_timeout={timeout}")))
         kwargs["connect_args"] = {  # libpq takes whole seconds, at least 2
             "connect_timeout": max(2, math.ceil(settings.connect_timeout or 5)),
             "application_name": settings.application_name,
-            **({"options": " ".join(words)} if words else {})}
+            **({"options": options} if options else {})}
     return kwargs
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides win; ``connect_args`` merge key by key (asyncpg's ``server_settings`` too),
-    and an ``options`` string joins labkit's, after it, so its ``-c`` settings win."""
+    """Overrides win; ``connect_args`` merge key by key, and their ``options`` after labkit's."""
     merged = {**base, **overrides}
     if "connect_args" in overrides:
         ours, extra = base["connect_args"], dict(overrides["connect_args"])
@@ -133,18 +127,10 @@ def _install(engine: Engine, settings: Settings, pre_ping: bool, is_async: bool)
 
 
 def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None:
-    """Ping an idle connection at checkout within ``seconds``, however the server is broken.
-
-    SQLAlchemy's ``pool_pre_ping`` has no deadline; this is the pessimistic check of its
-    pool documentation, in the ``checkout`` event. A ping that fails on a database error
-    raises ``InvalidatePoolError`` (the pool reconnects, as pre-ping does); one with no
-    answer in time raises ``DatabaseUnavailableError`` and the connection is discarded.
-    """
+    """Ping an idle connection at checkout within ``seconds`` (SQLAlchemy's has no deadline)."""
     dialect = engine.dialect
-    message = (
-        f"The server accepted the connection but did not answer the pool's pre-ping within "
-        f"{seconds:g} s (connect_timeout): it is hung or overloaded, or the network drops "
-        "packets. The connection was closed; nothing was sent on it.")
+    message = (f"The server accepted the connection but did not answer the pool's pre-ping within "
+               f"{seconds:g} s (connect_timeout): hung, overloaded, or packets dropped.")
 
     @event.listens_for(engine, "connect")
     def fresh(dbapi_connection: Any, record: Any) -> None:
@@ -157,8 +143,7 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
         ticket = None
         try:
             if is_async:
-                dbapi_connection.run_async(
-                    lambda conn: conn.fetchval("SELECT 1", timeout=seconds))
+                dbapi_connection.run_async(lambda conn: conn.fetchval("SELECT 1", timeout=seconds))
             else:
                 ticket = watchdog.arm(dbapi_connection.fileno(), seconds)
                 dialect.do_ping(dbapi_connection)
