@@ -1,9 +1,4 @@
-"""Retry with exponential backoff and jitter: the whole unit of work, only what is safe.
-
-``DEFAULT_RETRY`` retries a lost connection, a serialization failure or a deadlock; never a
-timeout, a full pool or server, nor a lost COMMIT answer unless the work is idempotent.
-``STARTUP_RETRY`` waits up to 30 s for any ``TransientError`` (docs/concepts/failures.md).
-"""
+"""Retry with exponential backoff and jitter: the whole unit of work, only what is safe."""
 
 from __future__ import annotations
 
@@ -22,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .errors import (CommitOutcomeUnknownError, ConnectionLostError, LabkitError,
                      RetryExhaustedError, SerializationError, TransientError,
                      is_database_error, translate_error)
+from .health import async_check_database, check_database
 from .session import async_session_scope, session_scope
 
 __all__ = ["DEFAULT_RETRY", "STARTUP_RETRY", "Attempt", "RetryPolicy", "async_retry",
@@ -30,7 +26,6 @@ __all__ = ["DEFAULT_RETRY", "STARTUP_RETRY", "Attempt", "RetryPolicy", "async_re
 
 logger = logging.getLogger("labkit")
 T = TypeVar("T")
-
 INITIAL_DELAY, MULTIPLIER, MAX_DELAY, JITTER = 0.1, 2.0, 2.0, 0.1  # s, factor, s, +-fraction
 PROBE_TIMEOUT = 5.0  # seconds, at most, per wait_for_database probe
 
@@ -38,7 +33,6 @@ PROBE_TIMEOUT = 5.0  # seconds, at most, per wait_for_database probe
 @dataclass(frozen=True)
 class Attempt:
     """One failed attempt, as passed to ``on_retry``; times in seconds."""
-
     number: int
     error: LabkitError
     delay: float
@@ -47,9 +41,7 @@ class Attempt:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often, how long and what to retry; times in seconds. Delays grow from
-    ``initial_delay`` by ``multiplier`` to ``max_delay``, ``±jitter`` each."""
-
+    """What to retry, how often, how long (s); delays grow by ``multiplier``, ``±jitter``."""
     max_attempts: int = 5
     initial_delay: float = INITIAL_DELAY
     multiplier: float = MULTIPLIER
@@ -59,16 +51,11 @@ class RetryPolicy:
     retry_on: tuple[type[LabkitError], ...] = (TransientError,)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_delay < 0 or self.max_delay < 0:
-            raise ValueError("initial_delay and max_delay must be >= 0 seconds")
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
-        if self.deadline is not None and self.deadline <= 0:
-            raise ValueError(f"deadline must be > 0 seconds, got {self.deadline}")
+        if (self.max_attempts < 1 or self.initial_delay < 0 or self.max_delay < 0
+                or self.multiplier < 1 or not 0 <= self.jitter < 1
+                or (self.deadline is not None and self.deadline <= 0)):
+            raise ValueError("need max_attempts >= 1, delays >= 0 s, multiplier >= 1, "
+                             f"0 <= jitter < 1 and deadline > 0 s; got {self}")
 
     def delays(self) -> Iterator[float]:
         """Yield the sleep before each retry (``max_attempts - 1`` values)."""
@@ -80,13 +67,12 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy(deadline=10.0, retry_on=(ConnectionLostError, SerializationError))
 STARTUP_RETRY = RetryPolicy(max_attempts=1000, deadline=30.0)
+_OnRetry = Callable[[Attempt], None] | None
 
 
 class _Budget:
     """One call's attempts, elapsed time and delays; the sync and async loops share it."""
-
-    def __init__(self, policy: RetryPolicy, on_retry: Callable[[Attempt], None] | None,
-                 idempotent: bool) -> None:
+    def __init__(self, policy: RetryPolicy, on_retry: _OnRetry, idempotent: bool) -> None:
         self.policy, self.on_retry, self.idempotent = policy, on_retry, idempotent
         self.start, self.delays = time.monotonic(), policy.delays()
         self.attempts, self.unknown_commits = 1, 0
@@ -106,7 +92,6 @@ class _Budget:
                 await asyncio.sleep(self.failed(exc))
 
     def probe_timeout(self) -> float:
-        """Seconds for one health probe: what is left of the deadline, at most 5 s."""
         left = (self.policy.deadline or float("inf")) - (time.monotonic() - self.start)
         return max(0.05, min(PROBE_TIMEOUT, left))
 
@@ -115,8 +100,7 @@ class _Budget:
         if not is_database_error(exc):
             raise exc  # the caller's own: not ours to classify or retry
         error = translate_error(exc)
-        unknown = isinstance(error, CommitOutcomeUnknownError)
-        self.unknown_commits += unknown
+        self.unknown_commits += (unknown := isinstance(error, CommitOutcomeUnknownError))
         if not (self.idempotent if unknown else isinstance(error, self.policy.retry_on)):
             if error is exc:
                 raise exc
@@ -125,14 +109,13 @@ class _Budget:
         delay, deadline = next(self.delays, None), self.policy.deadline
         if delay is None or (deadline is not None and elapsed + delay > deadline):
             limit = f" / {deadline:g} s" if deadline is not None else ""
-            message = (f"gave up after {self.attempts} attempt(s) in {elapsed:.2f} s (budget: "
-                       f"{self.policy.max_attempts} attempts{limit}); last error: "
-                       f"{type(error).__name__}: {error}")
-            if self.unknown_commits:
-                message += (f" -- {self.unknown_commits} attempt(s) lost the answer to "
-                            "COMMIT: the work may have been stored")
-            raise RetryExhaustedError(message, attempts=self.attempts, elapsed=elapsed,
-                                      last_error=error) from exc
+            lost = (f" -- {self.unknown_commits} attempt(s) lost the answer to COMMIT: the "
+                    "work may have been stored" if self.unknown_commits else "")
+            raise RetryExhaustedError(
+                f"gave up after {self.attempts} attempt(s) in {elapsed:.2f} s (budget: "
+                f"{self.policy.max_attempts} attempts{limit}); last error: "
+                f"{type(error).__name__}: {error}{lost}",
+                attempts=self.attempts, elapsed=elapsed, last_error=error) from exc
         logger.info("attempt %d failed with %s; retrying in %.2f s", self.attempts,
                     type(error).__name__, delay)
         if self.on_retry is not None:
@@ -142,68 +125,51 @@ class _Budget:
 
 
 def retry(fn: Callable[[], T], *, policy: RetryPolicy = DEFAULT_RETRY,
-          on_retry: Callable[[Attempt], None] | None = None, idempotent: bool = False) -> T:
-    """Call ``fn()`` until it succeeds, retrying what ``policy.retry_on`` names.
-
-    Raises:
-        CommitOutcomeUnknownError: at once, unless ``idempotent`` (a second run after a
-            committed first changes nothing).
-        RetryExhaustedError: the budget ran out; ``last_error`` says why.
-        LabkitError: at once, for a database error the policy does not retry; any other
-            error propagates unchanged after one attempt.
-    """
+          on_retry: _OnRetry = None, idempotent: bool = False) -> T:
+    """Call ``fn()`` until it succeeds, retrying what ``policy.retry_on`` names (a lost COMMIT
+    answer only if ``idempotent``) until ``RetryExhaustedError``; other errors raise at once."""
     return _Budget(policy, on_retry, idempotent).run(fn)
 
 
 async def async_retry(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy = DEFAULT_RETRY,
-                      on_retry: Callable[[Attempt], None] | None = None,
-                      idempotent: bool = False) -> T:
+                      on_retry: _OnRetry = None, idempotent: bool = False) -> T:
     """Async twin of ``retry``: awaits ``fn()``."""
     return await _Budget(policy, on_retry, idempotent).run_async(fn)
 
 
 def run_in_transaction(factory: sessionmaker[Session], work: Callable[[Session], T], *,
-                       policy: RetryPolicy = DEFAULT_RETRY,
-                       on_retry: Callable[[Attempt], None] | None = None,
+                       policy: RetryPolicy = DEFAULT_RETRY, on_retry: _OnRetry = None,
                        idempotent: bool = False) -> T:
     """Run ``work(session)`` in a ``session_scope``, retrying the whole transaction."""
     def attempt() -> T:
         with session_scope(factory) as session:
             return work(session)
-
     return retry(attempt, policy=policy, on_retry=on_retry, idempotent=idempotent)
 
 
 async def async_run_in_transaction(factory: async_sessionmaker[AsyncSession],
                                    work: Callable[[AsyncSession], Awaitable[T]], *,
-                                   policy: RetryPolicy = DEFAULT_RETRY,
-                                   on_retry: Callable[[Attempt], None] | None = None,
+                                   policy: RetryPolicy = DEFAULT_RETRY, on_retry: _OnRetry = None,
                                    idempotent: bool = False) -> T:
     """Async twin of ``run_in_transaction``: ``work(session)`` is awaited."""
     async def attempt() -> T:
         async with async_session_scope(factory) as session:
             return await work(session)
-
     return await async_retry(attempt, policy=policy, on_retry=on_retry, idempotent=idempotent)
 
 
 def wait_for_database(engine: Engine, *, policy: RetryPolicy = STARTUP_RETRY,
-                      on_retry: Callable[[Attempt], None] | None = None) -> int:
-    """Block until a health probe succeeds; return the number of attempts.
-
-    Each probe gets what is left of ``policy.deadline``, at most 5 s. Raises
-    ``RetryExhaustedError`` by the deadline; a wrong password fails at once.
-    """
-    from .health import check_database
+                      on_retry: _OnRetry = None) -> int:
+    """Block until a health probe succeeds; return the number of attempts. Each probe gets
+    the deadline's rest, at most 5 s; ``RetryExhaustedError`` by then, a bad password at once."""
     budget = _Budget(policy, on_retry, idempotent=False)
     budget.run(lambda: check_database(engine, timeout=budget.probe_timeout()))
     return budget.attempts
 
 
 async def async_wait_for_database(engine: AsyncEngine, *, policy: RetryPolicy = STARTUP_RETRY,
-                                  on_retry: Callable[[Attempt], None] | None = None) -> int:
+                                  on_retry: _OnRetry = None) -> int:
     """Async twin of ``wait_for_database``."""
-    from .health import async_check_database
     budget = _Budget(policy, on_retry, idempotent=False)
     await budget.run_async(lambda: async_check_database(engine, timeout=budget.probe_timeout()))
     return budget.attempts

@@ -1,8 +1,4 @@
-"""Sessions: factories (``autoflush``, ``expire_on_commit`` off) and a transactional scope.
-
-``session_scope`` commits, or rolls back on error, and never reports success for work that
-PostgreSQL did not store; docs/concepts/sessions.md says why.
-"""
+"""Sessions: factories (``autoflush``, ``expire_on_commit`` off) and a transactional scope."""
 
 from __future__ import annotations
 
@@ -11,8 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Connection, Engine, exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,9 +16,7 @@ from .errors import CommitOutcomeUnknownError, ProgrammingError, redact, sqlstat
 
 __all__ = ["async_session_scope", "create_async_sessionmaker", "create_sessionmaker",
            "session_scope"]
-
 _DEFAULTS = {"autoflush": False, "expire_on_commit": False}
-# A server ending the session (it may have committed first) or "resolution unknown".
 _UNKNOWN_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "25P03", "40003"})
 
 
@@ -38,8 +31,7 @@ def create_async_sessionmaker(engine: AsyncEngine,
     return async_sessionmaker(bind=engine, **{**_DEFAULTS, **options})
 
 
-def _aborted(exc: Exception) -> None:
-    """Raise ``ProgrammingError`` for a statement refused in an aborted transaction (25P02)."""
+def _raise_if_aborted(exc: Exception) -> None:
     if isinstance(exc, sa_exc.DBAPIError) and sqlstate_of(exc) == "25P02":
         raise ProgrammingError(
             "PostgreSQL rolled this transaction back: a statement in the block failed and the "
@@ -48,15 +40,12 @@ def _aborted(exc: Exception) -> None:
             "end the scope. (SQLSTATE 25P02)", sqlstate="25P02") from exc
 
 
-def _unknown(exc: Exception) -> None:
-    """Raise ``CommitOutcomeUnknownError`` when a COMMIT got no answer, or when in doubt."""
+def _raise_if_outcome_unknown(exc: Exception) -> None:
     code = sqlstate_of(exc)
-    if isinstance(exc, sa_exc.DBAPIError):
-        if not (exc.connection_invalidated or code is None or code[:2] == "08"
-                or code in _UNKNOWN_SQLSTATES):
-            return  # a refusal on an open connection (deferred constraint...): rolled back
-    elif not isinstance(exc, (OSError, EOFError, TimeoutError)):
-        return
+    if not (exc.connection_invalidated or code is None or code[:2] == "08"
+            or code in _UNKNOWN_SQLSTATES if isinstance(exc, sa_exc.DBAPIError)
+            else isinstance(exc, (OSError, EOFError, TimeoutError))):
+        return  # a refusal on an open connection (deferred constraint...): rolled back
     orig = getattr(exc, "orig", None) or exc
     detail = redact(" ".join(str(orig).split())[:300]) or "no message"
     raise CommitOutcomeUnknownError(
@@ -68,7 +57,6 @@ def _unknown(exc: Exception) -> None:
 
 @contextlib.contextmanager
 def _raising(translate: Callable[[Exception], None]) -> Iterator[None]:
-    """Let ``translate`` raise its own error for one of the block's; else re-raise it."""
     try:
         yield
     except Exception as exc:
@@ -77,12 +65,11 @@ def _raising(translate: Callable[[Exception], None]) -> Iterator[None]:
 
 
 def check_and_commit(connection: Connection, commit: Callable[[], None]) -> None:
-    """Commit; raise instead if the transaction was aborted (checked after an error) or the
-    answer was lost."""
+    """Commit; raise instead if the transaction was aborted or COMMIT's answer was lost."""
     if connection.info.get(_ERROR_SEEN):
-        with _raising(_aborted):
+        with _raising(_raise_if_aborted):
             connection.exec_driver_sql("SELECT 1")
-    with _raising(_unknown):
+    with _raising(_raise_if_outcome_unknown):
         commit()
 
 
@@ -90,20 +77,16 @@ async def async_check_and_commit(connection: AsyncConnection,
                                  commit: Callable[[], Awaitable[None]]) -> None:
     """Async twin of ``check_and_commit``."""
     if connection.info.get(_ERROR_SEEN):
-        with _raising(_aborted):
+        with _raising(_raise_if_aborted):
             await connection.exec_driver_sql("SELECT 1")
-    with _raising(_unknown):
+    with _raising(_raise_if_outcome_unknown):
         await commit()
 
 
 @contextlib.contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """Run a block in one transaction: commit on success, roll back on error, always close.
-
-    Raises:
-        ProgrammingError: the block caught a database error and went on (SQLSTATE 25P02).
-        CommitOutcomeUnknownError: the connection was lost while COMMIT was in flight.
-    """
+    """Run a block in one transaction: commit, or roll back on error; always close. Raises
+    ``ProgrammingError`` if it swallowed a database error, ``CommitOutcomeUnknownError``."""
     session = factory()
     try:
         yield session
