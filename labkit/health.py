@@ -1,16 +1,14 @@
-"""Health checks: ``check_database`` returns the server version or raises a labkit error
-within ``timeout``; ``health_check`` reports (``HealthReport``) and never raises for a database
-failure. See docs/concepts/health.md for what a probe promises and how."""
+"""Health checks: ``check_database`` raises, ``health_check`` reports (docs/concepts/health.md)."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
 import weakref
+from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -18,9 +16,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_, greenlet_spawn
 
-from . import _private, watchdog
-from .errors import (ConnectionLostError, DatabaseUnavailableError, LabkitError, redact,
-                     translate_error)
+from . import _private, errors, watchdog
+from .errors import DatabaseUnavailableError, LabkitError, redact, translate_error
 
 __all__ = ["HealthReport", "async_check_database", "async_health_check", "check_database",
            "health_check"]
@@ -32,8 +29,7 @@ _VERSION_SQL = "SELECT current_setting('server_version')"
 
 @dataclass(frozen=True)
 class HealthReport:
-    """``ok``, ``latency_ms``, the server version or the error class and a message without
-    secrets; ``pool``, a snapshot of the application's pool, saturated or not."""
+    """One probe: ``ok``, latency, version or error (no secrets), the application's pool."""
 
     ok: bool
     latency_ms: float
@@ -68,23 +64,20 @@ class _Probe:
 
     def __init__(self, engine: Engine) -> None:
         self.connect = _private.pool_creator(engine)
-        self.lock = threading.Lock()
+        self.lock, self.generation = threading.Lock(), 0
         self.connection: Any = None
         self.pending: Any = None  # the in-flight probe: a Future (sync) or a Task (async)
-        self.generation = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         event.listen(engine, "engine_disposed", self.discard)
 
     def discard(self, *_: Any) -> None:
         with self.lock:
-            self.generation += 1
-            connection, self.connection = self.connection, None
-        _close(connection)
+            self.generation, kept, self.connection = self.generation + 1, self.connection, None
+        _close(kept)
 
     def run(self, timeout: float, query: Callable[[Any, float], str],
             loop: asyncio.AbstractEventLoop | None = None) -> str:
-        """Query the kept connection, or a fresh one; a kept one that died idle earns one
-        fresh try; a ``TimeoutError`` is never retried."""
+        """Query the kept connection or a fresh one; one fresh try if it died idle (no timeout)."""
         with self.lock:
             connection, self.connection = self.connection, None
             generation, stale = self.generation, None
@@ -93,23 +86,21 @@ class _Probe:
         _close(stale)
         while True:
             fresh = connection is None
-            if fresh:
-                connection = self.open()
+            connection = self.open() if fresh else connection
             try:
                 version = query(connection, timeout)
+                with self.lock:  # keep it, unless disposed meanwhile
+                    if generation == self.generation and self.connection is None:
+                        self.connection, connection = connection, None
+                return version
             except Exception as exc:
-                _close(connection)
                 if fresh or isinstance(exc, TimeoutError):
                     raise
-                connection = None
-                continue
-            with self.lock:  # keep it, unless disposed meanwhile
-                if generation == self.generation and self.connection is None:
-                    self.connection, connection = connection, None
-            _close(connection)
-            return version
+            finally:
+                _close(connection)  # unless kept
+            connection = None
 
-    def run_sync(self, future: concurrent.futures.Future[str], timeout: float) -> None:
+    def run_sync(self, future: futures.Future[str], timeout: float) -> None:
         try:
             future.set_result(self.run(timeout, _query_sync))
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
@@ -120,7 +111,7 @@ class _Probe:
             return self.connect()
         except Exception as exc:
             error = translate_error(exc)
-            if isinstance(error, ConnectionLostError):  # nothing was open to lose
+            if isinstance(error, errors.ConnectionLostError):  # nothing was open to lose
                 error = DatabaseUnavailableError(str(error), sqlstate=error.sqlstate)
             raise error from exc
 
@@ -134,26 +125,22 @@ def _close(connection: Any) -> None:
             connection.close()
 
 
-def _outcome(done: bool, future: Any, engine: Engine, timeout: float) -> str:
+def _outcome(done: bool, future: Any, engine: Engine | AsyncEngine, timeout: float) -> str:
     """The shared probe's result for one caller, or its error as a labkit error."""
     exc = future.exception() if done else TimeoutError(f"no answer within {timeout:g} s")
-    if exc is None:
-        return str(future.result())
     if isinstance(exc, TimeoutError):
         raise DatabaseUnavailableError(
-            f"the database did not answer the health check within {timeout:g} s (server hung "
-            "or overloaded, or the network drops packets)") from exc
-    if isinstance(exc, LabkitError):
-        raise exc
-    raise translate_error(exc, secrets=[engine.url.password]) from exc
+            f"the database did not answer the health check within {timeout:g} s") from exc
+    if exc is not None:  # labkit errors pass as they are; others get theirs as __cause__
+        raise translate_error(exc, secrets=[engine.url.password])
+    return str(future.result())
 
 
 def _query_sync(connection: Any, timeout: float) -> str:
     connection.autocommit = True
     ticket = watchdog.arm(connection.fileno(), timeout)  # cuts the socket at the deadline
     try:
-        with connection.cursor() as cursor:
-            # SET LOCAL: the server cancels a merely slow probe and nothing stays behind.
+        with connection.cursor() as cursor:  # SET LOCAL: the server cancels a slow probe
             cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}; "
                            f"{_VERSION_SQL}")
             return str(cursor.fetchone()[0])
@@ -168,19 +155,17 @@ def check_database(engine: Engine, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     with probe.lock:
         future = probe.pending
         if future is None or future.done():
-            future = probe.pending = concurrent.futures.Future()
+            future = probe.pending = futures.Future()
             threading.Thread(target=probe.run_sync, args=(future, timeout), daemon=True,
                              name="labkit-health").start()
-    done, _ = concurrent.futures.wait({future}, timeout=timeout)
-    return _outcome(bool(done), future, engine, timeout)
+    return _outcome(bool(futures.wait({future}, timeout=timeout).done), future, engine, timeout)
 
 
 def _query_async(connection: Any, timeout: float) -> str:  # asyncpg's timeout: TimeoutError
     return str(await_(connection.driver_connection.fetchval(_VERSION_SQL, timeout=timeout)))
 
 
-async def async_check_database(engine: AsyncEngine, *,
-                               timeout: float = DEFAULT_TIMEOUT) -> str:
+async def async_check_database(engine: AsyncEngine, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """Async twin of ``check_database``: returns at the deadline, never later."""
     probe = _Probe.of(engine.sync_engine, timeout)
     task = probe.pending
@@ -188,43 +173,33 @@ async def async_check_database(engine: AsyncEngine, *,
         task = probe.pending = asyncio.ensure_future(greenlet_spawn(
             probe.run, timeout, _query_async, asyncio.get_running_loop()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    return _outcome(bool(done), task, engine.sync_engine, timeout)
+    return _outcome(bool((await asyncio.wait({task}, timeout=timeout))[0]), task, engine, timeout)
 
 
-def _report(engine: Engine, start: float, timeout: float, version: str | None,
-            exc: LabkitError | None) -> HealthReport:
-    latency_ms = round((time.perf_counter() - start) * 1000.0, 3)
-    pool: Any = engine.pool
-    snapshot = {"class": type(pool).__name__, **{n: getattr(pool, n)() for n in (
-        "size", "checkedin", "checkedout", "overflow") if callable(getattr(pool, n, None))}}
-    limit = _private.max_overflow(pool)
-    saturated = limit is not None and limit >= 0 and \
-        snapshot.get("checkedout", 0) >= snapshot.get("size", 0) + limit
-    error = message = None
-    if exc is not None:
+def _report(engine: Engine, timeout: float, check: Callable[[], str]) -> HealthReport:
+    start, version, error, message = time.perf_counter(), None, None, None
+    try:
+        version = check()
+    except LabkitError as exc:
         error, message = type(exc).__name__, redact(str(exc), [engine.url.password])
-        logger.warning("health check failed after %.1f ms: %s: %s", latency_ms, error, message)
-    return HealthReport(ok=exc is None, latency_ms=latency_ms, server_version=version,
-                        error=error, message=message, timeout_s=timeout, pool=snapshot,
-                        pool_saturated=saturated)
+    ms = round((time.perf_counter() - start) * 1000.0, 3)
+    if error is not None:
+        logger.warning("health check failed after %.1f ms: %s: %s", ms, error, message)
+    pool, limit = engine.pool, _private.max_overflow(engine.pool)
+    state = {"class": type(pool).__name__, **{n: getattr(pool, n)() for n in (
+        "size", "checkedin", "checkedout", "overflow") if callable(getattr(pool, n, None))}}
+    full = limit is not None and 0 <= limit <= state.get("checkedout", 0) - state.get("size", 0)
+    return HealthReport(ok=error is None, latency_ms=ms, server_version=version, error=error,
+                        message=message, timeout_s=timeout, pool=state, pool_saturated=full)
 
 
 def health_check(engine: Engine, *, timeout: float = DEFAULT_TIMEOUT) -> HealthReport:
     """Probe the database and return a ``HealthReport``; never raises for database errors."""
-    start = time.perf_counter()
-    try:
-        return _report(engine, start, timeout, check_database(engine, timeout=timeout), None)
-    except LabkitError as exc:
-        return _report(engine, start, timeout, None, exc)
+    return _report(engine, timeout, lambda: check_database(engine, timeout=timeout))
 
 
 async def async_health_check(engine: AsyncEngine, *,
                              timeout: float = DEFAULT_TIMEOUT) -> HealthReport:
-    """Async twin of ``health_check``."""
-    start = time.perf_counter()
-    try:
-        version = await async_check_database(engine, timeout=timeout)
-        return _report(engine.sync_engine, start, timeout, version, None)
-    except LabkitError as exc:
-        return _report(engine.sync_engine, start, timeout, None, exc)
+    """Async twin of ``health_check`` (the check awaited from a greenlet)."""
+    return await greenlet_spawn(_report, engine.sync_engine, timeout, lambda: await_(
+        async_check_database(engine, timeout=timeout)))

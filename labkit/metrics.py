@@ -1,61 +1,48 @@
-"""Pool metrics from SQLAlchemy's pool events: counters, gauges and checkout waits.
-
-Counters count since ``attach`` or the last ``pop_stats()``; gauges are read when asked. The
-checkout wait (ms) is timed by labkit's pool classes (``timed_pool_class``): 0 on other
-engines. Listeners sit on the (sync) ``Engine``, so they survive ``dispose()``.
-"""
+"""Pool metrics from pool events: counters, gauges, checkout waits in ms (labkit's engines only)."""
 
 from __future__ import annotations
 
 import functools
-import threading
 import time
 import weakref
-from collections import Counter
+from threading import Lock
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy import pool as sa_pool
-from sqlalchemy.engine import Engine
+from sqlalchemy import Engine, Pool, QueuePool, StaticPool, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["CHECKINS", "CHECKOUTS", "CHECKOUT_ERRORS", "CHECKOUT_WAIT_MS_MAX",
            "CHECKOUT_WAIT_MS_TOTAL", "CLOSES", "CONNECTS", "IDLE", "INVALIDATIONS", "IN_USE",
            "OVERFLOW", "POOL_SIZE", "PoolMetrics", "timed_pool_class"]
 
-CONNECTS, CLOSES = "connects", "closes"          # DBAPI connections opened / closed
-CHECKOUTS, CHECKINS = "checkouts", "checkins"    # lent out by the pool / given back
-INVALIDATIONS = "invalidations"                  # discarded as broken
-CHECKOUT_ERRORS = "checkout_errors"              # checkouts that raised (timeout, connect)
+CONNECTS, CLOSES, CHECKOUTS, CHECKINS = "connects", "closes", "checkouts", "checkins"
+INVALIDATIONS, CHECKOUT_ERRORS = "invalidations", "checkout_errors"  # broken; checkouts that raised
 CHECKOUT_WAIT_MS_TOTAL, CHECKOUT_WAIT_MS_MAX = "checkout_wait_ms_total", "checkout_wait_ms_max"
 IN_USE, IDLE, OVERFLOW, POOL_SIZE = "in_use", "idle", "overflow", "pool_size"  # gauges
 _COUNTERS = (CONNECTS, CLOSES, CHECKOUTS, CHECKINS, INVALIDATIONS, CHECKOUT_ERRORS)
-_EVENTS = (("connect", CONNECTS), ("close", CLOSES), ("checkout", CHECKOUTS),
-           ("checkin", CHECKINS), ("invalidate", INVALIDATIONS))
+_EVENTS = tuple(zip(("connect", "close", "checkout", "checkin", "invalidate"), _COUNTERS[:5]))
 
 
 class PoolMetrics:
     """Collect one engine's pool events; thread-safe, cheap enough to leave on.
-
     On engines not made by labkit, attach before the engine serves traffic."""
 
     def __init__(self, engine: Engine, *, keep_waits: bool = False) -> None:
-        self.engine, self.keep_waits, self._lock = engine, keep_waits, threading.Lock()
+        self.engine, self.keep_waits, self._lock, self._out = engine, keep_waits, Lock(), 0
         self.reset()
-        self._out = 0  # checkouts - checkins since attach: in_use on non-queue pools
         self._listeners = [(name, lambda *_, key=key: self.count(key)) for name, key in _EVENTS]
 
     @classmethod
     def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
         """Start collecting for ``engine`` (sync or async); ``keep_waits`` keeps each wait."""
-        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        metrics = cls(sync_engine, keep_waits=keep_waits)
-        collectors = getattr(sync_engine.pool, "labkit_collectors", None)
+        metrics = cls(engine.sync_engine if isinstance(engine, AsyncEngine) else engine,
+                      keep_waits=keep_waits)
+        collectors = getattr(metrics.engine.pool, "labkit_collectors", None)
         if collectors is not None:
             collectors.add(metrics)  # labkit's engine fans its events out
         else:
             for name, fn in metrics._listeners:
-                event.listen(sync_engine, name, fn)
+                event.listen(metrics.engine, name, fn)
         return metrics
 
     def detach(self) -> None:
@@ -73,39 +60,34 @@ class PoolMetrics:
 
     def reset(self) -> None:
         """Zero the counters and forget kept waits."""
-        with self._lock:
-            self._counts: Counter[str] = Counter()
-            self._wait_total = self._wait_max = 0.0
+        with self._lock:  # the counters (int), then the waits' total and max (float)
+            self._counts: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+            self._counts.update(dict.fromkeys((CHECKOUT_WAIT_MS_TOTAL, CHECKOUT_WAIT_MS_MAX), 0.0))
             self._waits_ms: list[float] = []
 
     def record_wait(self, ms: float, *, failed: bool) -> None:
         """Record one checkout's wait (called by labkit's pool classes)."""
         with self._lock:
             self._counts[CHECKOUT_ERRORS] += failed
-            self._wait_total += ms
-            self._wait_max = max(self._wait_max, ms)
+            self._counts[CHECKOUT_WAIT_MS_TOTAL] += ms
+            self._counts[CHECKOUT_WAIT_MS_MAX] = max(self._counts[CHECKOUT_WAIT_MS_MAX], ms)
             if self.keep_waits:
                 self._waits_ms.append(ms)
 
     def gauges(self) -> dict[str, int]:
         """The pool's current state: in use, idle, overflow, size (never reset)."""
-        pool = self.engine.pool
-        if isinstance(pool, sa_pool.QueuePool):
+        pool, lent = self.engine.pool, getattr(self.engine.pool, "labkit_lent", None)
+        if isinstance(pool, QueuePool):
             return {IN_USE: pool.checkedout(), IDLE: pool.checkedin(),
                     OVERFLOW: max(pool.overflow(), 0), POOL_SIZE: pool.size()}
-        lent = getattr(pool, "labkit_lent", None)
-        with self._lock:  # labkit's pools count what they lend; others: events since attach
-            in_use = (sum(1 for c in list(lent) if c.dbapi_connection is not None)
-                      if lent is not None else max(self._out, 0))
-            return {IN_USE: in_use, IDLE: 0, OVERFLOW: 0,
-                    POOL_SIZE: 1 if isinstance(pool, sa_pool.StaticPool) else 0}
+        in_use = max(self._out, 0) if lent is None else sum(  # labkit's pools count what they
+            c.dbapi_connection is not None for c in list(lent))  # lend; others: events since attach
+        return {IN_USE: in_use, IDLE: 0, OVERFLOW: 0, POOL_SIZE: int(isinstance(pool, StaticPool))}
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges as one flat dict (waits in ms)."""
         with self._lock:
-            data: dict[str, Any] = {key: self._counts[key] for key in _COUNTERS}
-            data[CHECKOUT_WAIT_MS_TOTAL] = round(self._wait_total, 3)
-            data[CHECKOUT_WAIT_MS_MAX] = round(self._wait_max, 3)
+            data = {key: round(value, 3) for key, value in self._counts.items()}
         return {**data, **self.gauges()}
 
     def pop_stats(self) -> dict[str, Any]:
@@ -121,16 +103,13 @@ class PoolMetrics:
 
 
 class _Timed:
-    """Pool mixin: time ``connect()`` (a checkout) for the attached collectors, and keep
-    the connections lent out by pools that cannot count them (NullPool, StaticPool)."""
-
-    labkit_collectors: weakref.WeakSet[PoolMetrics]
-    labkit_lent: weakref.WeakSet[Any] | None
+    """Pool mixin: time checkouts; keep what NullPool and StaticPool lend (they cannot count)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.labkit_collectors = weakref.WeakSet()
-        self.labkit_lent = None if isinstance(self, sa_pool.QueuePool) else weakref.WeakSet()
+        self.labkit_collectors: weakref.WeakSet[PoolMetrics] = weakref.WeakSet()
+        self.labkit_lent: weakref.WeakSet[Any] | None = (
+            None if isinstance(self, QueuePool) else weakref.WeakSet())
 
     def connect(self) -> Any:
         start, connection = (time.perf_counter() if self.labkit_collectors else None), None
@@ -152,7 +131,7 @@ class _Timed:
 
 
 @functools.cache
-def timed_pool_class(pool_class: type[sa_pool.Pool]) -> type[sa_pool.Pool]:
+def timed_pool_class(pool_class: type[Pool]) -> type[Pool]:
     """Return ``pool_class`` with checkout timing: a cached subclass of the same name."""
     return type(pool_class.__name__, (_Timed, pool_class), {})
 
