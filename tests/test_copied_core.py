@@ -68,9 +68,11 @@ def test_the_core_renamed_myapp_db_passes_the_cores_behaviour_tests(
     # Nothing of labkit is importable there: the copy stands alone.
     assert subprocess.run([python, "-c", "import labkit"], env=env, cwd=tmp_path,
                           capture_output=True).returncode != 0
+    # --basetemp: a second pytest session must not reset /tmp/pytest-of-<user>, where the
+    # outer session's throwaway servers live.
     result = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-         str(tests)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+         "--basetemp", str(tmp_path / "inner"), str(tests)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", result.stdout).group(1))  # type: ignore[union-attr]
     collected = subprocess.run(
