@@ -14,7 +14,6 @@ import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from labkit import Settings, TEST_POOL, create_async_engine, create_engine
 from labkit.errors import LabkitError, is_database_error, translate_error
 from labkit.lab import LocalServer, database_url
+from labkit.lab.faults import throwaway_server as throwaway
 
 # labkit.testing: rollback-per-test fixtures (labkit_session, ...); pytester runs the
 # plugin in pytest sessions of its own (tests/test_testing.py).
@@ -152,13 +152,19 @@ def count_rows(observer: Engine, table: str) -> int:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
-@pytest.fixture(scope="session")
-def throwaway_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A private server for tests that stop or break it; never the shared one."""
-    server = LocalServer(Path(tmp_path_factory.mktemp("pg")) / "server")
-    server.ensure_running()
-    yield server
-    server.destroy()
+@pytest.fixture(scope="module")
+def throwaway_server() -> Iterator[LocalServer]:
+    """A private server for tests that stop or break it; never the shared one.
+
+    One per module, so a module's pauses, stops and roles never reach another's. Its files
+    live in a folder of their own (``/tmp/labkit-throwaway-*``, deleted afterwards), not
+    under pytest's temporary root: every pytest session started on the machine resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, and when the tests run as root the server runs
+    as another user (``labkit-pg``), which then can no longer reach its data directory:
+    ``pg_ctl status`` and ``stop`` fail half-way through the module.
+    """
+    with throwaway() as server:
+        yield server
 
 
 @pytest.fixture

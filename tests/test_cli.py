@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import URL
 
-from labkit.lab import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,20 +43,6 @@ def run_lab(*args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m labkit.lab ...``: the local server's commands."""
     return run_cli(*args, env=env, timeout=timeout, module="labkit.lab")
-
-
-# Servers are kept out of pytest's temporary root: every pytest session that starts on
-# the machine resets /tmp/pytest-of-<user> to mode 0700, after which the server's own
-# user can no longer reach its data directory, ``pg_ctl status`` fails, and ``db down``
-# (LocalServer.stop) quietly leaves the server running.
-
-@pytest.fixture(scope="module")
-def throwaway_server() -> Iterator[LocalServer]:
-    """conftest's private server, under ``/tmp/labkit-throwaway-*`` (see above)."""
-    from labkit.lab.faults import throwaway_server as private_server
-
-    with private_server() as server:
-        yield server
 
 
 @pytest.fixture
@@ -171,6 +157,38 @@ def test_db_commands_on_a_private_server(lab_home):
     assert password not in down.stdout + down.stderr
     assert run_lab("db", "status", env=env).returncode == 1
     run_lab("db", "down", "--destroy", env=env)
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only as root does the server run as another user")
+def test_db_down_never_reports_stopped_while_the_server_still_runs(lab_home):
+    """When the server's user can no longer reach its folder (pytest resets
+    /tmp/pytest-of-<user> to 0700 at every session start), ``db down`` used to print
+    "stopped" and exit 0 with the server still answering; ``--destroy`` deleted its files
+    and left it running, orphaned."""
+    env = {"LABKIT_HOME": str(lab_home)}
+    up = run_lab("db", "up", env=env)
+    assert up.returncode == 0, up.stderr
+    port = int(up.stdout.strip().splitlines()[-1].rsplit(":", 1)[1].split("/")[0])
+    assert _answers(port)
+    try:
+        os.chmod(lab_home.parent, 0o700)  # what pytest does to its temporary root
+        down = run_lab("db", "down", env=env)
+        assert down.returncode == 1, down.stdout + down.stderr
+        assert "Permission denied" in down.stderr and "stopped" not in down.stdout
+        assert _answers(port)  # the error told the truth: the server still runs
+        destroyed = run_lab("db", "down", "--destroy", env=env)
+        assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
+        assert not _answers(port)
+        assert not lab_home.exists()
+    finally:  # never leave a server behind, whatever failed
+        os.chmod(lab_home.parent, 0o711)
+        run_lab("db", "down", "--destroy", env=env)
 
 
 def test_lab_db_usage_errors_exit_2():

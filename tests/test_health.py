@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import URL
@@ -19,20 +18,8 @@ from labkit import (
 )
 from labkit.errors import AuthenticationError
 from labkit.health import async_check_database, check_database
-from labkit.lab import LocalServer, faults
 
 MARGIN = 1.5  # seconds of slack on a noisy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def throwaway_server() -> Iterator[LocalServer]:
-    """Overrides conftest's: a private server in a directory of its own, not under pytest's
-    basetemp. Another pytest session started meanwhile as the same user resets
-    /tmp/pytest-of-<user> to 0700; when tests run as root the server runs as another user,
-    which then cannot reach its data directory, and pg_ctl start/stop/status fail with
-    "Permission denied" halfway through the module."""
-    with faults.throwaway_server() as server:
-        yield server
 
 
 def _url(db_url: URL, **changes) -> URL:

@@ -37,7 +37,7 @@ from labkit import (
 )
 from labkit.deadline import bound_statements
 from labkit.errors import QueryTimeoutError, translate_error
-from labkit.lab import LocalServer, faults
+from labkit.lab import LocalServer
 from labkit.lab.faults import paused
 
 pytestmark = pytest.mark.slow
@@ -45,17 +45,6 @@ pytestmark = pytest.mark.slow
 CONNECT_TIMEOUT = 2.0
 POOL_TIMEOUT = 1.0
 SLACK = 0.5
-
-
-@pytest.fixture(scope="module")
-def throwaway_server() -> Iterator[LocalServer]:
-    """Overrides conftest's: a private server in a directory of its own, not under pytest's
-    basetemp. Another pytest session started meanwhile as the same user resets
-    /tmp/pytest-of-<user> to 0700; when tests run as root the server runs as another user,
-    which then cannot reach its data directory, and pg_ctl start/stop/status fail with
-    "Permission denied" halfway through the module."""
-    with faults.throwaway_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
@@ -31,23 +30,11 @@ from labkit import (
     run_in_transaction,
     wait_for_database,
 )
-from labkit.lab import LocalServer, faults
 from labkit.lab.faults import connections_exhausted
 from labkit.retry import STARTUP_RETRY, Attempt, async_retry, retry
 from tests.conftest import count_rows
 
 FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05)
-
-
-@pytest.fixture(scope="module")
-def throwaway_server() -> Iterator[LocalServer]:
-    """Overrides conftest's: a private server in a directory of its own, not under pytest's
-    basetemp. Another pytest session started meanwhile as the same user resets
-    /tmp/pytest-of-<user> to 0700; when tests run as root the server runs as another user,
-    which then cannot reach its data directory, and pg_ctl start/stop/status fail with
-    "Permission denied" halfway through the module."""
-    with faults.throwaway_server() as server:
-        yield server
 
 
 def test_delays_grow_exponentially_with_bounded_jitter():

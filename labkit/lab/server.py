@@ -59,6 +59,7 @@ DATABASE = "labkit"
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
+PG_CTL_NOT_RUNNING = 3  # pg_ctl status: 0 running, 3 not running, 4 no accessible data dir
 
 # Settings that keep a learning server small and fast on a 2-core machine; durability
 # settings stay at PostgreSQL's defaults because the notebooks measure commit cost.
@@ -240,11 +241,23 @@ class LocalServer:
         )
 
     def status(self) -> Status:
-        """Return ``not-initialized``, ``stopped`` or ``running`` (asks ``pg_ctl``)."""
+        """Return ``not-initialized``, ``stopped`` or ``running`` (asks ``pg_ctl``).
+
+        Raises ``ClusterError`` when ``pg_ctl`` cannot tell, e.g. when the server's user can
+        no longer reach the data directory (a parent folder's mode changed): "stopped" would
+        be a guess, and ``stop`` would return with the server still running.
+        """
         if not (self.data_dir / "PG_VERSION").exists() or not self._read_state():
             return "not-initialized"
         proc = self._run(["pg_ctl", "status", "-D", str(self.data_dir)], check=False)
-        return "running" if proc.returncode == 0 else "stopped"
+        if proc.returncode == 0:
+            return "running"
+        if proc.returncode == PG_CTL_NOT_RUNNING:
+            return "stopped"
+        raise ClusterError(
+            f"pg_ctl status could not tell whether the server under {self.data_dir} runs "
+            f"(can its user, {self._run_as() or 'the current user'}, reach that folder?)",
+            returncode=proc.returncode, output=proc.stdout)
 
     def postmaster_pid(self) -> int | None:
         """Return the PID of the running postmaster, or ``None``."""
@@ -375,12 +388,18 @@ class LocalServer:
             return self.start(timeout=timeout)
 
     def stop(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
-        """Stop the server; ``fast`` rolls back sessions, ``immediate`` crashes it on purpose."""
-        if self.status() != "running":
-            return
-        self.resume()
-        self._run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w",
-                   "-t", str(int(STOP_TIMEOUT))], timeout=STOP_TIMEOUT + 10)
+        """Stop the server; ``fast`` rolls back sessions, ``immediate`` crashes it on purpose.
+
+        Returns only once the postmaster has exited; raises ``ClusterError`` otherwise.
+        """
+        pid = self.postmaster_pid()
+        if self.status() == "running":
+            self.resume()
+            self._run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w",
+                       "-t", str(int(STOP_TIMEOUT))], timeout=STOP_TIMEOUT + 10)
+        if pid is not None and not _wait_exited(pid, self.data_dir, timeout=5.0):
+            raise ClusterError(f"the server under {self.data_dir} (pid {pid}) is still running "
+                               f"after pg_ctl stop; see {self.log_file}")
 
     def restart(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> ServerInfo:
         """Stop and start again on the same port."""
@@ -397,9 +416,17 @@ class LocalServer:
         self._signal_all(signal.SIGCONT)
 
     def destroy(self) -> None:
-        """Stop the server and delete its files."""
-        with contextlib.suppress(ClusterError):
+        """Stop the server and delete its files.
+
+        Should ``pg_ctl`` fail, the postmaster is shut down by signal (SIGQUIT, then
+        SIGKILL): deleting the files of a running server would leave it running, orphaned.
+        """
+        pid = self.postmaster_pid()
+        try:
             self.stop("immediate")
+        except ClusterError:
+            if pid is not None:
+                _kill_postmaster(pid, self.data_dir)
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------
@@ -458,6 +485,43 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def _postmaster_alive(pid: int, data_dir: Path) -> bool:
+    """Return True while process ``pid`` is the postmaster of ``data_dir`` (not a reused pid)."""
+    try:
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and os.fsencode(str(data_dir)) in cmdline
+
+
+def _wait_exited(pid: int, data_dir: Path, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the postmaster ``pid`` to exit; return whether it did.
+
+    ``pg_ctl stop -w`` returns once the pid file is gone, which the postmaster deletes just
+    before it exits.
+    """
+    deadline = time.monotonic() + timeout
+    while _postmaster_alive(pid, data_dir):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _kill_postmaster(pid: int, data_dir: Path, timeout: float = 10.0) -> None:
+    """Shut the postmaster down by signal: SIGQUIT (immediate), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGCONT, 0.0), (signal.SIGQUIT, timeout), (signal.SIGKILL, timeout)):
+        if not _postmaster_alive(pid, data_dir):
+            return
+        for p in [*_children(pid), pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        if _wait_exited(pid, data_dir, timeout=wait):
+            return
+    logger.warning("the server under %s (pid %d) did not exit", data_dir, pid)
 
 
 def _quote_opt(value: str) -> str:
