@@ -12,6 +12,7 @@ settings: the lifespan does that when the server starts.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -58,26 +59,24 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DatabaseError, database_error)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The sync application; ``settings`` default to ``Settings.from_env()`` at start-up."""
-    app = FastAPI(title="labkit example", lifespan=lifespan)
+def _app(title: str, lifespan_: Any, routers: Any, settings: Settings | None) -> FastAPI:
+    app = FastAPI(title=title, lifespan=lifespan_)
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(metrics_routes.router)
-    for router in routes.routers:
+    for router in routers:
         app.include_router(router)
     return app
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The sync application; ``settings`` default to ``Settings.from_env()`` at start-up."""
+    return _app("labkit example", lifespan, routes.routers, settings)
 
 
 def create_async_app(settings: Settings | None = None) -> FastAPI:
     """The async twin of ``create_app``: ``AsyncSessionManager``, asyncpg."""
-    app = FastAPI(title="labkit example (async)", lifespan=async_lifespan)
-    app.state.settings = settings
-    install_error_handlers(app)
-    app.include_router(metrics_routes.router)
-    for router in async_routes.routers:
-        app.include_router(router)
-    return app
+    return _app("labkit example (async)", async_lifespan, async_routes.routers, settings)
 
 
 app = create_app()
