@@ -843,14 +843,10 @@ def _sync_cost_block(url: URL, block: int, name: str, sides: Sequence[str], rng:
             keys = random.Random(keyseed)
             op = ops[client]
             calls[client] = count_calls(lambda: op(keys.randint(1, ROWS)), calls_n)
-        # CPU time of this thread, one transaction at a time, the sides alternating
-        # A B B A A B ...: a burst of load from elsewhere falls on both alike.
+        # CPU time of this thread, one transaction at a time (_alternating).
         cpu = dict.fromkeys(sides, 0.0)
-        first, second = rng.sample(list(sides), 2)
         clock = time.thread_time
-        for i in range(4 * ((cpu_n + 1) // 2)):
-            key = rng.randint(1, ROWS)
-            client = first if i % 4 in (0, 3) else second
+        for key, client in _alternating(rng, sides, cpu_n):
             op = ops[client]
             t = clock()
             op(key)
@@ -860,6 +856,15 @@ def _sync_cost_block(url: URL, block: int, name: str, sides: Sequence[str], rng:
             if engine is not None:
                 engine.dispose()
     return _cost_records(block, name, sides, calls, cpu, calls_n, cpu_n)
+
+
+def _alternating(rng: random.Random, sides: Sequence[str],
+                 n: int) -> Iterator[tuple[int, str]]:
+    """``(key, client)`` pairs, the two sides alternating A B B A A B ...: a burst of load
+    from elsewhere falls on both alike."""
+    first, second = rng.sample(list(sides), 2)
+    for i in range(4 * ((n + 1) // 2)):
+        yield rng.randint(1, ROWS), (first if i % 4 in (0, 3) else second)
 
 
 async def _async_cost_block(url: URL, block: int, name: str, sides: Sequence[str],
@@ -881,11 +886,8 @@ async def _async_cost_block(url: URL, block: int, name: str, sides: Sequence[str
             calls[client] = await count_calls_async(lambda: op(keys.randint(1, ROWS)),
                                                     calls_n)
         cpu = dict.fromkeys(sides, 0.0)
-        first, second = rng.sample(list(sides), 2)
         clock = time.thread_time
-        for i in range(4 * ((cpu_n + 1) // 2)):
-            key = rng.randint(1, ROWS)
-            client = first if i % 4 in (0, 3) else second
+        for key, client in _alternating(rng, sides, cpu_n):
             op = ops[client]
             t = clock()
             await op(key)
