@@ -11,32 +11,27 @@ from typing import Any
 from sqlalchemy import Engine, Pool, QueuePool, StaticPool, event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["CHECKINS", "CHECKOUTS", "CHECKOUT_ERRORS", "CHECKOUT_WAIT_MS_MAX",
-           "CHECKOUT_WAIT_MS_TOTAL", "CLOSES", "CONNECTS", "IDLE", "INVALIDATIONS", "IN_USE",
-           "OVERFLOW", "POOL_SIZE", "PoolMetrics", "timed_pool_class"]
+__all__ = ["PoolMetrics", "timed_pool_class"]
 
-CONNECTS, CLOSES, CHECKOUTS, CHECKINS = "connects", "closes", "checkouts", "checkins"
-INVALIDATIONS, CHECKOUT_ERRORS = "invalidations", "checkout_errors"  # broken; checkouts that raised
-CHECKOUT_WAIT_MS_TOTAL, CHECKOUT_WAIT_MS_MAX = "checkout_wait_ms_total", "checkout_wait_ms_max"
-IN_USE, IDLE, OVERFLOW, POOL_SIZE = "in_use", "idle", "overflow", "pool_size"  # gauges
-_COUNTERS = (CONNECTS, CLOSES, CHECKOUTS, CHECKINS, INVALIDATIONS, CHECKOUT_ERRORS)
+_COUNTERS = ("connects", "closes", "checkouts", "checkins", "invalidations", "checkout_errors")
 _EVENTS = tuple(zip(("connect", "close", "checkout", "checkin", "invalidate"), _COUNTERS[:5]))
 
 
 class PoolMetrics:
-    """Collect one engine's pool events; thread-safe, cheap enough to leave on.
-    On engines not made by labkit, attach before the engine serves traffic."""
+    """Collect one engine's pool events; thread-safe, cheap enough to leave on. Counters:
+    connects, closes, checkouts, checkins, invalidations (broken connections), checkout_errors
+    (checkouts that raised), checkout_wait_ms_total and _max; gauges: in_use, idle, overflow,
+    pool_size. On engines not made by labkit, attach before the engine serves traffic."""
 
-    def __init__(self, engine: Engine, *, keep_waits: bool = False) -> None:
-        self.engine, self.keep_waits, self._lock, self._out = engine, keep_waits, Lock(), 0
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self._lock, self._out = engine, Lock(), 0
         self.reset()
         self._listeners = [(name, lambda *_, key=key: self.count(key)) for name, key in _EVENTS]
 
     @classmethod
-    def attach(cls, engine: Engine | AsyncEngine, *, keep_waits: bool = False) -> PoolMetrics:
-        """Start collecting for ``engine`` (sync or async); ``keep_waits`` keeps each wait."""
-        metrics = cls(engine.sync_engine if isinstance(engine, AsyncEngine) else engine,
-                      keep_waits=keep_waits)
+    def attach(cls, engine: Engine | AsyncEngine) -> PoolMetrics:
+        """Start collecting for ``engine`` (sync or async)."""
+        metrics = cls(engine.sync_engine if isinstance(engine, AsyncEngine) else engine)
         collectors = getattr(metrics.engine.pool, "labkit_collectors", None)
         if collectors is not None:
             collectors.add(metrics)  # labkit's engine fans its events out
@@ -56,33 +51,31 @@ class PoolMetrics:
         """Count one pool event (called by the engine's listeners)."""
         with self._lock:
             self._counts[key] += 1
-            self._out += 1 if key == CHECKOUTS else -1 if key == CHECKINS else 0
+            self._out += 1 if key == "checkouts" else -1 if key == "checkins" else 0
 
     def reset(self) -> None:
-        """Zero the counters and forget kept waits."""
+        """Zero the counters."""
         with self._lock:  # the counters (int), then the waits' total and max (float)
             self._counts: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
-            self._counts.update(dict.fromkeys((CHECKOUT_WAIT_MS_TOTAL, CHECKOUT_WAIT_MS_MAX), 0.0))
-            self._waits_ms: list[float] = []
+            self._counts.update(checkout_wait_ms_total=0.0, checkout_wait_ms_max=0.0)
 
     def record_wait(self, ms: float, *, failed: bool) -> None:
         """Record one checkout's wait (called by labkit's pool classes)."""
         with self._lock:
-            self._counts[CHECKOUT_ERRORS] += failed
-            self._counts[CHECKOUT_WAIT_MS_TOTAL] += ms
-            self._counts[CHECKOUT_WAIT_MS_MAX] = max(self._counts[CHECKOUT_WAIT_MS_MAX], ms)
-            if self.keep_waits:
-                self._waits_ms.append(ms)
+            self._counts["checkout_errors"] += failed
+            self._counts["checkout_wait_ms_total"] += ms
+            self._counts["checkout_wait_ms_max"] = max(self._counts["checkout_wait_ms_max"], ms)
 
     def gauges(self) -> dict[str, int]:
         """The pool's current state: in use, idle, overflow, size (never reset)."""
         pool, lent = self.engine.pool, getattr(self.engine.pool, "labkit_lent", None)
         if isinstance(pool, QueuePool):
-            return {IN_USE: pool.checkedout(), IDLE: pool.checkedin(),
-                    OVERFLOW: max(pool.overflow(), 0), POOL_SIZE: pool.size()}
+            return {"in_use": pool.checkedout(), "idle": pool.checkedin(),
+                    "overflow": max(pool.overflow(), 0), "pool_size": pool.size()}
         in_use = max(self._out, 0) if lent is None else sum(  # labkit's pools count what they
             c.dbapi_connection is not None for c in list(lent))  # lend; others: events since attach
-        return {IN_USE: in_use, IDLE: 0, OVERFLOW: 0, POOL_SIZE: int(isinstance(pool, StaticPool))}
+        return {"in_use": in_use, "idle": 0, "overflow": 0,
+                "pool_size": int(isinstance(pool, StaticPool))}
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges as one flat dict (waits in ms)."""
@@ -95,11 +88,6 @@ class PoolMetrics:
         data = self.snapshot()
         self.reset()
         return data
-
-    def waits_ms(self) -> list[float]:
-        """Every checkout wait since the last reset, in ms (with ``keep_waits=True``)."""
-        with self._lock:
-            return list(self._waits_ms)
 
 
 class _Timed:

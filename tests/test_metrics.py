@@ -24,6 +24,23 @@ from labkit.errors import translate_error
 from tests.conftest import translated
 
 
+class KeptWaits(PoolMetrics):
+    """``PoolMetrics`` that also keeps each checkout wait: what the tests look at."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.waits: list[float] = []
+
+    def record_wait(self, ms: float, *, failed: bool) -> None:
+        super().record_wait(ms, failed=failed)
+        with self._lock:
+            self.waits.append(ms)
+
+    def waits_ms(self) -> list[float]:
+        with self._lock:
+            return list(self.waits)
+
+
 def test_counts_checkouts_connects_and_in_use(settings):
     engine = create_engine(settings, pool=settings.pool.replace(pool_size=2, max_overflow=1))
     metrics = PoolMetrics.attach(engine)
@@ -64,7 +81,7 @@ def test_overflow_counts_connections_beyond_pool_size(settings):
 def test_exhausted_pool_raises_pool_timeout_error_and_counts_it(settings):
     engine = create_engine(settings, pool=settings.pool.replace(
         pool_size=1, max_overflow=0, pool_timeout=0.3))
-    metrics = PoolMetrics.attach(engine, keep_waits=True)
+    metrics = KeptWaits.attach(engine)
     held = engine.connect()
     with pytest.raises(PoolTimeoutError, match="pool_timeout") as info:
         with translated():
@@ -80,7 +97,7 @@ def test_exhausted_pool_raises_pool_timeout_error_and_counts_it(settings):
 
 def test_listeners_survive_dispose(settings):
     engine = create_engine(settings)
-    metrics = PoolMetrics.attach(engine, keep_waits=True)
+    metrics = KeptWaits.attach(engine)
     with engine.connect():
         pass
     engine.dispose()
@@ -117,7 +134,7 @@ def test_in_use_is_counted_on_null_and_static_pools(settings, poolclass):
     engine = create_engine(settings, pool=pool)
     try:
         early = engine.connect() if poolclass == "null" else None
-        metrics = PoolMetrics.attach(engine, keep_waits=True)
+        metrics = KeptWaits.attach(engine)
         if early is not None:
             assert metrics.snapshot()["in_use"] == 1
             early.close()
@@ -140,7 +157,7 @@ def test_waits_are_measured_only_on_engines_made_by_labkit(settings):
 
     engine = sqlalchemy.create_engine(settings.sync_url, pool_size=1, max_overflow=0)
     try:
-        metrics = PoolMetrics.attach(engine, keep_waits=True)
+        metrics = KeptWaits.attach(engine)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             assert metrics.snapshot()["in_use"] == 1
@@ -152,7 +169,7 @@ def test_waits_are_measured_only_on_engines_made_by_labkit(settings):
 
 
 async def test_async_engine_metrics_count_on_the_sync_engine(async_engine):
-    metrics = PoolMetrics.attach(async_engine, keep_waits=True)
+    metrics = KeptWaits.attach(async_engine)
     async with async_engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
         assert metrics.snapshot()["in_use"] == 1
@@ -222,8 +239,8 @@ def test_every_collector_on_one_engine_records_waits_and_errors(make_engine):
     pool timeout, still do after ``dispose()`` replaced the pool, and detaching one leaves
     the other timing (only the first collector used to time checkouts)."""
     engine = make_engine(ONE_CONNECTION)
-    first = PoolMetrics.attach(engine, keep_waits=True)
-    second = PoolMetrics.attach(engine, keep_waits=True)
+    first = KeptWaits.attach(engine)
+    second = KeptWaits.attach(engine)
     with engine.connect():
         _time_out_a_checkout(engine)
     _assert_saw_timeouts(first, 1)
@@ -250,8 +267,8 @@ def test_detaching_either_collector_leaves_the_other_timing(make_engine, detache
     """Pins: whichever of two collectors detaches (the one that installed the timing or
     the later one), the other keeps recording checkout waits and pool timeouts."""
     engine = make_engine(ONE_CONNECTION)
-    collectors = {"first": PoolMetrics.attach(engine, keep_waits=True),
-                  "second": PoolMetrics.attach(engine, keep_waits=True)}
+    collectors = {"first": KeptWaits.attach(engine),
+                  "second": KeptWaits.attach(engine)}
     collectors.pop(detached).detach()
     (remaining,) = collectors.values()
     with engine.connect():
@@ -268,8 +285,8 @@ async def test_every_collector_on_one_async_engine_records_waits_and_errors(sett
     other timing."""
     engine = create_async_engine(settings, pool=settings.pool.replace(**ONE_CONNECTION))
     try:
-        first = PoolMetrics.attach(engine, keep_waits=True)
-        second = PoolMetrics.attach(engine, keep_waits=True)
+        first = KeptWaits.attach(engine)
+        second = KeptWaits.attach(engine)
         async with engine.connect():
             await _async_time_out_a_checkout(engine)
         _assert_saw_timeouts(first, 1)
@@ -299,7 +316,7 @@ def test_collectors_count_every_checkout_of_concurrent_threads(make_engine):
     checkout and checkin of four threads exactly, and disturb none of them."""
     engine = make_engine({"pool_size": 4, "max_overflow": 0})
     first = PoolMetrics.attach(engine)
-    second = PoolMetrics.attach(engine, keep_waits=True)
+    second = KeptWaits.attach(engine)
     stop = threading.Event()
     done: list[int] = []
     errors: list[BaseException] = []
