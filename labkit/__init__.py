@@ -1,10 +1,8 @@
 """labkit: PostgreSQL connection management for SQLAlchemy, small enough to copy.
 
-The core (config, engine, session, health, retry, errors, metrics) needs SQLAlchemy and
-the drivers only and uses relative imports: copy ``labkit/`` under any name. Optional
-modules beside it: ``web`` (FastAPI dependencies, lifespan managers), ``testing`` (a
-pytest plugin), ``deadline`` (client-side statement deadlines), ``sizing`` (Little's
-law, Erlang C). ``labkit.lab`` is the notebooks' side and never imported here.
+The core needs SQLAlchemy and the drivers only and uses relative imports: copy it under any
+name (docs/recipes/copy.md lists it and the optional modules). ``labkit.lab`` is the
+notebooks' side and never imported here.
 """
 
 from .config import DEVELOPMENT_POOL, PRODUCTION_POOL, TEST_POOL, PoolProfile, Settings

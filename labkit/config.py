@@ -91,13 +91,6 @@ class PoolProfile:
         if self.pool_recycle == 0:
             raise ConfigurationError("pool_recycle must be > 0 seconds or -1 (never), got 0")
 
-    @property
-    def max_connections(self) -> int | None:
-        """Most connections this pool opens at once (``None``: unbounded)."""
-        if self.poolclass != "queue" or self.max_overflow == -1:
-            return 1 if self.poolclass == "static" else None
-        return self.pool_size + self.max_overflow
-
     def replace(self, **changes: Any) -> PoolProfile:
         """Return a copy with some values changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,5 @@
-"""Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings].
-
-One engine per process, made at start-up, shared, ``dispose()``-d at shutdown; overrides
-go to SQLAlchemy: ``create_engine(settings, pool=settings.pool.replace(pool_size=2))``.
-"""
+"""Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings]:
+one engine per process, made at start-up, shared, ``dispose()``-d at shutdown."""
 
 from __future__ import annotations
 
@@ -89,8 +86,9 @@ def _build(factory: Any, url: Any, settings: Settings, pool: PoolProfile | None,
 
 def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
                   **overrides: Any) -> Engine:
-    """Create the sync engine (psycopg2), opening no connection; ``pool`` replaces the
-    profile. With pre-ping, a checkout on a hung server fails within ``connect_timeout``."""
+    """Create the sync engine (psycopg2), opening no connection; ``pool`` replaces the profile,
+    ``overrides`` go to SQLAlchemy. With pre-ping, a checkout on a hung server fails within
+    ``connect_timeout``."""
     return _build(sqlalchemy.create_engine, settings.sync_url, settings, pool, overrides,
                   is_async=False)  # type: ignore[no-any-return]
 

@@ -1,22 +1,5 @@
-"""labkit's exceptions, and the translation of driver errors into them.
-
-```text
-LabkitError
-├── ConfigurationError            the settings or the URL are wrong: fix the configuration
-└── DatabaseError                 the database failed an operation (sqlstate when sent)
-    ├── TransientError            running the whole unit of work again may succeed
-    │   ├── DatabaseUnavailableError   cannot connect: down, unreachable, starting up, full
-    │   ├── ConnectionLostError        an open connection died: restart, kill, network
-    │   ├── PoolTimeoutError           no pooled connection became free in pool_timeout
-    │   ├── QueryTimeoutError          statement_timeout, lock_timeout or a client deadline
-    │   └── SerializationError         serialization failure or deadlock: run it again
-    ├── CommitOutcomeUnknownError      the answer to COMMIT was lost: stored or not, unknown
-    ├── AuthenticationError            wrong user or password, or pg_hba.conf refused
-    ├── IntegrityError                 a constraint rejected the data
-    ├── ProgrammingError               the SQL, its data or the transaction state is wrong
-    └── RetryExhaustedError            a retry policy ran out; last_error says why
-```
-"""
+"""labkit's exceptions (the tree: docs/concepts/failures.md) and the translation of driver
+errors into them: the class says what to do, ``sqlstate`` exactly what happened."""
 
 from __future__ import annotations
 
@@ -121,15 +104,11 @@ _HINTS: dict[type[DatabaseError] | str, str] = {
     IntegrityError: "A constraint rejected the data (unique, foreign key, not null or check).",
     ProgrammingError: "The SQL or its data is wrong: syntax, no such table or column, a bad value.",
     DatabaseError: "The database reported an error.",
-    "08P01": "Client and server disagree on the wire protocol (a proxy or pooler between?).",
     "25006": "Read-only: this server is a replica (after a failover?). Connect to the primary.",
     "25P02": "An earlier statement failed: ROLLBACK, or put a savepoint (begin_nested) around it.",
     "28000": "No such role, or pg_hba.conf has no entry for this host, user and database.",
     "3D000": "The database named in DATABASE_URL does not exist on this server.",
     "40P01": "Deadlock: run the whole transaction again; take row locks in one consistent order.",
-    "42501": "Permission denied: the role lacks a privilege on this object. GRANT it.",
-    "53100": "The server's disk is full. Retrying will not help; read the server's log.",
-    "53200": "The server ran out of memory. Lower work_mem or the connection count.",
     "53300": "Server has no connection slot left: lower pool_size + max_overflow across processes.",
     "55P03": "A lock wait hit lock_timeout or NOWAIT: keep the transactions that hold locks short.",
     "57014": "The statement ran longer than statement_timeout (or was cancelled): make it faster.",

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from .config import Settings
+    from .config import PoolProfile, Settings
 
 __all__ = [
     "ConnectionBudget",
@@ -33,6 +33,7 @@ __all__ = [
     "erlang_b",
     "erlang_c",
     "mean_queue_wait",
+    "pool_max_connections",
     "queue_wait_percentile",
     "recommend_pool",
     "response_time_percentile",
@@ -361,12 +362,19 @@ async def async_check_connection_budget(engine: AsyncEngine,
         raise translate_error(exc, secrets=[engine.url.password]) from exc
 
 
+def pool_max_connections(profile: PoolProfile) -> int | None:
+    """Most connections a pool with ``profile`` opens at once (``None``: unbounded)."""
+    if profile.poolclass != "queue" or profile.max_overflow == -1:
+        return 1 if profile.poolclass == "static" else None
+    return profile.pool_size + profile.max_overflow
+
+
 def _budget(conn: Connection, settings: Settings) -> ConnectionBudget:
     available = conn.exec_driver_sql(
         "SELECT current_setting('max_connections')::int"
         " - current_setting('superuser_reserved_connections')::int"
         " - coalesce(current_setting('reserved_connections', true)::int, 0)").scalar_one()
-    limit = settings.pool.max_connections
+    limit = pool_max_connections(settings.pool)
     per_process = None if limit is None else limit + 1
     budget = ConnectionBudget(
         needed=None if per_process is None else per_process * settings.processes,

@@ -18,8 +18,6 @@ _thread: threading.Thread | None = None
 class Ticket:
     """One armed deadline (``deadline`` on ``time.monotonic()``'s clock)."""
 
-    __slots__ = ("active", "deadline", "fileno", "fired")
-
     def __init__(self, fileno: int, deadline: float) -> None:
         self.fileno, self.deadline, self.fired, self.active = fileno, deadline, False, True
 

@@ -42,6 +42,50 @@ def test_the_core_files_are_the_expected_modules():
     assert "lab" not in CORE_MODULES
 
 
+# --- the copy recipe's two tables: the required core and the optional modules ----------
+
+RECIPE = ROOT / "docs" / "recipes" / "copy.md"
+MAX_REQUIRED_LINES = 1_500
+
+
+def recipe_tables() -> tuple[dict[str, int], dict[str, int]]:
+    """``{file: lines}`` of the recipe's required-core table, then its optional table."""
+    text = RECIPE.read_text(encoding="utf-8")
+    required, optional = text.split("## The optional modules", 1)
+    row = re.compile(r"^\| `(\w+)\.py` \| (\d[\d,]*) \|", re.M)
+    return ({name: int(n.replace(",", "")) for name, n in row.findall(part)}
+            for part in (required, optional))  # type: ignore[return-value]
+
+
+def test_every_core_file_is_in_the_copy_recipe_once_with_its_line_count():
+    required, optional = recipe_tables()
+    assert not required.keys() & optional.keys()
+    assert set(required) | set(optional) == {path.stem for path in CORE}
+    for name, lines in {**required, **optional}.items():
+        actual = len((ROOT / "labkit" / f"{name}.py").read_text(encoding="utf-8").splitlines())
+        assert lines == actual, f"copy.md says {name}.py has {lines} lines; it has {actual}"
+
+
+def test_the_required_core_is_at_most_1500_lines_and_the_optional_modules_400_each():
+    required, optional = recipe_tables()
+    total = re.search(r"\*\*total\*\* \| \*\*([\d,]+)\*\*", RECIPE.read_text(encoding="utf-8"))
+    assert total is not None and int(total[1].replace(",", "")) == sum(required.values())
+    assert sum(required.values()) <= MAX_REQUIRED_LINES
+    assert {name for name, lines in optional.items() if lines > 450} == set()
+
+
+def test_the_required_core_imports_no_optional_module():
+    required, optional = recipe_tables()
+    for name in required:
+        tree = parse(ROOT / "labkit" / f"{name}.py")
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1
+                    for alias in node.names} | {
+            (node.module or "").split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert not imported & optional.keys(), f"{name}.py imports {imported & optional.keys()}"
+
+
 # --- labkit.__all__ --------------------------------------------------------------------
 
 def test_all_lists_every_public_name_and_nothing_else():

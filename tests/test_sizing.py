@@ -14,11 +14,19 @@ from labkit.sizing import (
     erlang_b,
     erlang_c,
     mean_queue_wait,
+    pool_max_connections,
     queue_wait_percentile,
     recommend_pool,
     response_time_percentile,
     wait_probability,
 )
+
+
+def test_pool_max_connections_is_the_pools_worst_case():
+    assert pool_max_connections(labkit.PRODUCTION_POOL) == 10  # 5 + 5
+    assert pool_max_connections(labkit.TEST_POOL) is None  # NullPool: one per checkout
+    assert pool_max_connections(labkit.PoolProfile(poolclass="static")) == 1
+    assert pool_max_connections(labkit.PoolProfile(max_overflow=-1)) is None
 
 
 def _erlang_c_by_factorials(c: int, a: float) -> float:
