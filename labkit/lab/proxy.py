@@ -1,19 +1,14 @@
-"""Network faults between a client and PostgreSQL: a TCP fault proxy and real partitions.
+"""A TCP fault proxy between a client and PostgreSQL: latency, cuts, lost answers.
 
-Two tools, for two kinds of fault:
-
-- ``FaultProxy`` (no root needed) relays TCP connections to the server through
-  ``127.0.0.1`` and breaks them on demand: added latency, a reset (RST) or a close (FIN)
-  of every open connection, an idle reaper that cuts flows idle longer than N seconds
-  (as a cloud load balancer does), and "forward the request, then drop the reply" (a
-  COMMIT whose answer is lost). It is a userspace program: its kernel ACKs every byte
-  the client sends, so a flow it stops relaying looks *alive* to the client's TCP stack
-  (keepalives and ``tcp_user_timeout`` see nothing wrong).
-- ``NetworkNamespace`` (Linux, root) is a private network namespace with its own
-  loopback, where a throwaway server listens and where nftables rules drop packets *in
-  the kernel*: a real ``partition`` (nothing ACKed, so TCP's own timers run) and an idle
-  reaper (``reaping_idle``) that forgets idle flows the way a NAT or stateful firewall
-  does, silently or with a RST. The host's network is never touched.
+``FaultProxy`` (no root needed) relays TCP connections to the server through
+``127.0.0.1`` and breaks them on demand: added latency, a reset (RST) or a close (FIN)
+of every open connection, an idle reaper that cuts flows idle longer than N seconds
+(as a cloud load balancer does), "forward the request, then drop the reply" (a COMMIT
+whose answer is lost), and a black hole (every flow stops, nobody is told). It is a
+userspace program: its kernel ACKs every byte the client sends and answers its
+keepalive probes, so a flow it stops relaying looks *alive* to the client's TCP stack
+(keepalives and ``tcp_user_timeout`` see nothing wrong). For packets dropped in the
+kernel, see ``labkit.lab.netns``.
 
 ```python
 with FaultProxy(info.host, info.port) as proxy:
@@ -22,6 +17,8 @@ with FaultProxy(info.host, info.port) as proxy:
         ...
     proxy.drop_commit_reply(times=1)      # the next COMMIT is run, its answer lost
     proxy.cut_all("reset")                # RST every relayed connection now
+    with proxy.black_hole():              # every flow goes silent
+        ...
     proxy.get_stats()                     # {"connections": 2, "commits": 1, ...}
 ```
 
@@ -39,19 +36,6 @@ works the same under sync and async clients. Leaving the ``with`` block closes t
 listener and every relayed connection, even when the block raised. An SSL or
 GSS-encrypted session cannot be read: it is relayed as it is, with no fault and no
 latency (the local server has no SSL; libpq and asyncpg fall back to plain TCP).
-
-**Why a namespace, and how threads get into it.** A network namespace is per *thread*
-in Linux, and a socket belongs for its whole life to the namespace of the thread that
-created it. ``NetworkNamespace`` creates one with ``unshare(CLONE_NEWNET)`` in a
-short-lived thread and keeps a file descriptor to it; ``call`` runs a function in a
-fresh thread that first joined it with ``setns`` (Python 3.11 has no ``os.setns``:
-``ctypes``). Processes started from such a thread (``pg_ctl``, ``nft``) are born inside,
-so a ``LocalServer(netns=...)`` listens on the namespace's own ``127.0.0.1``. A sync
-engine passed to ``attach`` opens its connections inside (SQLAlchemy's ``do_connect``
-event), and may then be used from any thread; an asyncio program runs inside with
-``run_async`` (its event loop creates its sockets). No veth pair, no routes, no
-addresses outside loopback; the namespace disappears with its last process and socket,
-and every rule in it with it.
 """
 
 from __future__ import annotations
@@ -59,27 +43,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
-import fcntl
-import json
-import os
 import re
 import selectors
-import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL
 
 __all__ = [
     "COMMITS",
@@ -91,10 +67,7 @@ __all__ = [
     "REQUESTS",
     "Cut",
     "FaultProxy",
-    "NetworkNamespace",
-    "NftTable",
     "Reap",
-    "namespace_unavailable",
 ]
 
 T = TypeVar("T")
@@ -103,7 +76,7 @@ Cut = Literal["reset", "close"]
 """How a fault breaks the client's connection: ``reset`` (RST) or ``close`` (FIN)."""
 
 Reap = Literal["reset", "close", "silent"]
-"""How the proxy's idle reaper ends a flow: RST, FIN, or by forgetting it silently."""
+"""How a fault ends a flow: RST, FIN, or by forgetting it silently (nobody is told)."""
 
 # Keys of get_stats().
 CONNECTIONS = "connections"            # client connections accepted
@@ -146,7 +119,7 @@ class _Rule:
 
     keyword: str
     remaining: int
-    how: Cut
+    how: Reap
 
 
 class _Pipe:
@@ -299,6 +272,8 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._one_way_delay = 0.0
         self._reap: tuple[float, Reap] | None = None
+        self._black_hole = False
+        self._swallowed: set[asyncio.StreamWriter] = set()  # accepted inside a black hole
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -346,6 +321,7 @@ class FaultProxy:
             self._rules.clear()
         self._one_way_delay = 0.0
         self._reap = None
+        self._black_hole = False
 
     @property
     def port(self) -> int:
@@ -427,19 +403,45 @@ class FaultProxy:
         finally:
             self._reap = previous
 
+    @contextlib.contextmanager
+    def black_hole(self) -> Iterator[FaultProxy]:
+        """Stop every flow for the duration of the block, and tell nobody.
+
+        The proxy's imitation of a partition: each relayed connection is forgotten
+        (its server side closed, the client never told), and connections opened during
+        the block are accepted and never relayed. Unlike a partition in the kernel
+        (``labkit.lab.netns``), the proxy's kernel still ACKs what the client sends
+        and answers its keepalive probes, so ``tcp_user_timeout`` and TCP keepalives
+        see a healthy connection; only client-side deadlines end the wait. Flows caught
+        in the block stay dead after it; new connections are relayed again.
+        """
+        async def silence_all() -> int:
+            links = [link for link in self._links if not link.silenced]
+            for link in links:
+                link.silence()
+            return len(links)
+
+        self._black_hole = True
+        try:
+            self._on_loop(silence_all())
+            yield self
+        finally:
+            self._black_hole = False
+
     # --- dropped replies ---------------------------------------------------------------
 
-    def drop_commit_reply(self, times: int = 1, *, how: Cut = "reset") -> None:
-        """Arm: relay the next ``times`` COMMITs, drop the server's answers, cut the client.
+    def drop_commit_reply(self, times: int = 1, *, how: Reap = "reset") -> None:
+        """Arm: relay the next ``times`` COMMITs, drop the server's answers, end the flow.
 
         The server runs each COMMIT and answers; the proxy waits for that answer
         (``ReadyForQuery``), discards it, then resets (``how="reset"``) or closes
-        (``"close"``) the client's connection and closes the server's. The client sees
-        a connection lost during COMMIT; the transaction *is* committed.
+        (``"close"``) the client's connection and closes the server's; or, with
+        ``"silent"``, forgets the flow: the server's side is closed, the client is told
+        nothing and waits. The transaction *is* committed.
         """
         self.drop_reply("COMMIT", times, how=how)
 
-    def drop_reply(self, keyword: str, times: int = 1, *, how: Cut = "reset") -> None:
+    def drop_reply(self, keyword: str, times: int = 1, *, how: Reap = "reset") -> None:
         """Arm the same fault for the next ``times`` statements starting with ``keyword``.
 
         ``keyword`` is a statement's first word, e.g. ``"INSERT"``: the server runs
@@ -449,8 +451,8 @@ class FaultProxy:
         """
         if times < 1:
             raise ValueError(f"times must be >= 1, got {times}")
-        if how not in ("reset", "close"):
-            raise ValueError(f"how must be 'reset' or 'close', got {how!r}")
+        if how not in ("reset", "close", "silent"):
+            raise ValueError(f"how must be 'reset', 'close' or 'silent', got {how!r}")
         with self._lock:
             self._rules.append(_Rule(keyword.upper(), times, how))
 
@@ -535,6 +537,8 @@ class FaultProxy:
         finally:
             reaper.cancel()
             server.close()
+            for swallowed in list(self._swallowed):
+                swallowed.close()
             for link in list(self._links):
                 link.cut("close")
                 for task in link.tasks:
@@ -563,6 +567,16 @@ class FaultProxy:
     async def _accept(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
         self._count(CONNECTIONS)
+        if self._black_hole:  # accepted, then read and thrown away: the client waits
+            self._swallowed.add(client_writer)
+            try:
+                with contextlib.suppress(ConnectionError, OSError):
+                    while await client_reader.read(_BUFFER):
+                        pass
+            finally:
+                self._swallowed.discard(client_writer)
+                client_writer.close()
+            return
         try:
             server = await asyncio.open_connection(self.server_host, self.server_port)
         except OSError:
@@ -656,6 +670,9 @@ class FaultProxy:
                     await link.to_client.send(kind + size + body)
                 elif kind == b"Z":  # ReadyForQuery: the server has finished the statement
                     self._count(REPLIES_DROPPED)
+                    if rule.how == "silent":
+                        link.silence()
+                        return
                     self._count(CUTS)
                     link.cut(rule.how)
                     return
@@ -678,320 +695,3 @@ class FaultProxy:
 
 def _precise_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(selectors.SelectSelector())
-
-
-# --- network namespaces ------------------------------------------------------------------
-
-_CLONE_NEWNET = 0x40000000
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-_IFREQ = "16sh22x"  # struct ifreq: the interface name, then the flags (40 bytes)
-_CONNTRACK = "/proc/sys/net/netfilter"
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def namespace_unavailable() -> str | None:
-    """Return why ``NetworkNamespace`` cannot work here, or ``None`` when it can.
-
-    It needs Linux, root (``CAP_SYS_ADMIN`` to create the namespace, ``CAP_NET_ADMIN``
-    for its rules) and the ``nft`` command (Debian package ``nftables``). The check
-    creates a namespace and throws it away.
-    """
-    if not sys.platform.startswith("linux"):
-        return f"network namespaces are Linux-only (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return "network namespaces and nftables rules need root (CI runs as root)"
-    if _nft() is None:
-        return "the nft command is missing: apt-get install nftables (make system-tools)"
-    try:
-        with NetworkNamespace():
-            pass
-    except OSError as exc:
-        return f"cannot create a network namespace here: {exc}"
-    return None
-
-
-@dataclass(frozen=True)
-class NftTable:
-    """An nftables table a fault installed in a namespace; ``dropped()`` reads its counters."""
-
-    namespace: NetworkNamespace
-    name: str
-
-    def dropped(self) -> int:
-        """Return how many packets the table's rules have dropped or rejected so far."""
-        out = self.namespace.nft(f"list table inet {self.name}", json_output=True)
-        total = 0
-        for item in json.loads(out).get("nftables", []):
-            for expr in item.get("rule", {}).get("expr", []):
-                if "counter" in expr:
-                    total += int(expr["counter"]["packets"])
-        return total
-
-
-class NetworkNamespace:
-    """A private network namespace (its own loopback) that threads can enter.
-
-    Linux and root only (``namespace_unavailable`` says whether it works here).
-    Everything runs on the namespace's ``127.0.0.1``; the host's network and firewall
-    are never touched. Use it as a context manager:
-
-    ```python
-    with NetworkNamespace() as ns, throwaway_server(netns=ns) as server:
-        engine = ns.attach(create_engine(Settings(url=server.info().url())))
-        with ns.partition(server.info().port):
-            ...                            # every packet to or from the server dropped
-    ```
-
-    Leaving the block closes the namespace's file descriptor: the namespace and every
-    rule in it disappear once its last process (the server) and socket are gone.
-    """
-
-    def __init__(self) -> None:
-        self._fd: int | None = None
-        self._inode: int | None = None
-        self._tables = 0
-
-    def __repr__(self) -> str:
-        state = f"net:[{self._inode}]" if self._inode is not None else "closed"
-        return f"<NetworkNamespace {state}>"
-
-    def __enter__(self) -> NetworkNamespace:
-        self.open()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def open(self) -> NetworkNamespace:
-        """Create the namespace and bring its loopback up."""
-        if self._fd is not None:
-            raise RuntimeError("NetworkNamespace already open")
-        box: dict[str, Any] = {}
-
-        def create() -> None:
-            # unshare() moves only this thread, which ends right after: the namespace
-            # lives on through the file descriptor.
-            try:
-                if _libc().unshare(_CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"unshare(CLONE_NEWNET): {os.strerror(errno)}")
-                box["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-                _loopback_up()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = exc
-
-        worker = threading.Thread(target=create, name="labkit-netns-create", daemon=True)
-        worker.start()
-        worker.join()
-        if "error" in box:
-            if "fd" in box:
-                os.close(box["fd"])
-            raise box["error"]
-        self._fd = int(box["fd"])
-        self._inode = os.fstat(self._fd).st_ino
-        return self
-
-    def close(self) -> None:
-        """Let the namespace go (it ends with its last process and socket); idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    @property
-    def fd(self) -> int:
-        """The namespace's file descriptor (``/proc/thread-self/ns/net`` when created)."""
-        if self._fd is None:
-            raise RuntimeError("NetworkNamespace is not open: use it as a context manager")
-        return self._fd
-
-    def inside(self) -> bool:
-        """Return True when the calling thread is in this namespace."""
-        return self._inode is not None and \
-            os.stat("/proc/thread-self/ns/net").st_ino == self._inode
-
-    # --- running code inside ----------------------------------------------------------
-
-    def _enter(self) -> None:
-        if _libc().setns(self.fd, _CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"setns(CLONE_NEWNET): {os.strerror(errno)}")
-
-    def thread(self, target: Callable[..., Any], *args: Any, name: str = "labkit-netns",
-               **kwargs: Any) -> threading.Thread:
-        """Return a (not yet started) daemon thread that runs ``target`` inside."""
-        def run() -> None:
-            self._enter()
-            target(*args, **kwargs)
-
-        return threading.Thread(target=run, name=name, daemon=True)
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in a fresh thread inside; return or raise its outcome.
-
-        Sockets ``fn`` creates belong to the namespace for good, whichever thread uses
-        them later; processes it starts are born inside.
-        """
-        if self.inside():
-            return fn(*args, **kwargs)
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["result"] = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                box["error"] = exc
-
-        worker = self.thread(run, name="labkit-netns-call")
-        worker.start()
-        worker.join()
-        if "error" in box:
-            raise box["error"]
-        if "result" not in box:
-            raise OSError("could not enter the network namespace")
-        return box["result"]  # type: ignore[no-any-return]
-
-    def run_async(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``asyncio.run(fn(*args))`` in a thread inside; return its result.
-
-        An asyncio program creates its sockets on its event loop's thread, so the whole
-        loop runs inside (asyncpg, async engines). From a notebook, whose own loop is
-        running, call it through ``await asyncio.to_thread(ns.run_async, fn)`` or
-        directly (the notebook then waits).
-        """
-        return self.call(lambda: asyncio.run(fn(*args)))  # type: ignore[arg-type]
-
-    def attach(self, engine: Engine) -> Engine:
-        """Make a sync engine open every connection inside; return the engine.
-
-        The connection is opened in a thread inside (SQLAlchemy's ``do_connect``
-        event); once open, any thread can use it. labkit's health probe uses the same
-        connect function, so it connects inside too. For asyncio, use ``run_async``.
-        """
-        if not isinstance(engine, Engine):
-            raise TypeError("attach() takes a sync Engine; run an async engine inside "
-                            "with run_async()")
-
-        @event.listens_for(engine, "do_connect")
-        def connect_inside(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
-            return self.call(dialect.connect, *cargs, **cparams)
-
-        return engine
-
-    # --- rules -----------------------------------------------------------------------
-
-    def run(self, args: list[str], *, input: str | None = None) -> str:
-        """Run a command inside (e.g. ``["ss", "-tn"]``); return its output, raise on failure."""
-        proc = self.call(subprocess.run, args, input=input, capture_output=True, text=True,
-                         check=False)
-        if proc.returncode != 0:
-            raise OSError(f"{' '.join(args)} failed in the namespace ({proc.returncode}): "
-                          f"{proc.stderr.strip()}")
-        return str(proc.stdout)
-
-    def nft(self, script: str, *, json_output: bool = False) -> str:
-        """Run an ``nft`` script inside (e.g. ``"list ruleset"``); return its output.
-
-        ``json_output`` asks for JSON (``nft -j``), for listing commands.
-        """
-        nft = _nft()
-        if nft is None:
-            raise OSError("the nft command is missing: apt-get install nftables")
-        if json_output:
-            return self.run([nft, "-j", *script.split()])
-        return self.run([nft, "-f", "-"], input=script + "\n")
-
-    def _table_name(self, kind: str) -> str:
-        self._tables += 1
-        return f"labkit_{kind}_{self._tables}"
-
-    @contextlib.contextmanager
-    def _table(self, kind: str, chain: str) -> Iterator[NftTable]:
-        name = self._table_name(kind)
-        self.nft(f"table inet {name} {{\n{chain}\n}}")
-        try:
-            yield NftTable(self, name)
-        finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.nft(f"delete table inet {name}")
-
-    @contextlib.contextmanager
-    def partition(self, port: int) -> Iterator[NftTable]:
-        """Drop every TCP packet to or from ``port`` inside, for the duration of the block.
-
-        A real partition: the kernel drops the packets (nothing is ACKed), so the
-        sender's TCP retransmits, keepalive probes go unanswered and
-        ``tcp_user_timeout`` runs; new connections hang in SYN. Packets are dropped on
-        arrival (the ``input`` hook), in both directions. The rule is removed when the
-        block ends, even when it raised; packets in retransmission then get through.
-        """
-        chain = ("  chain input { type filter hook input priority 0; policy accept;\n"
-                 f"    tcp dport {int(port)} counter drop\n"
-                 f"    tcp sport {int(port)} counter drop\n  }}")
-        with self._table("partition", chain) as table:
-            yield table
-
-    @contextlib.contextmanager
-    def reaping_idle(self, port: int, after: int, how: Literal["drop", "reset"] = "drop",
-                     ) -> Iterator[NftTable]:
-        """Forget TCP flows to ``port`` idle for ``after`` seconds, as a NAT or firewall does.
-
-        Connection tracking inside the namespace is set to forget an established flow
-        after ``after`` seconds without a packet and to refuse to pick up a flow it
-        does not know mid-stream; a packet of a forgotten flow is then dropped
-        (``how="drop"``, silent: the sender retransmits into the void) or answered with
-        a RST (``"reset"``). Any packet keeps a flow alive, TCP keepalive probes
-        included. Arm it *before* opening the connections it should watch: flows
-        opened earlier are unknown to it and would be cut at their next packet.
-        The settings and the rule are restored when the block ends.
-        """
-        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
-            raise ValueError(f"after must be a whole number of seconds >= 1, got {after!r}")
-        if how not in ("drop", "reset"):
-            raise ValueError(f"how must be 'drop' or 'reset', got {how!r}")
-        verdict = "drop" if how == "drop" else "reject with tcp reset"
-        chain = ("  chain output { type filter hook output priority 0; policy accept;\n"
-                 f"    tcp dport {int(port)} ct state invalid counter {verdict}\n"
-                 f"    tcp sport {int(port)} ct state invalid counter {verdict}\n  }}")
-        # The table first: its ct rules switch connection tracking on in the namespace.
-        with self._table("reaper", chain) as table:
-            saved = self.call(_set_conntrack, {"nf_conntrack_tcp_timeout_established":
-                                               str(after), "nf_conntrack_tcp_loose": "0"})
-            try:
-                yield table
-            finally:
-                self.call(_set_conntrack, saved)
-
-
-def _nft() -> str | None:
-    """Path of the ``nft`` command (``/usr/sbin`` may be missing from a user's PATH)."""
-    found = shutil.which("nft")
-    if found is None:
-        found = next((path for path in ("/usr/sbin/nft", "/sbin/nft") if os.access(path, os.X_OK)),
-                     None)
-    return found
-
-
-def _loopback_up() -> None:
-    """Bring ``lo`` up in the calling thread's namespace (``ip link set lo up``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack(_IFREQ, b"lo", 0)
-        flags = struct.unpack(_IFREQ, fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | _IFF_UP))
-
-
-def _set_conntrack(values: dict[str, str]) -> dict[str, str]:
-    """Write conntrack settings of the calling thread's namespace; return the old ones."""
-    old: dict[str, str] = {}
-    for name, value in values.items():
-        path = f"{_CONNTRACK}/{name}"
-        with open(path) as fh:
-            old[name] = fh.read().strip()
-        with open(path, "w") as fh:
-            fh.write(value)
-    return old
