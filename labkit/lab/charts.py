@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 if TYPE_CHECKING:
@@ -54,8 +54,15 @@ __all__ = [
     "box_chart",
     "duration_chart",
     "line_chart",
+    "lost_update_chart",
     "outcome_chart",
+    "points_with_model",
+    "pool_size_chart",
+    "ratio_chart",
     "request_timeline",
+    "scaling_chart",
+    "spread_bar_chart",
+    "statement_steps",
     "step_chart",
     "style",
 ]
@@ -847,3 +854,391 @@ def request_timeline(result: LoadResult, *, title: str,
     ax.set_xlabel(xlabel)
     plt.close(fig)
     return fig
+
+
+# -- sessions, lost updates, pool sizes and scaling (notebooks 03, 05, 06) ------------------
+
+
+def _statements_text(statements: Sequence[str]) -> str:
+    """``["INSERT", "SELECT", "SELECT"]`` → ``"INSERT\\nSELECT ×2"``: kinds in order sent."""
+    counts: dict[str, int] = {}
+    for statement in statements:
+        counts[statement] = counts.get(statement, 0) + 1
+    return "\n".join(f"{kind} ×{n}" if n > 1 else kind for kind, n in counts.items())
+
+
+@_styled
+def statement_steps(rows: Mapping[str, Sequence[tuple[str, Sequence[str]]]], *, title: str,
+                    highlight: str | None = None) -> Figure:
+    """What a session sent to the server at each step of the same code, one row per setting.
+
+    Args:
+        rows: ``{setting: [(step, statements sent during it), ...]}``, the same steps in
+            every row (e.g. ``("query", ["INSERT", "SELECT"])``, from a
+            ``before_cursor_execute`` listener).
+        title: The question the chart answers.
+        highlight: A statement kind (``"INSERT"``) whose cells are drawn warm, so the
+            eye finds where it went out.
+
+    Returns:
+        The figure; each row ends with its total count of statements.
+    """
+    names = list(rows)
+    steps = [step for step, _ in rows[names[0]]]
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.95 * len(names)))
+    ys = list(range(len(names)))[::-1]
+    for y, name in zip(ys, names):
+        cells = list(rows[name])
+        for x, (_, statements) in enumerate(cells):
+            marked = highlight is not None and highlight in statements
+            face = ("#FBE3B3" if marked else "#CFE3F2") if statements else "#F2F2F2"
+            edge = (COLORS["waiting"] if marked else COLORS["using"]) if statements else "#DDDDDD"
+            ax.add_patch(Rectangle((x + 0.06, y - 0.36), 0.88, 0.72, facecolor=face,
+                                   edgecolor=edge, linewidth=1.2))
+            ax.text(x + 0.5, y, _statements_text(statements) or "nothing sent", ha="center",
+                    va="center", fontsize=SMALL_PT,
+                    color="#222222" if statements else "#888888",
+                    fontweight="bold" if marked else "normal")
+        total = sum(len(statements) for _, statements in cells)
+        ax.text(len(steps) + 0.1, y, f"{total} statement{'s' if total != 1 else ''}",
+                ha="left", va="center", fontsize=SMALL_PT)
+    ax.set_xlim(0, len(steps) + 1.1)
+    ax.set_ylim(-0.6, len(names) - 0.25)
+    ax.set_xticks([x + 0.5 for x in range(len(steps))], [_wrap(s, 22) for s in steps])
+    ax.xaxis.tick_top()
+    ax.tick_params(axis="x", length=0)
+    ax.set_yticks(ys, [_wrap(name, 26) for name in names])
+    ax.tick_params(axis="y", length=0)
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    _title(fig, title)
+    ax.tick_params(which="both", labelsize=SMALL_PT)
+    plt.close(fig)
+    return fig
+
+
+@_styled
+def lost_update_chart(stored: Mapping[str, int], *, expected: int, title: str,
+                      notes: Mapping[str, str] | None = None,
+                      expected_label: str | None = None) -> Figure:
+    """Horizontal bars of increments stored, the lost ones in red, one bar per approach.
+
+    Args:
+        stored: ``{approach: increments the row holds at the end}``, first on top.
+        expected: Increments made; the gap up to it is what was lost.
+        title: The question the chart answers.
+        notes: Written after each bar's count (e.g. ``"12 retries"``).
+        expected_label: Names the dashed line at ``expected``.
+
+    Returns:
+        The figure.
+    """
+    labels = list(stored)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.6 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        kept = int(stored[label])
+        lost = max(0, expected - kept)
+        ax.barh(y, kept, height=0.6, color=COLORS["ok"] if not lost else COLORS["using"])
+        if lost:
+            ax.barh(y, lost, left=kept, height=0.6, color=_FAILED_FILL,
+                    edgecolor=COLORS["failed"], hatch="////", linewidth=0.8)
+        text = f"{lost} lost" if lost else "none lost"
+        note = (notes or {}).get(label)
+        ax.annotate(text + (f" · {note}" if note else ""), (max(kept, expected), y),
+                    xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=SMALL_PT, color=COLORS["failed"] if lost else "#222222")
+    ax.axvline(expected, linestyle="--", color=COLORS["limit"], linewidth=1.2)
+    ax.annotate(expected_label or f"expected: {expected}", (expected, 1.0),
+                xycoords=("data", "axes fraction"), xytext=(-3, 2), textcoords="offset points",
+                ha="right", va="bottom", fontsize=SMALL_PT, color=COLORS["limit"])
+    ax.set_yticks(ys, [_wrap(label, 30) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.3)
+    ax.set_xlim(0, expected * 1.6)       # room for the notes; no ticks past the expected
+    ax.set_xticks([round(expected * k / 4) for k in range(5)])
+    ax.grid(False, axis="y")
+    return _finish(fig, ax, title, "increments stored in the row", "", legend=False)
+
+
+@_styled
+def pool_size_chart(sizes: Sequence[int], series: Mapping[str, Sequence[float]], *,
+                    title: str, ylabel: str,
+                    spread: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                    models: Mapping[str, Sequence[float]] | None = None,
+                    hlines: Mapping[str, float] | None = None,
+                    vlines: Mapping[str, float] | None = None,
+                    xlabel: str = "pool size (connections)") -> Figure:
+    """Measurements per pool size beside a model, each pool size a labelled tick.
+
+    Sizes spanning a factor of 8 or more are drawn on a base-2 log axis (1, 2, 4 ... 32
+    evenly spaced).
+
+    Args:
+        sizes: The pool sizes measured, ascending.
+        series: ``{name: one value per size}``, measured.
+        title: The question the chart answers.
+        ylabel: Label of the value axis, with its unit.
+        spread: ``{name: (lows, highs)}``: a range around a series (e.g. the quartiles of
+            repeated rounds), drawn as error bars.
+        models: ``{name: one value per size}``, dashed grey.
+        hlines: Limits, dashed and named (``{"target: 10 ms": 10}``).
+        vlines: Pool sizes to mark, dotted and named (``{"server runs 4 at once": 4}``).
+        xlabel: Label of the pool-size axis.
+
+    Returns:
+        The figure.
+    """
+    xs = list(sizes)
+    fig = _line_or_step(False, {name: (xs, ys) for name, ys in series.items()}, title, xlabel,
+                        ylabel, hlines, None, vlines,
+                        {name: (xs, ys) for name, ys in (models or {}).items()},
+                        True, False, 0.0)
+    ax = fig.axes[0]
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    for name, (lows, highs) in (spread or {}).items():
+        mids = [float(v) for v in series[name]]
+        ax.errorbar(xs, mids, yerr=[[m - lo for m, lo in zip(mids, lows)],
+                                    [hi - m for m, hi in zip(mids, highs)]],
+                    fmt="none", ecolor=colors.get(name, COLORS["using"]), capsize=3)
+    if xs[-1] >= 8 * xs[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(xs[0] / 1.3, xs[-1] * 1.3)
+    else:
+        ax.set_xlim(xs[0] - 0.4, xs[-1] + 0.4)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.tick_params(which="both", labelsize=SMALL_PT)
+    return fig
+
+
+@_styled
+def spread_bar_chart(values: Mapping[str, tuple[float, float, float]], *, title: str,
+                     xlabel: str = "", ylabel: str,
+                     colors: Mapping[str, str] | None = None) -> Figure:
+    """Bars of medians with their spread: ``{label: (median, low, high)}``.
+
+    Each bar carries its median above the error bar (e.g. the interquartile range of
+    repeated rounds). Other arguments as for ``bar_chart``.
+
+    Returns:
+        The figure.
+    """
+    labels = list(values)
+    mids = [float(values[k][0]) for k in labels]
+    lows = [float(values[k][1]) for k in labels]
+    highs = [float(values[k][2]) for k in labels]
+    fig, ax = plt.subplots(figsize=_SIZE)
+    xs = list(range(len(labels)))
+    ax.bar(xs, mids, 0.6, color=[(colors or {}).get(k, _CYCLE[0]) for k in labels])
+    ax.errorbar(xs, mids, yerr=[[m - lo for m, lo in zip(mids, lows)],
+                                [hi - m for m, hi in zip(mids, highs)]],
+                fmt="none", ecolor="black", capsize=4, linewidth=1)
+    for x, m, hi in zip(xs, mids, highs):
+        ax.annotate(_fmt(m), (x, hi), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=SMALL_PT)
+    ax.set_xticks(xs, [_wrap(k, max(10, int(60 / max(len(labels), 1)))) for k in labels])
+    ax.grid(False, axis="x")
+    ax.set_ylim(0, max(highs + [1.0]) * 1.15)
+    return _finish(fig, ax, title, xlabel, ylabel, legend=False)
+
+
+@_styled
+def ratio_chart(ratios: Mapping[str, tuple[float, float, float]], *, title: str,
+                xlabel: str = "ratio (log scale; 1 = equal)") -> Figure:
+    """Ratios with their intervals, one row each: ``{label: (median, low, high)}``.
+
+    A log axis (a ratio of 2 and of 0.5 lie equally far from 1), the line at 1 drawn,
+    each row labelled ``median [low–high]``.
+
+    Returns:
+        The figure.
+    """
+    labels = list(ratios)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.6 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    mids = [float(ratios[k][0]) for k in labels]
+    lows = [float(ratios[k][1]) for k in labels]
+    highs = [float(ratios[k][2]) for k in labels]
+    ax.errorbar(mids, ys, xerr=[[m - lo for m, lo in zip(mids, lows)],
+                                [hi - m for m, hi in zip(mids, highs)]],
+                fmt="o", color=COLORS["using"], capsize=4, markersize=7)
+    for m, lo, hi, y in zip(mids, lows, highs, ys):
+        ax.annotate(f"{m:.2f} [{lo:.2f}–{hi:.2f}]", (hi, y), xytext=(6, -3),
+                    textcoords="offset points", fontsize=SMALL_PT)
+    ax.axvline(1.0, color=COLORS["limit"], linewidth=1)
+    ax.set_xscale("log")
+    lo, hi = min(lows) / 1.3, max(highs) * 2.5
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if lo <= t <= hi])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: _fmt(value)))
+    ax.minorticks_off()
+    ax.set_yticks(ys, [_wrap(k, 34) for k in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(False, axis="y")
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+@_styled
+def scaling_chart(levels: Sequence[int], throughput: Mapping[str, Mapping[str, Sequence[float]]],
+                  *, title: str, xlabel: str = "concurrent workers") -> Figure:
+    """Throughput relative to one worker, beside perfect scaling (× workers).
+
+    Args:
+        levels: Worker counts, the first one 1.
+        throughput: ``{kind of work: {stack: throughput per level}}``; one colour per kind
+            of work, one marker and line style per stack.
+        title: The question the chart answers.
+        xlabel: Label of the worker axis.
+
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=_SIZE)
+    xs = list(levels)
+    ax.plot(xs, xs, linestyle="--", color=COLORS["model"], linewidth=1.6,
+            label="perfect scaling: × workers", zorder=1.8)
+    for i, (kind, stacks) in enumerate(throughput.items()):
+        for j, (stack, values) in enumerate(stacks.items()):
+            relative = [float(v) / float(values[0]) for v in values]
+            ax.plot(xs, relative, color=_CYCLE[i % len(_CYCLE)], marker=_MARKERS[j % 2],
+                    markersize=7, linestyle="-" if j % 2 == 0 else ":", linewidth=2.2,
+                    label=f"{kind}, {stack}", zorder=2 + i)
+    ax.set_xticks(xs)
+    ax.set_xlim(0, xs[-1] * 1.05)
+    ax.set_ylim(0, xs[-1] * 1.1)
+    fig = _finish(fig, ax, title, xlabel, "throughput ÷ throughput of 1 worker", legend=False)
+    ax.legend(loc="upper left")
+    return fig
+
+
+@_styled
+def points_with_model(points: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                      models: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                      title: str, xlabel: str, ylabel: str) -> Figure:
+    """Measured points (markers, no lines) judged against a model drawn dashed.
+
+    Both axes start at 0, so a point on the model's line reads as "the model holds".
+
+    Args:
+        points: ``{name: (xs, ys)}``, measured, each point its own experiment.
+        models: ``{name: (xs, ys)}``, what a model predicts (``wait = hold``).
+        title: The question the chart answers.
+        xlabel: Label of the x axis, with its unit.
+        ylabel: Label of the y axis, with its unit.
+
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=_SIZE)
+    _models(ax, models)
+    for i, (name, (x, y)) in enumerate(points.items()):
+        ax.plot(list(x), [float(v) for v in y], linestyle="", marker=_MARKERS[i % len(_MARKERS)],
+                markersize=8, color=_CYCLE[i % len(_CYCLE)], label=name, zorder=3 + i)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    fig = _finish(fig, ax, title, xlabel, ylabel, legend=False)
+    ax.legend(loc="upper left")
+    return fig
+
+
+@_styled
+def wait_chart(waits: Mapping[str, tuple[float, str | None]], *, cap: float, title: str,
+               xlabel: str = "seconds until the caller got control back") -> Figure:
+    """How long each case waited under a network fault, and how the wait ended.
+
+    A bar per case, labelled with its seconds and outcome; a wait still running when we
+    stopped looking (``cap``) is drawn hatched in grey up to the dashed cap line, so it
+    never reads as a measured failure. The time axis ends at the cap.
+
+    Args:
+        waits: ``{case: (seconds, outcome)}``, first case on top; the outcome is an
+            error class name, ``None`` (succeeded) or ``"still waiting"``.
+        cap: Seconds after which we stopped waiting.
+        title: The question the chart answers.
+        xlabel: Label of the time axis, with its unit.
+
+    Returns:
+        The figure.
+    """
+    labels = list(waits)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        seconds, outcome = waits[label]
+        capped = seconds >= cap or outcome == "still waiting"
+        if capped:
+            ax.barh(y, cap, color="#EEEEEE", hatch="//", edgecolor=COLORS["muted"], height=0.6)
+            ax.annotate(f"still waiting at {cap:g} s", (0, y), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=SMALL_PT,
+                        bbox={"boxstyle": "square,pad=0.15", "facecolor": "white",
+                              "edgecolor": "none", "alpha": 0.9})
+            continue
+        color = COLORS["ok"] if outcome is None else COLORS["failed"]
+        ax.barh(y, seconds, color=color, height=0.6)
+        text = f"{_fmt_seconds(seconds)}  {outcome or 'ok'}"
+        inside = seconds > 0.55 * cap  # no room on the right: write it on the bar
+        ax.annotate(text, (seconds, y), xytext=(-4 if inside else 4, 0),
+                    textcoords="offset points", va="center", fontsize=SMALL_PT,
+                    ha="right" if inside else "left", color="white" if inside else "black")
+    ax.axvline(cap, color=COLORS["limit"], linestyle="--", linewidth=1.2)
+    ax.annotate("we stopped looking", (cap, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom",
+                fontsize=SMALL_PT, color=COLORS["limit"])
+    ax.set_yticks(ys, [_wrap(label, 34) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlim(0, cap * 1.02)
+    ax.grid(False, axis="y")
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+@_styled
+def request_outcomes_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
+                           xlabel: str = "request number") -> Figure:
+    """One row per case, one marker per request: green dot succeeded, red cross failed.
+
+    The error of each row's first failure is written above its cross, inside the axes.
+
+    Args:
+        rows: A case's outcomes in order: ``None`` (succeeded), an error class name, or
+            ``"still waiting"`` (cut when we stopped looking: a grey cross).
+        title: The question the chart answers.
+        xlabel: What the x positions count.
+
+    Returns:
+        The figure.
+    """
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        outcomes = list(rows[label])
+        for x, outcome in enumerate(outcomes, start=1):
+            if outcome is None:
+                ax.scatter([x], [y], marker="o", s=90, color=COLORS["ok"], zorder=3)
+            else:
+                muted = outcome == "still waiting"
+                ax.scatter([x], [y], marker="X", s=120, zorder=3,
+                           color=COLORS["muted"] if muted else COLORS["failed"])
+        first = next(((x, o) for x, o in enumerate(outcomes, start=1) if o is not None), None)
+        if first is not None:
+            ax.annotate(first[1], (first[0], y), xytext=(-6, 8), textcoords="offset points",
+                        ha="left", va="bottom", fontsize=SMALL_PT,
+                        color=COLORS["muted"] if first[1] == "still waiting" else COLORS["failed"],
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                              "edgecolor": "none", "alpha": 0.9}, zorder=4)
+    longest = max((len(v) for v in rows.values()), default=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.6, longest + 0.4)
+    ax.set_yticks(ys, [_wrap(label, 34) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.3)
+    ax.grid(False, axis="y")
+    handles = [Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=9,
+                      label="succeeded"),
+               Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
+                      label="failed"),
+               Line2D([], [], marker="X", color=COLORS["muted"], linestyle="", markersize=9,
+                      label="still waiting (cut)")]
+    ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
+              frameon=False, borderaxespad=0.2)
+    return _finish(fig, ax, title, xlabel, "", legend=False)
