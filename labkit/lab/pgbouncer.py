@@ -26,7 +26,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from labkit.lab.server import HOST, SYSTEM_USER, ServerInfo, _ensure_system_user
+from labkit.lab.server import (
+    HOST,
+    SYSTEM_USER,
+    ServerInfo,
+    _ensure_system_user,
+    free_port,
+)
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -74,12 +79,6 @@ def find_pgbouncer() -> str:
         raise PgBouncerError(f"PgBouncer is not installed: run `{sudo}{INSTALL_COMMAND}` "
                              "(or `make system-tools` as root)")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _quote(value: str) -> str:
@@ -254,7 +253,7 @@ def pgbouncer(server: ServerInfo, *, mode: Mode = "transaction", pool_size: int 
         raise ValueError(f"pool_size must be >= 1, got {pool_size}")
     binary = find_pgbouncer()
     folder = Path(tempfile.mkdtemp(prefix="labkit-pgbouncer-"))
-    port = _free_port()
+    port = free_port()
     bouncer = PgBouncer(info=ServerInfo(host=HOST, port=port, user=server.user,
                                         password=server.password, database=server.database),
                         server=server, mode=mode, pool_size=pool_size, folder=folder)

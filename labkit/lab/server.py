@@ -142,9 +142,15 @@ def _bin_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 
-def _free_port() -> int:
+def free_port(host: str = HOST) -> int:
+    """Return a TCP port that nothing listens on right now on ``host`` (the kernel picks it).
+
+    The lab's one way to find a port: the local server, PgBouncer and uvicorn services
+    all take theirs from here. The port is free when this returns; a process started
+    right after binds it in practice, but nothing reserves it in between.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -365,7 +371,7 @@ class LocalServer:
         state = self._read_state()
         port = int(state.get("port") or 0)
         if not port or _port_open(port):
-            port = _free_port()
+            port = free_port()
         state["port"] = port
         self._write_state(state)
         self._prepare_dirs()

@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import URL
 
-__all__ = ["REPOSITORY_ROOT", "Service", "ServiceError", "free_port", "uvicorn_service"]
+from labkit.lab.server import free_port  # also importable from here, as exercises do
+
+__all__ = ["REPOSITORY_ROOT", "Service", "ServiceError", "uvicorn_service"]
 
 #: The folder holding ``labkit/`` and ``examples/``: uvicorn imports targets from it.
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -47,13 +48,6 @@ _POLL_S = 0.05
 
 class ServiceError(RuntimeError):
     """The service exited or did not serve in time; the message ends with its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that nothing listens on right now (the kernel picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
