@@ -6,14 +6,14 @@ started). Every request is recorded with when it started, when its response head
 arrived, when its body was fully read, its status code, or the transport error that
 ended it (``ReadTimeout``, ``ConnectError``...). Times are seconds on one clock, the
 run's (``t0`` = ``time.perf_counter()`` at its start), so they line up with a
-``MetricsSampler`` scraping the service's ``/metrics`` and with any fault the notebook
-injects meanwhile.
+``metrics_sampler`` scraping the service's ``/metrics`` (a ``labkit.lab.sampler.Sampler``)
+and with any fault the notebook injects meanwhile.
 
 Example:
     ```python
     calls = [[Call("GET", "/orders/export", params={"delay": 0.5}, at=0.3 * n)]
              for n in range(6)]
-    with HttpLoad(svc.base_url, calls) as run, MetricsSampler(svc.base_url, t0=run.t0) as m:
+    with HttpLoad(svc.base_url, calls) as run, metrics_sampler(svc.base_url, t0=run.t0) as m:
         run.wait()
     run.result.statuses(), m.series("labkit_pool_in_use")
     ```
@@ -32,13 +32,15 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from labkit.lab.sampler import Sampler
+
 __all__ = [
     "Call",
     "HttpLoad",
     "HttpRecord",
     "HttpResult",
-    "MetricsSampler",
     "every",
+    "metrics_sampler",
     "run_http",
     "scrape",
 ]
@@ -266,58 +268,41 @@ def scrape(base_url: str, *, timeout: float = 2.0,
     return values
 
 
-class MetricsSampler:
-    """Scrape ``/metrics`` every ``interval`` seconds in a thread, on a run's clock.
+class _MetricsSource:
+    """``scrape`` of one service, over one kept-alive connection opened on first use."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._client: httpx.Client | None = None
+
+    def __call__(self) -> dict[str, float]:
+        if self._client is None:
+            self._client = httpx.Client(timeout=2.0)
+        return scrape(self.base_url, client=self._client)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def metrics_sampler(base_url: str, *, interval: float = 0.05,
+                    t0: float | None = None) -> Sampler:
+    """Return a ``Sampler`` of a service's ``/metrics``, on a run's clock.
+
+    Use it as a context manager, like any ``Sampler``. Each sample holds every
+    Prometheus sample of one scrape (keyed as ``scrape`` keys them); a name a scrape
+    lacks reads 0 (a labelled counter appears only once counted). A scrape that fails
+    over HTTP (the service restarting, a timeout) is counted in ``failures`` and skipped.
 
     Args:
         base_url: The service.
         interval: Seconds between scrapes.
         t0: The clock's origin (``HttpLoad.t0``); default: when sampling starts.
     """
+    return Sampler(_MetricsSource(base_url), interval=interval, t0=t0,
+                   tolerate=(httpx.HTTPError,), missing=0.0)
 
-    def __init__(self, base_url: str, *, interval: float = 0.05,
-                 t0: float | None = None) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be > 0 seconds, got {interval}")
-        self.base_url = base_url
-        self.interval = interval
-        self.t0 = t0
-        self.samples: list[tuple[float, dict[str, float]]] = []
-        self.failures = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        assert self.t0 is not None
-        with httpx.Client(timeout=2.0) as client:
-            while not self._stop.is_set():
-                at = time.perf_counter() - self.t0
-                try:
-                    values = scrape(self.base_url, client=client)
-                except httpx.HTTPError:
-                    self.failures += 1
-                else:
-                    self.samples.append((at, values))
-                self._stop.wait(self.interval)
-
-    def __enter__(self) -> MetricsSampler:
-        if self.t0 is None:
-            self.t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="metrics-sampler")
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def series(self, name: str) -> tuple[list[float], list[float]]:
-        """Return ``(times, values)`` of one sample name (0 where a scrape lacks it)."""
-        return ([at for at, _ in self.samples],
-                [values.get(name, 0.0) for _, values in self.samples])
-
-    def peak(self, name: str) -> float:
-        """Return the largest value of one sample name (0 when never scraped)."""
-        return max(self.series(name)[1], default=0.0)
+MetricsSampler = metrics_sampler
+"""Another name of ``metrics_sampler``, as notebook 08 and the service recipe import it."""
