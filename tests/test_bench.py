@@ -1,7 +1,8 @@
 """`make bench`: interleaved rounds, medians with their spread, ratios with intervals.
 
-The statistics are checked on numbers whose answer is known; the benchmark itself runs
-once in its quick mode against the real server and its output is checked for shape.
+The statistics are checked on numbers whose answer is known (the percentile and the
+median interval themselves in ``test_stats.py``); the benchmark itself runs once in its
+quick mode against the real server and its output is checked for shape.
 """
 
 from __future__ import annotations
@@ -21,27 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the statistics ----------------------------------------------------------------------
-
-@pytest.mark.parametrize(("n", "confidence", "k", "coverage"), [
-    (8, 0.95, 1, 0.9922),    # only min-max reaches 95 % with 8 values
-    (12, 0.95, 3, 0.9614),   # 3rd smallest to 3rd largest
-    (12, 0.99, 2, 0.9937),
-    (20, 0.95, 6, 0.9586),
-])
-def test_median_interval_uses_the_widest_order_statistics_that_reach_the_confidence(
-        n, confidence, k, coverage):
-    values = [float(i) for i in range(1, n + 1)]
-    low, high, reached = bench.median_interval(values, confidence)
-    assert (low, high) == (k, n + 1 - k)
-    assert reached == pytest.approx(coverage, abs=1e-4)
-    assert reached >= confidence
-
-
-def test_median_interval_says_when_too_few_values_reach_the_confidence():
-    low, high, reached = bench.median_interval([3.0, 1.0, 2.0], 0.95)
-    assert (low, high) == (1.0, 3.0)
-    assert reached == pytest.approx(0.75)
-
 
 def _slices(rounds: dict[int, dict[str, float]], concurrency: int = 4) -> list[dict]:
     return [{"client": client, "concurrency": concurrency, "round": rnd, "tps": tps}

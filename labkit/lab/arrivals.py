@@ -34,8 +34,9 @@ from sqlalchemy import Connection, Engine, text
 
 from labkit.config import Settings
 from labkit.engine import create_engine
-from labkit.lab.load import LoadResult, OpRecord, percentile, timed_operation
+from labkit.lab.load import LoadResult, OpRecord, timed_operation
 from labkit.lab.sampler import Sampler
+from labkit.lab.stats import percentile
 from labkit.metrics import PoolMetrics
 
 __all__ = ["SizeRun", "exponential_sleep", "hold_times_s", "mean_hold_s", "mean_in_use",

@@ -20,7 +20,8 @@ many times in short slices, in a random order within each round, so that each cl
 slices are spread over the whole run. ``summarize`` reports the median and spread of
 those slices, and ``paired_ratio`` compares two clients round by round: the median of the
 per-round ratios with a distribution-free interval (``median_interval``), whose width is
-the smallest difference the run can resolve.
+the smallest difference the run can resolve. Percentiles, medians and that interval
+come from ``labkit.lab.stats``, the lab's one statistics module.
 
 For labkit's own cost, a few percent at most, even that is too coarse. ``cost_blocks``
 runs labkit's scope and the SQLAlchemy session one transaction at a time and measures
@@ -40,7 +41,6 @@ import math
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +68,7 @@ from labkit import (
     health_check,
     session_scope,
 )
-from labkit.lab.load import percentile
+from labkit.lab.stats import median, median_interval, percentile
 
 __all__ = [
     "ASYNC_CLIENTS",
@@ -88,12 +88,10 @@ __all__ = [
     "count_calls_async",
     "interleaved_rounds",
     "iter_plan",
-    "median_interval",
     "overheads",
     "paired_ratio",
     "pool_size_rounds",
     "progress",
-    "quantile",
     "record",
     "run_async_client",
     "run_client",
@@ -385,7 +383,7 @@ def _median_ms(fn: Callable[[], Any], n: int) -> float:
         t = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t) * 1000.0)
-    return percentile(samples, 50)
+    return median(samples)
 
 
 def overheads(url: URL, n: int = 300) -> list[dict[str, Any]]:
@@ -610,17 +608,6 @@ def interleaved_rounds(url: URL, *, clients: Sequence[str] = tuple(CLIENTS),
     return out
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Return the ``q``-quantile (0-1) with linear interpolation; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Summarise slices per (client, concurrency): the median and spread over rounds.
 
@@ -639,8 +626,8 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for (client, n), group in sorted(groups.items(), key=lambda kv: (
             rank.get(kv[0][0], len(rank)), kv[0][1], kv[0][0])):
         tps = [c["tps"] for c in group]
-        med = statistics.median(tps)
-        q1, q3 = quantile(tps, 0.25), quantile(tps, 0.75)
+        med = median(tps)
+        q1, q3 = percentile(tps, 25), percentile(tps, 75)
         p99s = [c["p99_ms"] for c in group if c.get("p99_ms") is not None]
         cpu = [c["cpu_us_per_tx"] for c in group if c.get("cpu_us_per_tx") is not None]
         rows.append({
@@ -648,45 +635,12 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "tps": round(med, 1), "tps_q1": round(q1, 1), "tps_q3": round(q3, 1),
             "tps_min": round(min(tps), 1), "tps_max": round(max(tps), 1),
             "spread_pct": round((q3 - q1) / med * 100.0, 1) if med else math.nan,
-            "p50_ms": round(statistics.median(c["p50_ms"] for c in group), 3),
-            "p99_ms": round(statistics.median(p99s), 3) if p99s else None,
-            "cpu_us_per_tx": round(statistics.median(cpu), 1) if cpu else None,
+            "p50_ms": round(median(c["p50_ms"] for c in group), 3),
+            "p99_ms": round(median(p99s), 3) if p99s else None,
+            "cpu_us_per_tx": round(median(cpu), 1) if cpu else None,
             "transactions": sum(c.get("transactions", 0) for c in group),
         })
     return rows
-
-
-def median_interval(values: Sequence[float], confidence: float = 0.95
-                    ) -> tuple[float, float, float]:
-    """Return a distribution-free interval for the median of ``values``, and its coverage.
-
-    The interval runs from the k-th smallest to the k-th largest value, with the largest
-    k whose coverage, ``1 - 2 * P(Binomial(n, 1/2) < k)``, is still at least
-    ``confidence``. It assumes only independent draws from one distribution, not a
-    normal one. With too few values for the coverage asked (fewer than 6 for 95 %),
-    it is the minimum to the maximum and the coverage returned is lower than asked.
-
-    Returns:
-        ``(low, high, coverage)``; ``(nan, nan, 0.0)`` for no values.
-
-    Example:
-        ```python
-        median_interval([0.97, 1.01, 0.99, 1.04, 0.98, 1.00, 1.02, 0.96], 0.95)
-        # (0.96, 1.04, 0.9922): with 8 values only the minimum to the maximum reaches 95 %
-        ```
-    """
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return math.nan, math.nan, 0.0
-
-    def coverage(k: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
-        k += 1
-    return ordered[k - 1], ordered[n - k], coverage(k)
 
 
 def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: str, *,
@@ -735,7 +689,7 @@ def paired_ratio(cells: Iterable[dict[str, Any]], numerator: str, denominator: s
     ratios = [math.exp(sum(v) / len(v)) for v in logs.values() if len(v) == levels]
     if not ratios:
         raise ValueError(f"no round ran both {numerator!r} and {denominator!r}")
-    med = statistics.median(ratios)
+    med = median(ratios)
     low, high, reached = median_interval(ratios, confidence)
     resolves = max(med - low, high - med) / med * 100.0
     lo_pct, hi_pct = (low - 1.0) * 100.0, (high - 1.0) * 100.0
@@ -970,7 +924,7 @@ def cost_ratio(records: Iterable[dict[str, Any]], numerator: str, denominator: s
               if len(pair) == 2 and pair[numerator] > 0 and pair[denominator] > 0]
     if not ratios:
         raise ValueError(f"no block measured both {numerator!r} and {denominator!r}")
-    med = statistics.median(ratios)
+    med = median(ratios)
     low, high, reached = median_interval(ratios, confidence)
     half = max(med - low, high - med)
     if high <= bound:

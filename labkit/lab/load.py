@@ -32,9 +32,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from labkit.errors import translate_error
+from labkit.lab.stats import percentile  # also importable from here, as notebooks do
 
-__all__ = ["LoadResult", "OpRecord", "percentile", "run_async_load", "run_sync_load",
-           "timed_operation"]
+__all__ = ["LoadResult", "OpRecord", "run_async_load", "run_sync_load", "timed_operation"]
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,6 @@ class OpRecord:
     def checkout_failed(self) -> bool:
         """True when the operation never got a connection (pool timeout, failed connect)."""
         return not self.ok and self.got is None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Return the ``q``-th percentile (0-100) by the nearest-rank method; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 @dataclass
@@ -145,7 +136,10 @@ class LoadResult:
         return times, in_use, waiting
 
     def percentile_ms(self, q: float, *, of: str = "latency") -> float:
-        """Percentile of ``latency`` (whole op) or ``wait`` (checkout) in ms."""
+        """Percentile (0-100) of ``latency`` (whole op) or ``wait`` (checkout) in ms.
+
+        The one percentile of the lab: ``labkit.lab.stats.percentile`` (interpolated).
+        """
         return percentile(self.latencies_ms if of == "latency" else self.waits_ms, q)
 
     def summary(self) -> dict[str, Any]:
