@@ -696,6 +696,114 @@ def outcome_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
     return _finish(fig, ax, title, xlabel, "", legend=False)
 
 
+# -- pools over time, budgets, waits (notebooks 02 and 09) -------------------------------
+
+
+@_styled
+def wait_vs_pool_size(measured: Mapping[int, float], model: Mapping[int, float], *,
+                      model_label: str, title: str,
+                      xlabel: str = "pool size (connections, max_overflow=0)") -> Figure:
+    """Mean checkout wait per pool size, measured (solid) beside a model (dashed grey).
+
+    Args:
+        measured: ``{pool_size: mean wait in ms}``.
+        model: ``{pool_size: the model's mean wait in ms}``.
+        model_label: The model's name and formula, shown in the legend.
+        title: The question the chart answers.
+        xlabel: Label of the pool-size axis.
+
+    Returns:
+        The figure.
+    """
+    sizes = list(measured)
+    fig = _line_or_step(False, {"measured mean wait": (sizes, [measured[k] for k in sizes])},
+                        title, xlabel, "mean wait for a connection (ms)", None, None, None,
+                        {model_label: (list(model), list(model.values()))}, True, False, 0.0)
+    fig.axes[0].set_xticks(sizes)
+    return fig
+
+
+@_styled
+def server_connections_chart(series: Mapping[str, tuple[Sequence[float], Sequence[int]]], *,
+                             title: str, pool_size: int,
+                             vlines: Mapping[str, float] | None = None) -> Figure:
+    """Connections the server counts over time, one panel per case (steps), so that
+    cases with equal counts never hide one another.
+
+    Args:
+        series: ``{case: (seconds, connections counted in pg_stat_activity)}``.
+        title: The question the chart answers.
+        pool_size: Drawn in every panel as a dashed limit, named.
+        vlines: Moments on the time axis (e.g. when an idle timeout first can fire).
+
+    Returns:
+        The figure.
+    """
+    cases = list(series)
+    fig, axes = plt.subplots(len(cases), 1, sharex=True, squeeze=False,
+                             figsize=(WIDTH, 1.2 + 1.5 * len(cases)))
+    top = max([pool_size] + [max(ys, default=0) for _, ys in series.values()]) + 1
+    for i, (ax, case) in enumerate(zip(axes[:, 0], cases)):
+        xs, ys = series[case]
+        ax.step(list(xs), list(ys), where="post", color=_CYCLE[i % len(_CYCLE)], linewidth=2.4)
+        ax.set_title(case, fontsize=SMALL_PT, fontweight="normal", loc="left", pad=3)
+        _hlines(ax, {f"pool_size = {pool_size}": pool_size})
+        if vlines:
+            for at in vlines.values():
+                ax.axvline(at, linestyle=":", color=COLORS["limit"], linewidth=1.4, zorder=1.5)
+        ax.set_ylim(0, top)
+        ax.set_xlim(left=0)
+        _integer_ticks(ax, "y")
+        ax.tick_params(which="both", labelsize=SMALL_PT)
+    if vlines:
+        for name, at in vlines.items():
+            axes[-1, 0].annotate(name, (at, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                                 textcoords="offset points", ha="left", va="bottom",
+                                 fontsize=SMALL_PT, color=COLORS["limit"])
+    fig.supylabel("server connections", fontsize=TEXT_PT)
+    return _finish(fig, axes[-1, 0], title, "seconds since the burst", "", legend=False)
+
+
+@_styled
+def connection_budget_chart(processes: Sequence[int], measured: Sequence[int], *,
+                            per_process: int, max_connections: int, usable: int,
+                            title: str) -> Figure:
+    """Server connections held by N processes: measured, the calculator, and the limits.
+
+    The measurement is solid with markers; the calculator (``N × per_process``) dashed
+    grey; ``max_connections`` and the slots usable without superuser rights are two
+    horizontal lines of their own styles. All are named in a legend under the axes, so
+    no line crosses a name.
+
+    Args:
+        processes: The process counts measured (x).
+        measured: Connections the server counted at each.
+        per_process: Connections one process can hold (its pool's limit and its probe).
+        max_connections: The server's ``max_connections``.
+        usable: ``max_connections`` minus the superuser-reserved slots.
+        title: The question the chart answers.
+
+    Returns:
+        The figure.
+    """
+    xs = list(processes)
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.6))
+    ax.plot(xs, list(measured), marker="o", color=COLORS["using"], linewidth=2.4, zorder=3,
+            label="measured: the server's count (pg_stat_activity)")
+    ax.plot(xs, [n * per_process for n in xs], linestyle="--", color=COLORS["model"],
+            linewidth=1.6, zorder=4, label=f"calculator: processes × {per_process}")
+    ax.axhline(max_connections, color=COLORS["failed"], linestyle="-.", linewidth=1.4,
+               zorder=1.5, label=f"max_connections = {max_connections}")
+    ax.axhline(usable, color=COLORS["limit"], linestyle=":", linewidth=1.8, zorder=1.5,
+               label=f"usable without superuser rights = {usable}")
+    ax.set_ylim(0, max(max_connections, xs[-1] * per_process) * 1.08)
+    ax.set_xticks(xs)
+    _integer_ticks(ax, "y")
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=2, frameon=False)
+    return _finish(fig, ax, title, "worker processes", "server connections", legend=False)
+
+
 # -- the request timeline ----------------------------------------------------------------
 
 
