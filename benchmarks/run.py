@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit.lab import bench, database_url, default_server
+from labkit.lab import bench, database_url, default_server, stats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -458,8 +457,8 @@ def report(result: dict[str, Any]) -> None:
         unit = "" if r["metric"] == DECISIVE else " µs"
         print(f" {mark}{r['name']:36s} {metric:18s} {r['ratio']:7.4f} "
               f"[{r['low']:.4f}–{r['high']:.4f}]  ±{_hw(r):5s} %  "
-              f"{r['claim']:9s} ({statistics.median(per_tx):.1f} vs "
-              f"{statistics.median(base):.1f}{unit}, {r['blocks']} blocks)")
+              f"{r['claim']:9s} ({stats.median(per_tx):.1f} vs "
+              f"{stats.median(base):.1f}{unit}, {r['blocks']} blocks)")
     print("  (* decisive: Python calls per transaction, counted by cProfile)")
     print("\noverheads (median ms): " + ", ".join(
         f"{o['client']} {o['p50_ms']:.3f}" for o in result["overheads"]))
