@@ -37,6 +37,7 @@ from examples.service import main, routes
 from labkit import TEST_POOL, Settings, create_engine
 from labkit.lab import LocalServer
 from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, scrape
+from labkit.lab.proxy import FaultProxy
 from labkit.lab.services import ServiceError, uvicorn_service
 from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
 from tests.conftest import own_schema
@@ -455,6 +456,33 @@ def test_same_idempotency_key_sent_concurrently_stores_one_payment(
     assert _poll(observer, "SELECT count(*) FROM example_payments", until=1) == 1
     with observer.connect() as conn:
         assert conn.execute(text("SELECT amount_cents FROM example_payments")).scalar() == 1250
+
+
+@pytest.mark.parametrize("factory", ["create_app", "create_async_app"])
+def test_lost_commit_answer_is_a_503_and_a_retry_with_the_same_key_finds_the_payment(
+        factory: str, db_url: URL, observer: Engine, clean_example_tables: None) -> None:
+    """Pins: a payment whose COMMIT reached the server but whose answer was lost (a real
+    TCP proxy drops it and resets the connection) is answered 503 with ``Retry-After`` and
+    ``"outcome": "unknown"``, not 500, so a client that retries 503s with its
+    ``Idempotency-Key`` retries it; the retry finds the stored payment (200, replayed)
+    and the payment is stored once."""
+    with FaultProxy(str(db_url.host), int(db_url.port or 5432)) as proxy:
+        app = getattr(main, factory)(Settings(url=proxy.url(db_url)))
+        with TestClient(app) as client:
+            proxy.drop_commit_reply(times=1)
+            lost = client.post("/payments", params={"amount_cents": 700},
+                               headers={"Idempotency-Key": "lost-answer"})
+            assert proxy.armed == 0, "the COMMIT's answer was not dropped"
+            assert lost.status_code == 503, lost.text
+            assert lost.headers["Retry-After"] == "1"
+            assert lost.json()["error"] == "CommitOutcomeUnknownError"
+            assert lost.json()["outcome"] == "unknown"
+            retry = client.post("/payments", params={"amount_cents": 700},
+                                headers={"Idempotency-Key": "lost-answer"})
+            assert retry.status_code == 200, retry.text
+            assert retry.json()["replayed"] is True
+    with observer.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM example_payments")).scalar() == 1
 
 
 @EXAMPLE_TARGETS

@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
-from labkit import DatabaseError, IntegrityError, Settings, TransientError
+from labkit import (CommitOutcomeUnknownError, DatabaseError, IntegrityError, Settings,
+                    TransientError)
 from labkit.errors import translate_error
 
 from . import async_routes, routes
@@ -34,8 +35,11 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
     ``IntegrityError`` (a constraint, in a statement or at COMMIT) is a 409; a
     ``TransientError`` (pool timeout, database down, connection lost) a 503 with
-    ``Retry-After``; anything else a 500. The body never carries the driver's message,
-    which can hold SQL and data; the log keeps it.
+    ``Retry-After``; anything else a 500. A ``CommitOutcomeUnknownError`` (the answer to
+    COMMIT was lost) is a 503 too, with ``"outcome": "unknown"``: the condition passes, and
+    the client's rule is the one for a lost answer, send the same request again with the
+    same ``Idempotency-Key``; a 500 would tell it a retry fails the same way. The body
+    never carries the driver's message, which can hold SQL and data; the log keeps it.
     """
     error = translate_error(exc)
     name = type(error).__name__
@@ -46,6 +50,10 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=409, content={
             "error": name, "detail": "conflict: a constraint rejected the data"})
     logger.warning("%s %s failed: %s", request.method, request.url.path, error)
+    if isinstance(error, CommitOutcomeUnknownError):
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+            "error": name, "outcome": "unknown", "detail": "the answer to COMMIT was lost: "
+            "the write may be stored; retry with the same Idempotency-Key"})
     if isinstance(error, TransientError):
         return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
             "error": name, "detail": "the database is unavailable or overloaded; retry later"})
