@@ -23,11 +23,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
-# The tests drive Debian's chromium (site check), docker-compose (compose file
-# validation; no Docker engine needed), nft (notebook 07's partitions, inside a network
-# namespace) and pgbouncer (notebook 09, tests/test_pgbouncer.py); as root they are
-# installed here (a non-root user's PATH lacks /usr/sbin, where Debian puts nft and
-# pgbouncer: the check looks there too). Each entry is command:package.
+# The tests drive Debian's chromium (the site; JupyterLab as `make lab` starts it, running
+# notebook 01 from its menu), docker-compose (compose file validation; no Docker engine
+# needed), nft (notebook 07's partitions, inside a network namespace) and pgbouncer
+# (notebook 09, tests/test_pgbouncer.py); as root they are installed here (a non-root
+# user's PATH lacks /usr/sbin, where Debian puts nft and pgbouncer: the check looks there
+# too). Each entry is command:package.
 SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose nft:nftables pgbouncer:pgbouncer
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
