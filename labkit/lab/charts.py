@@ -1248,3 +1248,105 @@ def points_with_model(points: Mapping[str, tuple[Sequence[float], Sequence[float
     fig = _finish(fig, ax, title, xlabel, ylabel, legend=False)
     ax.legend(loc="upper left")
     return fig
+
+
+@_styled
+def wait_chart(waits: Mapping[str, tuple[float, str | None]], *, cap: float, title: str,
+               xlabel: str = "seconds until the caller got control back") -> Figure:
+    """How long each case waited under a network fault, and how the wait ended.
+
+    A bar per case, labelled with its seconds and outcome; a wait still running when we
+    stopped looking (``cap``) is drawn hatched in grey up to the dashed cap line, so it
+    never reads as a measured failure. The time axis ends at the cap.
+
+    Args:
+        waits: ``{case: (seconds, outcome)}``, first case on top; the outcome is an
+            error class name, ``None`` (succeeded) or ``"still waiting"``.
+        cap: Seconds after which we stopped waiting.
+        title: The question the chart answers.
+        xlabel: Label of the time axis, with its unit.
+
+    Returns:
+        The figure.
+    """
+    labels = list(waits)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        seconds, outcome = waits[label]
+        capped = seconds >= cap or outcome == "still waiting"
+        if capped:
+            ax.barh(y, cap, color="#EEEEEE", hatch="//", edgecolor=COLORS["muted"], height=0.6)
+            ax.annotate(f"still waiting at {cap:g} s", (0, y), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=SMALL_PT,
+                        bbox={"boxstyle": "square,pad=0.15", "facecolor": "white",
+                              "edgecolor": "none", "alpha": 0.9})
+            continue
+        color = COLORS["ok"] if outcome is None else COLORS["failed"]
+        ax.barh(y, seconds, color=color, height=0.6)
+        text = f"{_fmt_seconds(seconds)}  {outcome or 'ok'}"
+        inside = seconds > 0.55 * cap  # no room on the right: write it on the bar
+        ax.annotate(text, (seconds, y), xytext=(-4 if inside else 4, 0),
+                    textcoords="offset points", va="center", fontsize=SMALL_PT,
+                    ha="right" if inside else "left", color="white" if inside else "black")
+    ax.axvline(cap, color=COLORS["limit"], linestyle="--", linewidth=1.2)
+    ax.annotate("we stopped looking", (cap, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom",
+                fontsize=SMALL_PT, color=COLORS["limit"])
+    ax.set_yticks(ys, [_wrap(label, 40) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlim(0, cap * 1.02)
+    ax.grid(False, axis="y")
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+@_styled
+def request_outcomes_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
+                           xlabel: str = "request number") -> Figure:
+    """One row per case, one marker per request: green dot succeeded, red cross failed.
+
+    The error of each row's first failure is written above its cross, inside the axes.
+
+    Args:
+        rows: A case's outcomes in order: ``None`` (succeeded), an error class name, or
+            ``"still waiting"`` (cut when we stopped looking: a grey cross).
+        title: The question the chart answers.
+        xlabel: What the x positions count.
+
+    Returns:
+        The figure.
+    """
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        outcomes = list(rows[label])
+        for x, outcome in enumerate(outcomes, start=1):
+            if outcome is None:
+                ax.scatter([x], [y], marker="o", s=90, color=COLORS["ok"], zorder=3)
+            else:
+                muted = outcome == "still waiting"
+                ax.scatter([x], [y], marker="X", s=120, zorder=3,
+                           color=COLORS["muted"] if muted else COLORS["failed"])
+        first = next(((x, o) for x, o in enumerate(outcomes, start=1) if o is not None), None)
+        if first is not None:
+            ax.annotate(first[1], (first[0], y), xytext=(-6, 8), textcoords="offset points",
+                        ha="left", va="bottom", fontsize=SMALL_PT,
+                        color=COLORS["muted"] if first[1] == "still waiting" else COLORS["failed"],
+                        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                              "edgecolor": "none", "alpha": 0.9}, zorder=4)
+    longest = max((len(v) for v in rows.values()), default=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.6, longest + 0.4)
+    ax.set_yticks(ys, [_wrap(label, 40) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.3)
+    ax.grid(False, axis="y")
+    handles = [Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=9,
+                      label="succeeded"),
+               Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
+                      label="failed"),
+               Line2D([], [], marker="X", color=COLORS["muted"], linestyle="", markersize=9,
+                      label="still waiting (cut)")]
+    ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
+              frameon=False, borderaxespad=0.2)
+    return _finish(fig, ax, title, xlabel, "", legend=False)
