@@ -1,10 +1,12 @@
 """Network faults against the real server: each one happens, and each one is undone.
 
-The proxy tests (no root) relay psycopg2 and asyncpg connections to the shared server
-through ``labkit.lab.network.FaultProxy``. The namespace tests (Linux, root; CI runs as
-root) start a throwaway server inside a private network namespace and drop packets there
-with nftables; without root they are skipped, with the reason. Every fault is left by an
-exception once, to prove that it undoes itself however its block ends.
+The proxy tests relay psycopg2 and asyncpg connections to the shared server through
+``labkit.lab.proxy.FaultProxy``. The namespace tests start a throwaway server inside a
+private network namespace (``labkit.lab.netns``: root, or an ordinary user in a user
+namespace of its own) and drop packets there with nftables; their clients run inside the
+namespace's helper process. Where no namespace can be created (a kernel without
+unprivileged user namespaces, no ``nft``), they are skipped with the reason. Every fault
+is left by an exception once, to prove that it undoes itself however its block ends.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ from labkit import ConnectionLostError, Settings, create_async_engine
 from labkit.engine import engine_kwargs
 from labkit.errors import translate_error
 from labkit.lab.faults import throwaway_server
-from labkit.lab.network import (
+from labkit.lab.netns import NetworkNamespace, namespace_unavailable
+from labkit.lab.proxy import (
     CUTS,
     OPEN_CONNECTIONS,
     REAPED,
+    REPLIES_DROPPED,
     REQUESTS,
     FaultProxy,
-    NetworkNamespace,
-    namespace_unavailable,
 )
 from labkit.lab.server import LocalServer
 from labkit.tcp import PRODUCTION_TCP, TcpSettings
@@ -192,6 +194,73 @@ def test_leaving_the_proxy_by_an_exception_closes_every_link_and_resets_its_faul
     conn.close()
 
 
+def _waits(fn: Any, seconds: float) -> dict[str, Any]:
+    """Run ``fn`` on a thread for up to ``seconds``; return its result, error or neither."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except Exception as exc:  # noqa: BLE001 - what the client finally sees
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    box["waiting"] = worker.is_alive()
+    box["thread"] = worker
+    return box
+
+
+def test_black_hole_leaves_every_client_waiting_even_with_tcp_timers_and_ends_with_its_block(
+        proxy: FaultProxy, db_url: URL):
+    # tcp_user_timeout and keepalives see nothing: the proxy's kernel ACKs and answers probes.
+    conn = connect(db_url, proxy.port, tcp_user_timeout=500, keepalives=1, keepalives_idle=1,
+                   keepalives_interval=1, keepalives_count=1)
+    try:
+        with pytest.raises(Boom):
+            with proxy.black_hole():
+                box = _waits(lambda: query(conn), 2.5)
+                assert box["waiting"], box
+                late = _waits(lambda: connect(db_url, proxy.port), 1.0)  # accepted, never relayed
+                assert late["waiting"], late
+                raise Boom
+        fresh = connect(db_url, proxy.port)
+        assert query(fresh) == 1                       # new connections are relayed again
+        fresh.close()
+    finally:
+        proxy.close()                                  # ends the waits
+        conn.close()
+    box["thread"].join(5)
+    late["thread"].join(5)
+    assert not box["thread"].is_alive() and not late["thread"].is_alive()
+
+
+def test_silently_lost_commit_reply_commits_and_leaves_the_client_waiting(
+        proxy: FaultProxy, db_url: URL, observer: Engine):
+    conn = connect(db_url, proxy.port, application_name="labkit-test-silent-commit")
+    conn.autocommit = False
+    with observer.begin() as admin:
+        admin.execute(text("CREATE TABLE IF NOT EXISTS labkit_silent_commit (n int)"))
+        admin.execute(text("TRUNCATE labkit_silent_commit"))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO labkit_silent_commit VALUES (1)")
+        proxy.drop_commit_reply(how="silent")
+        box = _waits(conn.commit, 1.5)
+        assert box["waiting"], box                      # no answer, no error
+        with observer.connect() as seen:
+            assert seen.execute(text("SELECT count(*) FROM labkit_silent_commit")).scalar_one() == 1
+        stats = proxy.get_stats()
+        assert stats[REPLIES_DROPPED] == 1 and stats[CUTS] == 0
+    finally:
+        proxy.close()
+        box["thread"].join(5)
+        conn.close()
+        with observer.begin() as admin:
+            admin.execute(text("DROP TABLE IF EXISTS labkit_silent_commit"))
+
+
 # --- TCP settings reach both drivers --------------------------------------------------------
 
 def _tcp_options(sock: socket.socket) -> tuple[int, int, int, int, int]:
@@ -268,10 +337,10 @@ def test_production_tcp_from_the_environment_reaches_libpq_and_the_socket_option
     assert TcpSettings(user_timeout=2).libpq_args() == {"tcp_user_timeout": 2000}
 
 
-# --- a private network namespace (root) ---------------------------------------------------
+# --- a private network namespace (root, or an ordinary user) -------------------------------
 
 WHY_NOT = namespace_unavailable()
-needs_namespace = pytest.mark.skipif(WHY_NOT is not None, reason=f"needs root: {WHY_NOT}")
+needs_namespace = pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespace: {WHY_NOT}")
 
 
 @pytest.fixture(scope="module")
@@ -283,10 +352,12 @@ def inside() -> Iterator[tuple[NetworkNamespace, LocalServer]]:
         yield ns, server
 
 
-def _engine(ns: NetworkNamespace, server: LocalServer, **tcp: Any) -> Engine:
+# Run inside the namespace's helper (by reference: module-level functions only).
+
+def _engine(url: URL, **tcp: Any) -> Engine:
     # No client-side statement deadline (labkit.deadline): only TCP settings end a wait.
-    settings = Settings(url=server.info().url(), connect_timeout=2)
-    return ns.attach(labkit.tcp.create_engine(settings, TcpSettings(**tcp), pool=ONE))
+    return labkit.tcp.create_engine(Settings(url=url, connect_timeout=2), TcpSettings(**tcp),
+                                    pool=ONE)
 
 
 def _timed(engine: Engine, sql: str = "SELECT 1", cap: float = 8.0) -> tuple[float, str | None]:
@@ -309,15 +380,89 @@ def _timed(engine: Engine, sql: str = "SELECT 1", cap: float = 8.0) -> tuple[flo
     return (box["t"], box["error"]) if "t" in box else (cap, "still waiting")
 
 
+def _connect_probe(port: int) -> bool:
+    socket.create_connection(("127.0.0.1", port), 2).close()
+    return True
+
+
+def _partition_run(ns: NetworkNamespace, url: URL, port: int) -> dict[str, Any]:
+    engine = _engine(url, user_timeout=1.5)
+    seen: dict[str, Any] = {"before": _timed(engine)}
+    try:
+        with ns.partition(port) as table:
+            # A statement sent into the partition is never ACKed: TCP_USER_TIMEOUT ends it.
+            # Only the kernel dropping packets does that (a userspace proxy ACKs everything).
+            seen["during"] = _timed(engine, "SELECT pg_sleep(0.2)")
+            seen["dropped"] = table.dropped()
+            raise Boom
+    except Boom:
+        seen["raised"] = True
+    seen["rules_after"] = ns.nft("list ruleset")
+    seen["after"] = _timed(engine)
+    engine.dispose()
+    return seen
+
+
+def _reaper_run(ns: NetworkNamespace, url: URL, port: int) -> dict[str, Any]:
+    path = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"
+    seen: dict[str, Any] = {"initial": open(path).read().strip()}
+    idle = busy = None
+    try:
+        with ns.reaping_idle(port, after=2) as table:
+            seen["armed"] = open(path).read().strip()
+            idle = _engine(url, user_timeout=1.0)        # ends a send nobody ACKs
+            busy = _engine(url, keepalive_idle=1, keepalive_interval=1)
+            seen["warm"] = (_timed(idle)[1], _timed(busy)[1])
+            time.sleep(3.5)                              # idle past 2 s; busy probes every 1 s
+            seen["idle"] = _timed(idle)                  # its flow was forgotten: dropped
+            seen["busy"] = _timed(busy)                  # probes kept it known
+            seen["dropped"] = table.dropped()
+            raise Boom
+    except Boom:
+        seen["raised"] = True
+    for engine in (idle, busy):
+        if engine is not None:
+            engine.dispose()
+    seen["restored"] = open(path).read().strip()
+    seen["rules_after"] = ns.nft("list ruleset")
+    return seen
+
+
+def _lost_replies_run(ns: NetworkNamespace, url: URL, port: int) -> dict[str, Any]:
+    engine = _engine(url, user_timeout=1.0)
+    seen: dict[str, Any] = {}
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS lost_replies (n int)"))
+        conn.execute(text("TRUNCATE lost_replies"))
+    with ns.partition(port, "replies") as table:
+        # Autocommit: the INSERT commits as it runs, as a COMMIT would.
+        seen["insert"] = _timed(engine.execution_options(isolation_level="AUTOCOMMIT"),
+                                "INSERT INTO lost_replies VALUES (1)")
+        seen["dropped"] = table.dropped()
+    with engine.connect() as conn:
+        seen["rows"] = conn.execute(text("SELECT count(*) FROM lost_replies")).scalar_one()
+    engine.dispose()
+    return seen
+
+
+async def _server_version(url: URL) -> str:
+    engine = create_async_engine(Settings(url=url), pool=ONE)
+    try:
+        async with engine.connect() as conn:
+            return str((await conn.execute(text("SHOW server_version"))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
 @needs_namespace
 def test_the_namespace_server_is_private_and_the_host_ruleset_is_untouched(
         inside: tuple[NetworkNamespace, LocalServer]):
     ns, server = inside
     port = server.info().port
     host_rules = _host_ruleset()
-    assert ns.call(lambda: socket.create_connection(("127.0.0.1", port), 2).close()) is None
+    assert ns.call(_connect_probe, port) is True
     with pytest.raises(OSError):                   # not on the host's loopback
-        socket.create_connection(("127.0.0.1", port), 2).close()
+        _connect_probe(port)
     with ns.partition(port):
         assert _host_ruleset() == host_rules
         assert "labkit_partition" in ns.nft("list ruleset")
@@ -327,71 +472,57 @@ def test_the_namespace_server_is_private_and_the_host_ruleset_is_untouched(
 def test_partition_drops_packets_in_the_kernel_and_is_lifted_when_the_block_raises(
         inside: tuple[NetworkNamespace, LocalServer]):
     ns, server = inside
-    port = server.info().port
-    # A statement sent into the partition is never ACKed: TCP_USER_TIMEOUT ends it. Only
-    # the kernel dropping packets does that (a userspace proxy ACKs everything), and
-    # nothing else bounds it here.
-    engine = _engine(ns, server, user_timeout=1.5)
-    try:
-        assert _timed(engine)[1] is None
-        with pytest.raises(Boom):
-            with ns.partition(port) as table:
-                elapsed, error = _timed(engine, "SELECT pg_sleep(0.2)")
-                assert error == "ConnectionLostError" and 1.0 < elapsed < 6.0, (elapsed, error)
-                assert table.dropped() > 0
-                raise Boom
-        assert "labkit_partition" not in ns.nft("list ruleset")
-        assert _timed(engine) == (pytest.approx(0, abs=2.0), None)
-    finally:
-        engine.dispose()
+    seen = ns.call(_partition_run, ns, server.info().url(), server.info().port)
+    assert seen["before"][1] is None and seen["raised"]
+    elapsed, error = seen["during"]
+    assert error == "ConnectionLostError" and 1.0 < elapsed < 6.0, seen
+    assert seen["dropped"] > 0
+    assert "labkit_partition" not in seen["rules_after"]
+    assert seen["after"][1] is None and seen["after"][0] < 2.0, seen
+
+
+@needs_namespace
+def test_lost_replies_let_the_statement_run_and_tcp_user_timeout_end_the_wait(
+        inside: tuple[NetworkNamespace, LocalServer]):
+    ns, server = inside
+    seen = ns.call(_lost_replies_run, ns, server.info().url(), server.info().port)
+    elapsed, error = seen["insert"]
+    assert error == "ConnectionLostError" and 0.8 < elapsed < 4.0, seen
+    assert seen["rows"] == 1 and seen["dropped"] > 0    # it ran and committed: its answer was lost
 
 
 @needs_namespace
 def test_kernel_idle_reaper_forgets_idle_flows_keepalives_keep_them_and_it_restores_conntrack(
         inside: tuple[NetworkNamespace, LocalServer]):
     ns, server = inside
-    port = server.info().port
-    path = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"
-    idle = busy = None
-    with pytest.raises(Boom):
-        with ns.reaping_idle(port, after=2) as table:
-            before = ns.call(lambda: open(path).read().strip())
-            assert before == "2"
-            idle = _engine(ns, server, user_timeout=1.0)   # ends a send nobody ACKs
-            busy = _engine(ns, server, keepalive_idle=1, keepalive_interval=1)
-            assert _timed(idle)[1] is None and _timed(busy)[1] is None
-            time.sleep(3.5)                      # idle past 2 s; busy probes every 1 s
-            elapsed, error = _timed(idle)        # its flow was forgotten: dropped, silently
-            assert error == "ConnectionLostError" and elapsed < 4.0, (elapsed, error)
-            assert _timed(busy) == (pytest.approx(0, abs=1.0), None)  # probes kept it known
-            assert table.dropped() > 0
-            raise Boom
-    assert idle is not None and busy is not None
-    idle.dispose()
-    busy.dispose()
-    assert ns.call(lambda: open(path).read().strip()) != "2"
-    assert "labkit_reaper" not in ns.nft("list ruleset")
+    seen = ns.call(_reaper_run, ns, server.info().url(), server.info().port)
+    assert seen["armed"] == "2" and seen["warm"] == (None, None) and seen["raised"]
+    elapsed, error = seen["idle"]
+    assert error == "ConnectionLostError" and elapsed < 4.0, seen
+    assert seen["busy"][1] is None and seen["busy"][0] < 1.0, seen
+    assert seen["dropped"] > 0
+    assert seen["restored"] == seen["initial"] != "2"
+    assert "labkit_reaper" not in seen["rules_after"]
 
 
 @needs_namespace
-def test_async_code_runs_inside_with_run_async(inside: tuple[NetworkNamespace, LocalServer]):
+def test_code_runs_inside_by_reference_and_its_errors_come_back(
+        inside: tuple[NetworkNamespace, LocalServer]):
     ns, server = inside
-
-    async def version() -> str:
-        engine = create_async_engine(Settings(url=server.info().url()), pool=ONE)
-        try:
-            async with engine.connect() as conn:
-                return str((await conn.execute(text("SHOW server_version"))).scalar_one())
-        finally:
-            await engine.dispose()
-
-    assert ns.run_async(version)
-    with pytest.raises(TypeError):
-        ns.attach(create_async_engine(Settings(url=server.info().url())))  # type: ignore[arg-type]
+    assert ns.run_async(_server_version, server.info().url())
+    assert ns.call(os.getpid) != os.getpid()           # the helper process
+    with pytest.raises(ZeroDivisionError):
+        ns.call(divmod, 1, 0)
+    with pytest.raises(OSError, match="failed in the namespace"):
+        ns.run(["false"])
 
 
 def _host_ruleset() -> str:
     import subprocess
 
-    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True,
-                          check=True).stdout
+    from labkit.lab.netns import _nft
+
+    nft = _nft()
+    assert nft is not None
+    return subprocess.run([nft, "list", "ruleset"], capture_output=True, text=True,
+                          check=False).stdout
