@@ -23,20 +23,28 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)
 
-# The tests drive Debian's chromium (the site; JupyterLab as `make lab` starts it, running
-# notebook 01 from its menu), docker-compose (compose file validation; no Docker engine
-# needed), nft (notebook 07's partitions, inside a network namespace) and pgbouncer
-# (notebook 09, tests/test_pgbouncer.py); as root they are installed here (a non-root
-# user's PATH lacks /usr/sbin, where Debian puts nft and pgbouncer: the check looks there
-# too). Each entry is command:package.
-SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose nft:nftables pgbouncer:pgbouncer
+# The only step that needs root, once: Debian packages. The tests drive chromium (the
+# site; JupyterLab as `make lab` starts it, running notebook 01 from its menu),
+# docker-compose (compose file validation; no Docker engine needed) and pgbouncer
+# (notebook 09, tests/test_pgbouncer.py); nft (package nftables) is optional: notebook 07
+# drops packets with it in a network namespace it creates as the user (no root), and
+# without it uses its fault proxy instead (its namespace tests are then skipped). As root
+# the packages are installed here; an ordinary user is told which are missing and the
+# command that installs them (a user's PATH lacks /usr/sbin, where Debian puts nft and
+# pgbouncer: the check looks there too). Each entry is command:package.
+SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose pgbouncer:pgbouncer
+OPTIONAL_TOOLS := nft:nftables
 system-tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing$$missing (apt)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "missing:$$missing — sudo apt-get install$$missing" >&2; exit 1; fi; fi
+	@missing=""; optional=""; \
+	for t in $(SYSTEM_TOOLS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	for t in $(OPTIONAL_TOOLS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null || optional="$$optional $${t#*:}"; done; \
+	if [ -n "$$missing$$optional" ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing$$missing$$optional (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing $$optional >/dev/null; \
+	elif [ -n "$$missing$$optional" ]; then \
+	  if [ -n "$$optional" ]; then echo "note: nftables is missing: notebook 07 will use its fault proxy instead of kernel partitions and the namespace tests will be skipped; to install: sudo apt-get install nftables" >&2; fi; \
+	  if [ -n "$$missing" ]; then echo "missing system packages:$$missing (the site and notebook 01 in JupyterLab, the compose file check, PgBouncer); install them once with: sudo apt-get install$$missing$$optional" >&2; exit 1; fi; \
+	fi
 
 # DATABASE_URL (environment or .env) if set, else the local server, started once.
 db-up: install
