@@ -14,8 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from labkit import TEST_POOL, Settings, create_engine
-from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, every, run_http, scrape
-from labkit.lab.services import ServiceError, free_port, uvicorn_service
+from labkit.lab.httpload import Call, HttpLoad, every, metrics_sampler, run_http, scrape
+from labkit.lab.server import free_port
+from labkit.lab.services import ServiceError, uvicorn_service
 from tests.conftest import own_schema
 
 
@@ -123,8 +124,8 @@ def test_load_records_start_headers_end_and_status_of_each_request(db_url: URL) 
 def test_metrics_sampler_reads_prometheus_samples_on_the_runs_clock(db_url: URL) -> None:
     with uvicorn_service("examples.fastapi_app:app", database_url=db_url) as service:
         with HttpLoad(service.base_url, [every("/ready", interval=0.05, duration=0.5)]
-                      ) as run, MetricsSampler(service.base_url, interval=0.05,
-                                               t0=run.t0) as sampler:
+                      ) as run, metrics_sampler(service.base_url, interval=0.05,
+                                                t0=run.t0) as sampler:
             run.wait()
             time.sleep(0.1)
         values = scrape(service.base_url)
@@ -139,7 +140,17 @@ def test_load_and_sampler_refuse_nonsense_arguments() -> None:
     with pytest.raises(ValueError, match="timeout must be > 0"):
         HttpLoad("http://127.0.0.1:1", [], timeout=0)
     with pytest.raises(ValueError, match="interval must be > 0"):
-        MetricsSampler("http://127.0.0.1:1", interval=0)
+        metrics_sampler("http://127.0.0.1:1", interval=0)
+
+
+def test_metrics_sampler_counts_failed_scrapes_and_reads_absent_samples_as_zero() -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with metrics_sampler(nowhere, interval=0.01) as sampler:
+        deadline = time.monotonic() + 10
+        while sampler.failures < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert sampler.failures >= 4 and sampler.samples == []  # the last one at exit too
+    assert sampler.peak("labkit_pool_in_use") == 0.0
 
 
 def test_the_example_creates_its_tables_in_the_schema_the_url_names(db_url: URL) -> None:
