@@ -964,6 +964,146 @@ def request_timeline(result: LoadResult, *, title: str,
     return fig
 
 
+# -- failure cases and a request's life (notebooks 01, 04, 08) ---------------------------
+
+
+@_styled
+def points_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+                 xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
+                 windows: Sequence[tuple[float, float, str]] | None = None,
+                 vlines: Mapping[str, float] | None = None,
+                 failed: Sequence[str] = (), legend: str = "best") -> Figure:
+    """Separate measurements as points, one marker per series, no lines between them.
+
+    For probes and requests sent one after another: each point is its own event, not a
+    sample of a trend.
+
+    Args:
+        series: ``{name: (xs, ys)}``.
+        title: The question the chart answers.
+        xlabel: Label of the x axis, with its unit.
+        ylabel: Label of the y axis, with its unit.
+        hlines: Limits or medians, dashed and named.
+        windows: Fault windows, shaded and named.
+        vlines: Moments, dotted and named.
+        failed: Names of series drawn in the kit's red (failures).
+        legend: Where the legend goes (matplotlib's ``loc``).
+
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=_SIZE)
+    ys: list[float] = []
+    for i, (name, (x, y)) in enumerate(series.items()):
+        values = [float(v) for v in y]
+        ys += values
+        kw: dict[str, Any] = {"label": name, "linestyle": "", "zorder": 2 + i,
+                              "marker": _MARKERS[i % len(_MARKERS)],
+                              "markersize": max(4.0, 7.0 - 1.0 * i)}
+        if name in failed:
+            kw["color"] = COLORS["failed"]
+        ax.plot(list(x), values, **kw)
+    _hlines(ax, hlines)
+    _vlines(ax, vlines)
+    _windows(ax, windows)
+    _from_zero(ax, ys + list((hlines or {}).values()), "y")
+    fig = _finish(fig, ax, title, xlabel, ylabel, legend=False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc=legend)
+    return fig
+
+
+@_styled
+def failures_over_time(runs: Mapping[str, tuple[LoadResult, tuple[float, float]]], *,
+                       title: str, window: str = "server restarting",
+                       bucket: float = 0.1) -> Figure:
+    """Failed operations per time bucket, one panel per run, each with its own fault window.
+
+    Runs whose faults lasted differently are not drawn against one shared window: each
+    panel shades the span its own fault took.
+
+    Args:
+        runs: ``{name: (result, (fault_start, fault_end))}``, times in seconds since the
+            run's start.
+        title: The question the chart answers.
+        window: The name of the shaded span.
+        bucket: Width of a time bucket, in seconds.
+
+    Returns:
+        The figure.
+    """
+    fig, axes = plt.subplots(len(runs), 1, figsize=(WIDTH, 1.4 + 1.7 * len(runs)),
+                             sharex=True, squeeze=False)
+    end = max(max((op.end for op in r.ops), default=0.0) for r, _ in runs.values())
+    n = max(1, math.ceil(end / bucket))
+    top = 1
+    for ax, (name, (result, (down, up))) in zip(axes[:, 0], runs.items()):
+        counts = [0] * n
+        for op in result.ops:
+            if not op.ok:
+                counts[min(int(op.start / bucket), n - 1)] += 1
+        top = max(top, *counts)
+        ax.step([i * bucket for i in range(n)], counts, where="post",
+                color=COLORS["failed"], linewidth=1.8)
+        _windows(ax, [(down, up, f"{window} ({up - down:.2f} s)")])
+        ax.set_ylabel(f"failed per\n{bucket * 1000:.0f} ms")
+        ax.set_title(name, loc="left", fontsize=TEXT_PT, fontweight="normal")
+        ax.tick_params(which="both", labelsize=SMALL_PT)
+    for ax in axes[:, 0]:
+        ax.set_ylim(0, top * 1.3)
+        _integer_ticks(ax, "y")
+    axes[-1, 0].set_xlabel("time (s)")
+    _plain_axis(axes[-1, 0], "x")
+    _title(fig, title)
+    plt.close(fig)
+    return fig
+
+
+def lost_commit_chart(outcomes: Mapping[str, Mapping[str, float]], *, payments: int,
+                      title: str) -> Figure:
+    """Grouped bars per retry policy: rows stored, duplicates, callers told "unknown".
+
+    Colours carry the meaning (stored: cool, a duplicate: red, a warning: warm) and the
+    legend shows exactly the bars' colours; the payments made are the dashed line.
+
+    Args:
+        outcomes: ``{policy: {"rows stored": n, "duplicates": n, "caller told unknown": n}}``.
+        payments: How many payments were made.
+        title: The question the chart answers.
+
+    Returns:
+        The figure.
+    """
+    series = {"rows stored": COLORS["using"], "duplicates": COLORS["failed"],
+              "caller told unknown": COLORS["waiting"]}
+    return bar_chart({policy: {name: r[name] for name in series}
+                      for policy, r in outcomes.items()},
+                     title=title, ylabel="count", colors=series,
+                     hlines={f"payments made ({payments})": payments})
+
+
+def backend_after_client_chart(seconds: Mapping[str, float], *, stopped: Mapping[str, str],
+                               remaining: float, title: str) -> Figure:
+    """How long a backend kept running its statement after the client acted, per case.
+
+    Args:
+        seconds: ``{case: seconds the backend stayed active after the client's action}``.
+        stopped: ``{case: what ended the statement}`` (written beside each bar); a case
+            whose statement was stopped early is drawn cool, one that ran on warm.
+        remaining: Seconds the statement still had to run when the client acted: a run
+            that lasted this long was never stopped.
+        title: The question the chart answers.
+
+    Returns:
+        The figure.
+    """
+    colors = {case: COLORS["waiting"] if s > 0.5 * remaining else COLORS["using"]
+              for case, s in seconds.items()}
+    return duration_chart(seconds, notes=stopped, colors=colors,
+                          limit=(f"the statement's remaining {remaining:g} s", remaining),
+                          title=title, xlabel="seconds the backend kept running after the client acted")
+
+
 # -- sessions, lost updates, pool sizes and scaling (notebooks 03, 05, 06) ------------------
 
 
