@@ -1010,6 +1010,8 @@ def points_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
     _hlines(ax, hlines)
     _vlines(ax, vlines)
     _windows(ax, windows)
+    if windows or vlines:
+        ax.margins(y=0.18)          # room above the points for the windows' names
     _from_zero(ax, ys + list((hlines or {}).values()), "y")
     fig = _finish(fig, ax, title, xlabel, ylabel, legend=False)
     if ax.get_legend_handles_labels()[0]:
