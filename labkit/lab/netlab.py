@@ -212,9 +212,10 @@ def _dispose(eng: Engine) -> None:
 
 # --- 1. idle flows reaped ----------------------------------------------------------------------
 
-def _requests_in_a_row(eng: Engine, count: int, cap: float) -> tuple[float | None, list[str | None]]:
-    """Requests one after another: seconds until the first success, and each outcome."""
+def _requests_in_a_row(eng: Engine, count: int, cap: float) -> dict[str, Any]:
+    """Requests one after another: each one's seconds and outcome, and the first success."""
     outcomes: list[str | None] = []
+    seconds: list[float] = []
     first_ok, start = None, time.perf_counter()
     for _ in range(count):
         box: dict[str, str | None] = {}
@@ -227,27 +228,30 @@ def _requests_in_a_row(eng: Engine, count: int, cap: float) -> tuple[float | Non
             except Exception as exc:  # noqa: BLE001 - classified
                 box["error"] = _classify(exc)
 
+        began = time.perf_counter()
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         worker.join(cap)
         if worker.is_alive():
             outcomes.append(STILL_WAITING)
+            seconds.append(cap)
             _cut(eng)
             worker.join(5)
             continue
         outcomes.append(box["error"])
+        seconds.append(time.perf_counter() - began)
         if box["error"] is None and first_ok is None:
             first_ok = time.perf_counter() - start
-    return first_ok, outcomes
+    return {"first_ok": first_ok, "outcomes": outcomes, "seconds": seconds}
 
 
 def idle_reaped(net: FaultNetwork, *, reap_after: int = 2, idle: float = 3.5,
                 cap: float = 6.0) -> dict[str, Any]:
     """Pools of one connection idle past the reaper's limit, then three requests each.
 
-    Returns ``{"cases": {name: {"first_ok": s | None, "outcomes": [...], "opened": n}},
-    "dropped": n}``; a request still waiting after ``cap`` seconds is cut and counted
-    as ``"still waiting"``.
+    Returns ``{"cases": {name: {"first_ok": seconds to the first success or None,
+    "outcomes": [...], "seconds": [...], "opened": connections}}, "dropped": n}``; a
+    request still waiting after ``cap`` seconds is cut and counted as ``"still waiting"``.
     """
     ping = ONE.replace(pool_pre_ping=True)
     cases: dict[str, Callable[[], Engine]] = {
@@ -263,7 +267,7 @@ def idle_reaped(net: FaultNetwork, *, reap_after: int = 2, idle: float = 3.5,
         "TCP keepalives every 1 s": lambda: _engine(net, "reap-keepalive", ping, tcp=TcpSettings(
             keepalive_idle=1, keepalive_interval=1, keepalive_count=3)),
     }
-    results: dict[str, tuple[float | None, list[str | None]]] = {}
+    results: dict[str, dict[str, Any]] = {}
     with net.reaping_idle(reap_after) as reaper:        # before any connection opens
         engines = {name: make() for name, make in cases.items()}
         for eng in engines.values():
@@ -278,8 +282,7 @@ def idle_reaped(net: FaultNetwork, *, reap_after: int = 2, idle: float = 3.5,
         for thread in threads:
             thread.join()
         dropped = reaper.dropped()
-    report = {name: {"first_ok": results[name][0], "outcomes": results[name][1],
-                     "opened": len(eng.labkit_sockets)}  # type: ignore[attr-defined]
+    report = {name: {**results[name], "opened": len(eng.labkit_sockets)}  # type: ignore[attr-defined]
               for name, eng in engines.items()}
     for eng in engines.values():
         _dispose(eng)
@@ -359,7 +362,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
         await asyncio.wait(tasks.values(), timeout=start_after + cap + 0.5)
         for name, task in tasks.items():
             if not task.done():                          # end the wait we gave up on
-                (await conns[name].get_raw_connection()).driver_connection.terminate()
+                (await conns[name].get_raw_connection()).driver_connection.terminate()  # type: ignore[union-attr]
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         for name in _ASYNC_CASES:
             with contextlib.suppress(Exception):
