@@ -6,7 +6,7 @@ publishes those copies as ``notebooks/<name>.ipynb`` so mkdocs-jupyter renders t
 their charts, without executing anything a second time. A notebook without an executed
 copy is published without outputs, with a warning (so ``mkdocs build --strict`` fails).
 
-What JupyterLab shows and what the site shows differ in three ways, all decided here:
+What JupyterLab shows and what the site shows differ in four ways, all decided here:
 
 - **Progress and log lines stay in JupyterLab.** A long cell reports progress on stderr,
   and labkit logs its warnings there; a reader of the site wants the results, not red
@@ -18,6 +18,9 @@ What JupyterLab shows and what the site shows differ in three ways, all decided 
   from a Markdown rendering whose slugs differ from the published ids
   (``4-database-down-at-start-up`` for ``4-database-down-at-start-up-wait_for_database``);
   it is rebuilt from the published headings.
+- **Links between notebooks lead to their pages.** A notebook links to another as
+  JupyterLab resolves it (``08_request_lifecycle.ipynb#client-hang-up``); the published
+  page links to ``../08_request_lifecycle/#client-hang-up`` instead.
 - **Links are checked, and nothing is fetched from outside.** A ``#anchor`` link inside a
   notebook page that names no id, and two headings with one id (the second's TOC entry
   leads to the first), are warnings, so ``mkdocs build --strict`` fails. The page's ids
@@ -144,11 +147,24 @@ _CDN_LOADERS = [
 ]
 
 
+# A notebook links to another as JupyterLab resolves it (``08_request_lifecycle.ipynb#x``);
+# on the site that notebook is the page ``../08_request_lifecycle/``.
+_NOTEBOOK_LINK = re.compile(r'href="(\d\d_[A-Za-z0-9_]+)\.ipynb(#[^"]*)?"')
+
+
 def on_page_content(html_text: str, page, config, files) -> str:
     if not page.file.src_uri.endswith(".ipynb"):
         return html_text
     for pattern in _CDN_LOADERS:
         html_text = pattern.sub("", html_text)
+
+    def to_page(match: re.Match[str]) -> str:
+        if files.get_file_from_path(f"notebooks/{match[1]}.ipynb") is None:
+            log.warning("Notebook page '%s' links to %s.ipynb, which is not published.",
+                        page.file.src_uri, match[1])
+        return f'href="../{match[1]}/{match[2] or ""}"'
+
+    html_text = _NOTEBOOK_LINK.sub(to_page, html_text)
     parsed = _Anchors()
     parsed.feed(html_text)
     page.present_anchor_ids = parsed.ids
