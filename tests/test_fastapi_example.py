@@ -36,7 +36,8 @@ from examples import pitfalls
 from examples.service import main, routes
 from labkit import TEST_POOL, Settings, create_engine
 from labkit.lab import LocalServer
-from labkit.lab.httpload import Call, HttpLoad, MetricsSampler, scrape
+from labkit.lab.httpload import Call, HttpLoad, metrics_sampler, scrape
+from labkit.lab.sampler import Sampler
 from labkit.lab.proxy import FaultProxy
 from labkit.lab.services import ServiceError, uvicorn_service
 from labkit.web import AsyncSessionManager, SessionManager, get_async_db, get_db
@@ -515,7 +516,7 @@ def test_streamed_export_returns_its_connection_before_the_first_byte(
                 client.post(f"/orders/{order_id}", params={"item": f"item {order_id}"})
         calls = [[Call("GET", "/orders/export", params={"delay": 0.25}, at=0.05 * n)]
                  for n in range(4)]
-        with HttpLoad(base, calls, timeout=10) as run, MetricsSampler(
+        with HttpLoad(base, calls, timeout=10) as run, metrics_sampler(
                 base, interval=0.05, t0=run.t0) as sampler:
             run.wait()
         assert run.result.statuses() == {"200": 4}
@@ -615,11 +616,11 @@ _SERVICE_STATES = ("SELECT state, count(*) FROM pg_stat_activity WHERE pid <> pg
 
 
 def _hang_up(base: str, path: str, params: dict[str, float], *, after: float
-             ) -> tuple[float, MetricsSampler]:
+             ) -> tuple[float, Sampler]:
     """Send one request, give up after ``after`` s (read timeout: the socket is closed);
     return when it hung up, on the sampler's clock, with ``/metrics`` sampled for 2 s."""
     with HttpLoad(base, [[Call("GET", path, params=params)]], timeout=after) as run, \
-            MetricsSampler(base, interval=0.02, t0=run.t0) as sampler:
+            metrics_sampler(base, interval=0.02, t0=run.t0) as sampler:
         run.wait()
         time.sleep(2.0)
     (record,) = run.result.records
@@ -627,7 +628,7 @@ def _hang_up(base: str, path: str, params: dict[str, float], *, after: float
     return record.end, sampler
 
 
-def _in_use_until(sampler: MetricsSampler, after: float) -> float:
+def _in_use_until(sampler: Sampler, after: float) -> float:
     """The last sampled time (after ``after``) at which a connection was checked out."""
     times, in_use = sampler.series("labkit_pool_in_use")
     return max((t for t, v in zip(times, in_use) if v > 0 and t >= after), default=after)

@@ -95,7 +95,7 @@ def test_missing_keys_are_skipped_or_read_as_the_missing_value():
     with Sampler(source, interval=0.01, missing=0.0) as zeros:
         _wait_until(lambda: len(zeros.samples) >= 3)
     assert zeros.series("b")[1][:3] == [0.0, 5.0, 0.0]
-    assert zeros.peak("never") == 0.0
+    assert zeros.max("never") == 0.0
 
 
 def test_nonsense_arguments_are_refused(observer: Engine):

@@ -150,7 +150,7 @@ def test_metrics_sampler_counts_failed_scrapes_and_reads_absent_samples_as_zero(
         while sampler.failures < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert sampler.failures >= 4 and sampler.samples == []  # the last one at exit too
-    assert sampler.peak("labkit_pool_in_use") == 0.0
+    assert sampler.max("labkit_pool_in_use") == 0.0
 
 
 def test_the_example_creates_its_tables_in_the_schema_the_url_names(db_url: URL) -> None:

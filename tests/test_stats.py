@@ -95,12 +95,8 @@ def test_a_load_run_a_sweep_and_a_benchmark_print_the_same_p99_for_the_same_valu
     assert record["p50_ms"] == pytest.approx(statistics.median(latencies_ms), abs=1e-3)
 
 
-def test_former_names_are_the_one_implementation():
-    """Notebooks import these names from their former modules; each is the one object."""
-    assert load.percentile is stats.percentile
-    assert bench.median_interval is stats.median_interval
+def test_the_lab_has_one_percentile_one_free_port_and_one_sampler():
+    assert load.percentile is stats.percentile and bench.percentile is stats.percentile
     assert services.free_port is server.free_port
-    assert httpload.MetricsSampler is httpload.metrics_sampler
     assert arrivals.Sampler is sampler.Sampler
-    assert sampler.Sampler.peak is sampler.Sampler.max
-    assert not hasattr(bench, "quantile")
+    assert not hasattr(bench, "quantile") and not hasattr(httpload, "MetricsSampler")

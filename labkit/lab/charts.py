@@ -543,7 +543,7 @@ def box_chart(groups: Mapping[str, Sequence[float]], *, title: str, xlabel: str 
     Returns:
         The figure.
     """
-    from labkit.lab.load import percentile
+    from labkit.lab.stats import percentile
 
     names = list(groups)
     data = [sorted(float(v) for v in groups[name]) for name in names]

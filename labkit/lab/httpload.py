@@ -303,6 +303,3 @@ def metrics_sampler(base_url: str, *, interval: float = 0.05,
     return Sampler(_MetricsSource(base_url), interval=interval, t0=t0,
                    tolerate=(httpx.HTTPError,), missing=0.0)
 
-
-MetricsSampler = metrics_sampler
-"""Another name of ``metrics_sampler``, as notebook 08 and the service recipe import it."""

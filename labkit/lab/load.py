@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from labkit.errors import translate_error
-from labkit.lab.stats import percentile  # also importable from here, as notebooks do
+from labkit.lab.stats import percentile
 
 __all__ = ["LoadResult", "OpRecord", "run_async_load", "run_sync_load", "timed_operation"]
 

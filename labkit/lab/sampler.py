@@ -217,4 +217,3 @@ class Sampler:
         """Return the largest sampled value of ``key`` (``missing`` when none was)."""
         return max(self.series(key)[1], default=self.missing)
 
-    peak = max  # the name notebook 08 and the service recipe use

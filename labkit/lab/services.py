@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import URL
 
-from labkit.lab.server import free_port  # also importable from here, as exercises do
+from labkit.lab.server import free_port
 
 __all__ = ["REPOSITORY_ROOT", "Service", "ServiceError", "uvicorn_service"]
 

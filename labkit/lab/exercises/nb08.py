@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from labkit import DEVELOPMENT_POOL, Settings
 from labkit.web import SessionManager, get_db
 from labkit.lab.exercises import ExerciseFailed, exercise, require
-from labkit.lab.services import free_port
+from labkit.lab.server import free_port
 
 _APPLICATION = "labkit-exercise-08-1"
 # The pool the check serves with, and a burst of three times as many requests.
