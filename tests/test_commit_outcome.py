@@ -1,7 +1,7 @@
 """A COMMIT whose answer is lost: reported, never silently retried, through a real TCP proxy.
 
 Every test runs the real drivers (psycopg2 and asyncpg) against the real server through
-``labkit.lab.network.FaultProxy``, which relays the client's COMMIT to the server, waits
+``labkit.lab.proxy.FaultProxy``, which relays the client's COMMIT to the server, waits
 for the server's answer, drops it and resets the client's connection: the server has
 committed, the client cannot know. Rows are counted through a second engine that does
 not go through the proxy.
@@ -40,7 +40,7 @@ from labkit import (
     run_in_transaction,
     session_scope,
 )
-from labkit.lab.network import FaultProxy
+from labkit.lab.proxy import FaultProxy
 from labkit.retry import Attempt
 from labkit.web import AsyncSessionManager, SessionManager
 from tests.conftest import count_rows, fresh_table

@@ -47,7 +47,7 @@ def throwaway_server(*, settings: dict[str, str] | None = None,
                      netns: Namespace | None = None) -> Iterator[LocalServer]:
     """Start a private PostgreSQL for destructive experiments; destroy it on exit.
 
-    With ``netns`` (a ``labkit.lab.network.NetworkNamespace``) the server listens on
+    With ``netns`` (a ``labkit.lab.netns.NetworkNamespace``) the server listens on
     that namespace's own loopback: only connections opened inside reach it, and
     network faults in the namespace (a partition) never touch the host.
     """

@@ -73,7 +73,7 @@ DEFAULT_SERVER_SETTINGS: dict[str, str] = {
 
 
 class Namespace(Protocol):
-    """Where a server's network lives: ``labkit.lab.network.NetworkNamespace``."""
+    """Where a server's network lives: ``labkit.lab.netns.NetworkNamespace``."""
 
     def inside(self) -> bool:
         """Return True when the calling thread is in the namespace."""

@@ -171,7 +171,7 @@ def lost_commit_answer(namespace: Mapping[str, Any], url: URL) -> str:
     Passes when every call returns without an error and each payment is stored exactly
     once (the table's primary key is the payment's id).
     """
-    from labkit.lab.network import FaultProxy
+    from labkit.lab.proxy import FaultProxy
 
     pay = require(namespace, "pay", callable)
     sync_url = to_sync_url(url)

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, Engine
 
 from labkit.errors import translate_error
 from labkit.lab.exercises import ExerciseFailed, exercise, require
-from labkit.lab.network import FaultProxy
+from labkit.lab.proxy import FaultProxy
 
 BOUND_S = 3.0        # the caller must get control back within this, from the query's start
 FORGET_AFTER_S = 0.4  # the proxy forgets a flow idle this long
