@@ -26,7 +26,7 @@ install: $(STAMP)
 # The only step that needs root, once: Debian packages. The tests drive chromium (the
 # site; JupyterLab as `make lab` starts it, running notebook 01 from its menu),
 # docker-compose (compose file validation; no Docker engine needed) and pgbouncer
-# (notebook 09, tests/test_pgbouncer.py); nft (package nftables) is optional: notebook 07
+# (notebook 09, tests/test_pgbouncer.py); nft (package nftables) is optional: notebook 08
 # drops packets with it in a network namespace it creates as the user (no root), and
 # without it uses its fault proxy instead (its namespace tests are then skipped). As root
 # the packages are installed here; an ordinary user is told which are missing and the
@@ -42,7 +42,7 @@ system-tools:
 	  echo "installing$$missing$$optional (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing $$optional >/dev/null; \
 	elif [ -n "$$missing$$optional" ]; then \
-	  if [ -n "$$optional" ]; then echo "note: nftables is missing: notebook 07 will use its fault proxy instead of kernel partitions and the namespace tests will be skipped; to install: sudo apt-get install nftables" >&2; fi; \
+	  if [ -n "$$optional" ]; then echo "note: nftables is missing: notebook 08 will use its fault proxy instead of kernel partitions and the namespace tests will be skipped; to install: sudo apt-get install nftables" >&2; fi; \
 	  if [ -n "$$missing" ]; then echo "missing system packages:$$missing (the site and notebook 01 in JupyterLab, the compose file check, PgBouncer); install them once with: sudo apt-get install$$missing$$optional" >&2; exit 1; fi; \
 	fi
 

@@ -1,6 +1,6 @@
 """The same service with the session's scope left at FastAPI's default: not for copying.
 
-Notebook 08 and the tests serve this next to ``examples.service`` to measure what
+Notebook 05 and the tests serve this next to ``examples.service`` to measure what
 the default costs. The only difference is the dependency: plain ``Depends(get_db)``,
 whose scope is ``"request"`` for a dependency with ``yield`` (FastAPI 0.118 and later).
 Its code after ``yield`` (the COMMIT, then closing the session) runs *after the response

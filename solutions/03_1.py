@@ -1,23 +1,18 @@
-"""Solution 03.1: one transfer, one transaction.
+"""Solution 03.1: size the pool for the tail, not for the average.
 
-What was wrong: ``session.commit()`` between the debit and the credit ended the
-transaction half-way. When the credit then failed (no such account), the debit was
-already permanent: the money left one account and arrived nowhere. ``factory.begin()``
-opens one transaction for the whole block, commits it when the block ends and rolls all
-of it back when anything inside raises.
+What was wrong: Little's law (150/s x 12 ms = 1.8) gives the connections in use *on
+average*, and a pool of 2 is then 90 % busy: most requests queue and the p99 wait runs
+to hundreds of milliseconds. ``recommend_pool`` asks Erlang C for the smallest pool whose
+p99 checkout wait meets the target: 5 connections, about 36 % busy on average.
 """
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session, sessionmaker
+from labkit.sizing import recommend_pool
 
-DEBIT = text("UPDATE accounts SET balance = balance - :amount WHERE id = :id")
-CREDIT = text("UPDATE accounts SET balance = balance + :amount WHERE id = :id")
+CHECKOUTS_PER_S = 150        # measured: checkouts per second at the busiest hour
+MEAN_HOLD_S = 0.012          # measured: mean time a request holds its connection
+TARGET_P99_WAIT_S = 0.010    # asked: p99 checkout wait at most 10 ms
 
-
-def transfer(factory: sessionmaker[Session], source: int, target: int, amount: int) -> None:
-    """Move ``amount`` from account ``source`` to account ``target``: all of it or nothing."""
-    with factory.begin() as session:          # commits at the end, rolls back on error
-        session.execute(DEBIT, {"id": source, "amount": amount})
-        credited = session.execute(CREDIT, {"id": target, "amount": amount}).rowcount
-        if credited != 1:
-            raise LookupError(f"no account {target}")   # rolls the debit back too
+advice = recommend_pool(CHECKOUTS_PER_S, MEAN_HOLD_S, target_wait_s=TARGET_P99_WAIT_S,
+                        percentile=99, headroom=0)
+POOL_SIZE = advice.pool_size
+print(advice.explanation)

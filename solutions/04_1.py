@@ -1,19 +1,23 @@
-"""Solution 04.1: bound both waits of a checkout.
+"""Solution 04.1: one transfer, one transaction.
 
-What was wrong: nothing limited how long a request waits for a connection. From a full
-pool it waited SQLAlchemy's default ``pool_timeout`` of 30 s; against a server that
-accepts the TCP connection and then never answers (frozen, overloaded, a half-open
-network path), libpq's default is to wait for ever. ``pool_timeout`` bounds the first
-wait, the driver's ``connect_timeout`` the second; a request then fails in about 2 s and
-can be answered with a 503 while the pool or the server recovers.
+What was wrong: ``session.commit()`` between the debit and the credit ended the
+transaction half-way. When the credit then failed (no such account), the debit was
+already permanent: the money left one account and arrived nowhere. ``factory.begin()``
+opens one transaction for the whole block, commits it when the block ends and rolls all
+of it back when anything inside raises.
 """
 
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import URL
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+DEBIT = text("UPDATE accounts SET balance = balance - :amount WHERE id = :id")
+CREDIT = text("UPDATE accounts SET balance = balance + :amount WHERE id = :id")
 
 
-def make_engine(url: URL) -> Engine:
-    """The service's engine: 2 pooled connections; a checkout fails within 2 s, whatever happens."""
-    return create_engine(url, pool_size=2, max_overflow=0,
-                         pool_timeout=2,                        # waiting for a free connection
-                         connect_args={"connect_timeout": 2})   # waiting for the server
+def transfer(factory: sessionmaker[Session], source: int, target: int, amount: int) -> None:
+    """Move ``amount`` from account ``source`` to account ``target``: all of it or nothing."""
+    with factory.begin() as session:          # commits at the end, rolls back on error
+        session.execute(DEBIT, {"id": source, "amount": amount})
+        credited = session.execute(CREDIT, {"id": target, "amount": amount}).rowcount
+        if credited != 1:
+            raise LookupError(f"no account {target}")   # rolls the debit back too

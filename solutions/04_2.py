@@ -1,27 +1,31 @@
-"""Solution 04.2: an idempotency key, then the promise.
+"""Solution 04.2: keep what was loaded when the session commits.
 
-What was wrong: when the answer to ``COMMIT`` is lost, the payment may be stored or
-not. ``run_in_transaction`` rightly refused to guess and raised
-``CommitOutcomeUnknownError``. Declaring the plain ``INSERT`` idempotent is not the fix:
-the retry inserts the same payment again, and the primary key rejects it
-(``IntegrityError``) although the first attempt was committed. With
-``ON CONFLICT (payment) DO NOTHING`` a second run after a committed first one changes
-nothing; only then is ``idempotent=True`` true, and the retry is safe.
+What was wrong: the factory uses SQLAlchemy's default ``expire_on_commit=True``, so the
+commit marked every attribute of ``note`` as stale, to be reloaded on next access. By
+then the session was closed, and reading ``note.text`` raised ``DetachedInstanceError``.
+Opening the session with ``expire_on_commit=False`` (labkit's sessionmakers do) keeps
+the values just written; the object stays readable after the session closes, at no
+extra query.
 """
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session, sessionmaker
-
-from labkit import RetryPolicy, run_in_transaction
-
-RECORD = text("INSERT INTO payments (payment, amount) VALUES (:payment, :amount) "
-              "ON CONFLICT (payment) DO NOTHING")
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
-def pay(factory: sessionmaker[Session], payment: str, amount: int) -> None:
-    """Record payment ``payment`` exactly once, even when the answer to its COMMIT is lost."""
-    run_in_transaction(factory,
-                       lambda session: session.execute(RECORD, {"payment": payment,
-                                                                "amount": amount}),
-                       idempotent=True,    # true now: a second run changes nothing
-                       policy=RetryPolicy(max_attempts=3, initial_delay=0.01))
+class ExerciseBase(DeclarativeBase):
+    pass
+
+
+class Note(ExerciseBase):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(String(200))
+
+
+def create_note(factory: sessionmaker[Session], note_id: int, body: str) -> Note:
+    """Store a note and return it, for the caller to read (to answer a request, say)."""
+    with factory(expire_on_commit=False) as session:
+        note = Note(id=note_id, text=body)
+        session.add(note)
+        session.commit()
+    return note

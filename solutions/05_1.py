@@ -1,27 +1,25 @@
-"""Solution 05.1: one AsyncSession per task.
+"""Exercise 05.1, solved: the dependency shares the request's session.
 
-What was wrong: every lookup ran on the same ``AsyncSession``, and a session is one
-connection, one conversation with the server. Started together on a session that had no
-connection yet, the tasks were refused (``InvalidRequestError``: the session is
-"provisioning a new connection"); on a session already connected they would have queued
-behind each other on its one connection, in one transaction. A session per task lets
-each lookup take its own pooled connection, so the waits overlap.
+What was wrong: ``get_caller`` opened a session of its own (``manager.session()``) and,
+as a ``yield`` dependency, kept it until the request ended, next to the handler's
+``SessionDep``. Each request then held two pooled connections at once: with as many
+simultaneous requests as the pool has connections, each held one and waited for a
+second, until ``pool_timeout`` answered them 503. Taking ``session: SessionDep`` as a
+parameter, the dependency gets the very session the handler gets (FastAPI resolves a
+dependency once per request), so a request needs one connection.
 """
 
-import asyncio
+from typing import Annotated
 
+from fastapi import Depends
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
-PRICE = text("SELECT :id * 10 FROM pg_sleep(0.2)")   # a lookup that waits 0.2 s in the server
+from labkit.web import get_db
 
-
-async def price(factory: async_sessionmaker[AsyncSession], item: int) -> int:
-    """Look up one price in a session of its own."""
-    async with factory() as session:
-        return await session.scalar(PRICE, {"id": item})
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 
-async def prices(factory: async_sessionmaker[AsyncSession], ids: list[int]) -> list[int]:
-    """Look up the prices of ``ids`` concurrently: all together in about 0.2 s, not 0.2 s each."""
-    return list(await asyncio.gather(*(price(factory, item) for item in ids)))
+def get_caller(session: SessionDep) -> str:
+    """Return the database role serving the request, read on the request's session."""
+    return str(session.execute(text("SELECT current_user")).scalar_one())

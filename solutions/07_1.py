@@ -1,26 +1,19 @@
-"""Exercise 07.1, solved: a client-side deadline on every statement.
+"""Solution 07.1: bound both waits of a checkout.
 
-What was wrong: the engine relied on TCP keepalives to notice a dead connection. A proxy
-(or load balancer) that forgets a flow silently is itself a TCP endpoint: its kernel
-answers the keepalive probes, so the client's kernel sees a healthy connection and the
-query waits for an answer that never comes. Only a deadline the client keeps itself
-holds whatever breaks: ``labkit.deadline.bound_statements`` (its watchdog cuts the
-socket when a statement runs longer, and the statement fails with ``QueryTimeoutError``).
-Keepalives still help against a real partition, so they stay.
+What was wrong: nothing limited how long a request waits for a connection. From a full
+pool it waited SQLAlchemy's default ``pool_timeout`` of 30 s; against a server that
+accepts the TCP connection and then never answers (frozen, overloaded, a half-open
+network path), libpq's default is to wait for ever. ``pool_timeout`` bounds the first
+wait, the driver's ``connect_timeout`` the second; a request then fails in about 2 s and
+can be answered with a 503 while the pool or the server recovers.
 """
 
-import labkit
-import labkit.tcp
-from labkit import Settings
-from labkit.deadline import bound_statements
-from labkit.tcp import TcpSettings
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL
 
 
-def make_engine(url):
-    """An engine whose statements give control back within 3 s, whatever the network does."""
-    settings = Settings(url=url, application_name="labkit-exercise-07-1")
-    keepalives = TcpSettings(keepalive_idle=1, keepalive_interval=1, keepalive_count=2)
-    engine = labkit.tcp.create_engine(
-        settings, keepalives, pool=labkit.DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0))
-    bound_statements(engine, 1.5)   # every statement: an answer within 1.5 s, or cut
-    return engine
+def make_engine(url: URL) -> Engine:
+    """The service's engine: 2 pooled connections; a checkout fails within 2 s, whatever happens."""
+    return create_engine(url, pool_size=2, max_overflow=0,
+                         pool_timeout=2,                        # waiting for a free connection
+                         connect_args={"connect_timeout": 2})   # waiting for the server

@@ -1,25 +1,26 @@
-"""Exercise 08.1, solved: the dependency shares the request's session.
+"""Exercise 08.1, solved: a client-side deadline on every statement.
 
-What was wrong: ``get_caller`` opened a session of its own (``manager.session()``) and,
-as a ``yield`` dependency, kept it until the request ended, next to the handler's
-``SessionDep``. Each request then held two pooled connections at once: with as many
-simultaneous requests as the pool has connections, each held one and waited for a
-second, until ``pool_timeout`` answered them 503. Taking ``session: SessionDep`` as a
-parameter, the dependency gets the very session the handler gets (FastAPI resolves a
-dependency once per request), so a request needs one connection.
+What was wrong: the engine relied on TCP keepalives to notice a dead connection. A proxy
+(or load balancer) that forgets a flow silently is itself a TCP endpoint: its kernel
+answers the keepalive probes, so the client's kernel sees a healthy connection and the
+query waits for an answer that never comes. Only a deadline the client keeps itself
+holds whatever breaks: ``labkit.deadline.bound_statements`` (its watchdog cuts the
+socket when a statement runs longer, and the statement fails with ``QueryTimeoutError``).
+Keepalives still help against a real partition, so they stay.
 """
 
-from typing import Annotated
-
-from fastapi import Depends
-from sqlalchemy import text
-from sqlalchemy.orm import Session
-
-from labkit.web import get_db
-
-SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+import labkit
+import labkit.tcp
+from labkit import Settings
+from labkit.deadline import bound_statements
+from labkit.tcp import TcpSettings
 
 
-def get_caller(session: SessionDep) -> str:
-    """Return the database role serving the request, read on the request's session."""
-    return str(session.execute(text("SELECT current_user")).scalar_one())
+def make_engine(url):
+    """An engine whose statements give control back within 3 s, whatever the network does."""
+    settings = Settings(url=url, application_name="labkit-exercise-07-1")
+    keepalives = TcpSettings(keepalive_idle=1, keepalive_interval=1, keepalive_count=2)
+    engine = labkit.tcp.create_engine(
+        settings, keepalives, pool=labkit.DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0))
+    bound_statements(engine, 1.5)   # every statement: an answer within 1.5 s, or cut
+    return engine

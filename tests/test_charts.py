@@ -165,7 +165,7 @@ def test_fault_windows_are_shaded_and_named():
     assert "server restarting" in [t.get_text() for t in ax.texts]
 
 
-# -- the helpers notebook 04 uses ---------------------------------------------------------
+# -- the helpers notebook 07 uses ---------------------------------------------------------
 
 
 def test_duration_chart_labels_each_bar_and_greys_out_capped_ones():

@@ -134,7 +134,7 @@ def test_browser_shows_notebook_charts_and_search_finds_a_notebook(browser, site
 # Charts worth a look on every run, as the site shows them: (page, chart number, file name).
 CHART_SHOTS = [("02_pool_behaviour", 1, "02-1-request-timeline.png"),
                ("02_pool_behaviour", 4, "02-2-erlang-c-mean-wait.png"),
-               ("06_pool_sizing", 3, "06-2-erlang-c-p99-recommend-pool.png")]
+               ("03_pool_sizing", 3, "03-2-erlang-c-p99-recommend-pool.png")]
 
 
 def test_browser_shows_the_timeline_and_the_model_charts(browser, site_url):

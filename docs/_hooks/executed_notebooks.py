@@ -19,8 +19,8 @@ What JupyterLab shows and what the site shows differ in four ways, all decided h
   (``4-database-down-at-start-up`` for ``4-database-down-at-start-up-wait_for_database``);
   it is rebuilt from the published headings.
 - **Links between notebooks lead to their pages.** A notebook links to another as
-  JupyterLab resolves it (``08_request_lifecycle.ipynb#client-hang-up``); the published
-  page links to ``../08_request_lifecycle/#client-hang-up`` instead.
+  JupyterLab resolves it (``05_request_lifecycle.ipynb#client-hang-up``); the published
+  page links to ``../05_request_lifecycle/#client-hang-up`` instead.
 - **Links are checked, and nothing is fetched from outside.** A ``#anchor`` link inside a
   notebook page that names no id, and two headings with one id (the second's TOC entry
   leads to the first), are warnings, so ``mkdocs build --strict`` fails. The page's ids
@@ -147,8 +147,8 @@ _CDN_LOADERS = [
 ]
 
 
-# A notebook links to another as JupyterLab resolves it (``08_request_lifecycle.ipynb#x``);
-# on the site that notebook is the page ``../08_request_lifecycle/``.
+# A notebook links to another as JupyterLab resolves it (``05_request_lifecycle.ipynb#x``);
+# on the site that notebook is the page ``../05_request_lifecycle/``.
 _NOTEBOOK_LINK = re.compile(r'href="(\d\d_[A-Za-z0-9_]+)\.ipynb(#[^"]*)?"')
 
 

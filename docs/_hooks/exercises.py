@@ -28,7 +28,7 @@ def exercises_markdown(root: Path = ROOT,
 
     Args:
         root: The repository (holding ``notebooks/`` and ``solutions/``).
-        titles: Notebook titles by file name (``"07_network.ipynb": "07 The network"``,
+        titles: Notebook titles by file name (``"08_network.ipynb": "07 The network"``,
             as in the site's navigation); else made from the file name.
 
     Returns:

@@ -12,7 +12,7 @@ for ``duration`` seconds and returns a record:
 Clients, from the bottom up: ``pgbench`` (C, the ceiling), raw asyncpg pool, raw psycopg2
 (one connection per thread), SQLAlchemy Core, SQLAlchemy ORM session (sync and async), and
 labkit's session scope (sync and async). Used by ``benchmarks/run.py`` (``make bench``) and
-notebooks 05 and 06.
+notebooks 06 and 03.
 
 One short run per client cannot resolve a few percent on a shared machine: other
 processes take the CPU in bursts. ``interleaved_rounds`` therefore runs every client
@@ -945,7 +945,7 @@ def cost_ratio(records: Iterable[dict[str, Any]], numerator: str, denominator: s
             "per_block": [round(r, 5) for r in ratios]}
 
 
-# --- pool sizing (notebook 06) ---------------------------------------------------------------
+# --- pool sizing (notebook 03) ---------------------------------------------------------------
 
 def _slot_work(server_wait_s: float, server_slots: int | None) -> Any:
     if server_slots is None:

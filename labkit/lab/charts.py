@@ -968,7 +968,7 @@ def request_timeline(result: LoadResult, *, title: str,
     return fig
 
 
-# -- failure cases and a request's life (notebooks 01, 04, 08) ---------------------------
+# -- failure cases and a request's life (notebooks 01, 07, 05) ---------------------------
 
 
 @_styled
@@ -1110,7 +1110,7 @@ def backend_after_client_chart(seconds: Mapping[str, float], *, stopped: Mapping
                           title=title, xlabel="seconds the backend kept running after the client acted")
 
 
-# -- sessions, lost updates, pool sizes and scaling (notebooks 03, 05, 06) ------------------
+# -- sessions, lost updates, pool sizes and scaling (notebooks 04, 06, 03) ------------------
 
 
 def _statements_text(statements: Sequence[str]) -> str:

@@ -1,4 +1,4 @@
-"""Notebook 07's network experiments, run where the faults happen.
+"""Notebook 08's network experiments, run where the faults happen.
 
 ``fault_network()`` gives a throwaway server behind a network that can fail, and says
 how it fails:
@@ -177,7 +177,7 @@ def _engine(net: FaultNetwork, name: str, pool: labkit.PoolProfile = ONE,
             **settings: Any) -> Engine:
     """A sync engine to the server: labkit.tcp's settings, labkit.deadline's bound."""
     options = {"connect_timeout": 2, **settings}
-    conf = Settings(url=net.url, application_name=f"labkit-nb07-{name}", **options)
+    conf = Settings(url=net.url, application_name=f"labkit-nb08-{name}", **options)
     eng = create_engine(conf, pool=pool) if tcp is None else \
         labkit.tcp.create_engine(conf, tcp, pool=pool)
     if deadline is not None:
@@ -341,7 +341,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
     async def async_clients() -> None:
         engines, conns = {}, {}
         for name, (tcp, connect_args) in _ASYNC_CASES.items():
-            settings = Settings(url=net.url, application_name="labkit-nb07-part-async")
+            settings = Settings(url=net.url, application_name="labkit-nb08-part-async")
             engines[name] = (
                 create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
                 else labkit.tcp.create_async_engine(settings, tcp, pool=ONE,
@@ -428,7 +428,7 @@ def lost_commit_reply(net: FaultNetwork, *, cap: float = 6.0) -> dict[str, Any]:
     error class or "still waiting")}, "committed": rows the server stored, "clients":
     n, "dropped": n}``.
     """
-    admin = create_engine(Settings(url=net.url, application_name="labkit-nb07-admin"),
+    admin = create_engine(Settings(url=net.url, application_name="labkit-nb08-admin"),
                           pool=labkit.TEST_POOL)
     with admin.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS nb07_lost_commit"))

@@ -1,6 +1,6 @@
 """Web services as real processes: an application under uvicorn on a free port.
 
-Notebook 08 and the tests measure what happens *around* a request (when the COMMIT
+Notebook 05 and the tests measure what happens *around* a request (when the COMMIT
 runs, what a streamed response holds, what a probe answers during an outage), which
 only a real server shows: bytes leave a real socket, uvicorn's lifespan opens and
 closes the pool, FastAPI's threadpool and event loop are the real ones.

@@ -1,126 +1,63 @@
-"""Exercises of notebook 03 (commit semantics): where the transaction ends."""
+"""Exercises of notebook 03 (pool sizing): size a pool for a p99 target."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.orm import sessionmaker
-from sqlalchemy.orm.exc import DetachedInstanceError
 
-from labkit.lab.exercises import (
-    ExerciseFailed,
-    exercise,
-    require,
-    scratch_engine,
-    scratch_schema,
-)
+from labkit.lab.arrivals import exponential_sleep, prefill, run_poisson_load
+from labkit.lab.exercises import ExerciseFailed, exercise, require, scratch_engine, unique_name
+from labkit.sizing import recommend_pool
 
-OPENING = {1: 100, 2: 100}
-
-
-def _balances(engine: Any) -> dict[int, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT id, balance FROM accounts ORDER BY id")).all()
-    return {int(i): int(b) for i, b in rows}
+RATE = 150            # checkouts per second, Poisson arrivals
+SLEEP_S = 0.010       # mean exponential pg_sleep; with a round trip about 12 ms held
+HOLD_S = 0.012        # the hold time the learner is told
+TARGET_S = 0.010      # the p99 checkout wait asked for
+SECONDS = 3.0
+MAX_POOL = 20         # beyond this a pool is not a sizing, it is a guess
 
 
-@exercise("03.1", title="A transfer that commits too early",
-          hint="One transfer is one transaction: run both UPDATEs in one "
-               "`with factory.begin() as session:` block (it commits at the end and rolls "
-               "back on error) and remove the commit in the middle.")
-def early_commit(namespace: Mapping[str, Any], url: URL) -> str:
-    """Transfer 30 between two accounts, then 50 to an account that does not exist.
+@exercise("03.1", title="A pool sized by the average",
+          hint="Little's law gives the connections in use on average; a pool of exactly "
+               "that many is busy all the time and makes requests queue. Ask "
+               "recommend_pool(throughput, hold time, target_wait_s=..., percentile=99) "
+               "for the smallest pool that meets the p99 target (times in seconds).")
+def size_for_p99(namespace: Mapping[str, Any], url: URL) -> str:
+    """Run 150 requests/s (Poisson, about 12 ms held each) for 3 s on ``POOL_SIZE``.
 
-    Passes when the first transfer moves the money, the second raises and changes no
-    balance, and every session is closed.
+    Passes when the measured p99 checkout wait is at most twice the 10 ms target (the
+    margin is for a 3-second sample on a busy machine), no request timed out, and the
+    pool is no more than two connections above what ``recommend_pool`` advises.
     """
-    transfer = require(namespace, "transfer", callable)
-    with scratch_schema(url) as schema:
-        engine = scratch_engine(url, schema=schema, pool_size=2)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, "
-                                  "balance int NOT NULL CHECK (balance >= 0))"))
-                for account, balance in OPENING.items():
-                    conn.execute(text("INSERT INTO accounts VALUES (:i, :b)"),
-                                 {"i": account, "b": balance})
-            factory = sessionmaker(engine)
-            transfer(factory, 1, 2, 30)
-            after_good = _balances(engine)
-            raised: BaseException | None = None
-            try:
-                transfer(factory, 1, 99, 50)
-            except Exception as exc:        # the learner's code decides which error
-                raised = exc
-            after_bad = _balances(engine)
-            left_out = engine.pool.checkedout()  # type: ignore[attr-defined]
-        finally:
-            engine.dispose()
-    if after_good != {1: 70, 2: 130}:
-        raise ExerciseFailed(f"transfer(factory, 1, 2, 30) left the balances at {after_good}, "
-                             "expected {1: 70, 2: 130}: the good transfer must be committed")
-    if after_bad != after_good:
-        lost = sum(after_good.values()) - sum(after_bad.values())
-        raise ExerciseFailed(
-            f"transfer(factory, 1, 99, 50) to an account that does not exist changed the "
-            f"balances from {after_good} to {after_bad}: {lost} vanished, because the debit "
-            "was committed before the credit failed")
-    if raised is None:
-        raise ExerciseFailed("transfer(factory, 1, 99, 50) to an account that does not "
-                             "exist returned quietly: the caller must learn that it failed")
-    if left_out:
-        raise ExerciseFailed(f"{left_out} connections were left checked out: close the session")
-    return ("the good transfer committed both updates; the failed one raised "
-            f"{type(raised).__name__} and changed nothing (total still {sum(after_bad.values())})")
-
-
-@exercise("03.2", title="An object read after its session committed and closed",
-          hint="A commit expires every loaded attribute (SQLAlchemy's default), and a "
-               "closed session cannot reload them. Open the session with "
-               "`factory(expire_on_commit=False)` (labkit's sessions do), or refresh the "
-               "object before the session closes.")
-def expired_after_commit(namespace: Mapping[str, Any], url: URL) -> str:
-    """Create a note through a factory with SQLAlchemy's defaults, then read it back.
-
-    Passes when the returned object's ``id`` and ``text`` can be read after the function
-    returned, the note is committed, and no connection is left checked out.
-    """
-    create_note = require(namespace, "create_note", callable)
-    base = require(namespace, "ExerciseBase")
-    metadata = getattr(base, "metadata", None)
-    if metadata is None or "notes" not in metadata.tables:
-        raise ExerciseFailed("`ExerciseBase` should be the declarative base of the `Note` "
-                             "model (table `notes`)")
-    with scratch_schema(url) as schema:
-        engine = scratch_engine(url, schema=schema, pool_size=2)
-        selects_after: list[str] = []
-        try:
-            metadata.create_all(engine)
-            factory = sessionmaker(engine)             # SQLAlchemy's defaults, on purpose
-            note = create_note(factory, 7, "buy milk")
-            event.listen(engine, "before_cursor_execute",
-                         lambda conn, cursor, statement, *args: selects_after.append(statement))
-            try:
-                seen = (note.id, note.text)
-            except DetachedInstanceError as exc:
-                raise ExerciseFailed(
-                    "reading the returned note raised DetachedInstanceError "
-                    f"({str(exc).split(' (Background')[0]}): the commit expired its attributes and "
-                    "the session that could have reloaded them is closed") from None
-            extra = len(selects_after)
-            with engine.connect() as conn:
-                stored = conn.execute(text("SELECT id, text FROM notes")).all()
-            left_out = engine.pool.checkedout()  # type: ignore[attr-defined]
-        finally:
-            engine.dispose()
-    if seen != (7, "buy milk"):
-        raise ExerciseFailed(f"the returned note reads {seen}, expected (7, 'buy milk')")
-    if [tuple(row) for row in stored] != [(7, "buy milk")]:
-        raise ExerciseFailed(f"the table holds {stored}: the note must be committed")
-    if left_out:
-        raise ExerciseFailed(f"{left_out} connections were left checked out: close the session")
-    return ("the note is committed and readable after its session closed, "
-            f"with {extra} queries sent to read it")
+    size = require(namespace, "POOL_SIZE", lambda v: isinstance(v, int)
+                   and not isinstance(v, bool), what="a whole number")
+    advised = recommend_pool(RATE, HOLD_S, target_wait_s=TARGET_S, percentile=99,
+                             headroom=0).pool_size
+    if not 1 <= size <= MAX_POOL:
+        raise ExerciseFailed(f"POOL_SIZE={size}: expected between 1 and {MAX_POOL}; check "
+                             "the units (seconds, not milliseconds)")
+    if size > advised + 2:
+        raise ExerciseFailed(f"POOL_SIZE={size} would meet the target, but it keeps "
+                             f"{size - advised} connections more than needed: each one is a "
+                             "server process, and every process of the service has its pool")
+    engine = scratch_engine(url, application_name=unique_name("labkit-ex06"),
+                            pool_size=size, max_overflow=0, pool_timeout=2.0)
+    try:
+        prefill(engine, size)
+        run = run_poisson_load(engine, exponential_sleep(SLEEP_S, seed=61), rate_per_s=RATE,
+                               duration=SECONDS, seed=60, threads=48)
+    finally:
+        engine.dispose()
+    p99_ms = run.percentile_ms(99, of="wait")
+    busy = RATE * HOLD_S / size
+    if run.errors:
+        raise ExerciseFailed(f"{sum(run.errors.values())} of {len(run.ops)} requests gave up "
+                             f"waiting for one of {size} connections ({busy:.0%} busy)")
+    if p99_ms > 2 * TARGET_S * 1000:
+        raise ExerciseFailed(f"with {size} connections ({busy:.0%} busy on average) the p99 "
+                             f"checkout wait was {p99_ms:.0f} ms, far above the "
+                             f"{TARGET_S * 1000:.0f} ms target")
+    return (f"{len(run.ops)} requests on {size} connections ({busy:.0%} busy): p99 checkout "
+            f"wait {p99_ms:.1f} ms (target {TARGET_S * 1000:.0f} ms)")

@@ -1,20 +1,15 @@
-"""Exercises of notebook 04 (failure cases): bounded checkouts, a lost COMMIT answer."""
+"""Exercises of notebook 04 (commit semantics): where the transaction ends."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm.exc import DetachedInstanceError
 
-from labkit.config import to_sync_url
 from labkit.lab.exercises import (
     ExerciseFailed,
     exercise,
@@ -23,203 +18,109 @@ from labkit.lab.exercises import (
     scratch_schema,
 )
 
-BOUND_S = 2.0     # what the exercise asks: a checkout fails within 2 s
-ACCEPTED_S = 3.0  # what the check accepts (a busy machine, libpq's rounding)
-GIVE_UP_S = 3.5   # how long the check waits for an answer at all
-MAX_POOL = 10
+OPENING = {1: 100, 2: 100}
 
 
-@contextmanager
-def _hung_server() -> Iterator[int]:
-    """A port on 127.0.0.1 that accepts TCP connections and never answers."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.1)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    worker = threading.Thread(target=accept, daemon=True)
-    worker.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        stop.set()
-        worker.join(1.0)
-        for conn in accepted:        # a client still waiting gets its error now
-            conn.close()
-        listener.close()
+def _balances(engine: Any) -> dict[int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, balance FROM accounts ORDER BY id")).all()
+    return {int(i): int(b) for i, b in rows}
 
 
-class _Timed:
-    """Run ``fn`` in a thread; record how long it took and what it raised."""
+@exercise("04.1", title="A transfer that commits too early",
+          hint="One transfer is one transaction: run both UPDATEs in one "
+               "`with factory.begin() as session:` block (it commits at the end and rolls "
+               "back on error) and remove the commit in the middle.")
+def early_commit(namespace: Mapping[str, Any], url: URL) -> str:
+    """Transfer 30 between two accounts, then 50 to an account that does not exist.
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.seconds: float | None = None
-        self.error: BaseException | None = None
-        self._fn = fn
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._start = time.monotonic()
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._fn()
-        except BaseException as exc:  # noqa: BLE001 - recorded for the check
-            self.error = exc
-        self.seconds = time.monotonic() - self._start
-
-    def wait(self, seconds: float) -> None:
-        self._thread.join(max(0.0, seconds - (time.monotonic() - self._start)))
-
-
-def _pool_capacity(engine: Engine) -> int:
-    size = engine.pool.size()  # type: ignore[attr-defined]
-    overflow = getattr(engine.pool, "_max_overflow", 0)
-    if overflow < 0 or size + overflow > MAX_POOL:
-        raise ExerciseFailed(f"keep the pool small (2 connections): this one may open "
-                             f"{'unlimited' if overflow < 0 else size + overflow}")
-    return int(size + overflow)
-
-
-def _verdict(name: str, timed: _Timed, expected: type[BaseException]) -> str | None:
-    """None when ``timed`` failed in time with ``expected``; else what went wrong."""
-    if timed.seconds is None:
-        return f"{name}: still waiting after {GIVE_UP_S:g} s"
-    if timed.error is None:
-        return f"{name}: got a connection, expected {expected.__name__}"
-    if not isinstance(timed.error, expected):
-        return (f"{name}: raised {type(timed.error).__name__} ({timed.error}), "
-                f"expected {expected.__name__}")
-    if timed.seconds > ACCEPTED_S:
-        return f"{name}: failed only after {timed.seconds:.1f} s"
-    return None
-
-
-@exercise("04.1", title="A checkout that can wait forever",
-          hint="Two waits need a bound: `pool_timeout=2` (a full pool; SQLAlchemy's "
-               "default is 30 s) and `connect_args={\"connect_timeout\": 2}` (a server "
-               "that accepts the TCP connection and never answers; libpq's default is to "
-               "wait forever).")
-def unbounded_checkout(namespace: Mapping[str, Any], url: URL) -> str:
-    """Time a checkout from a full pool and one against a hung server, side by side.
-
-    Passes when both fail within 3 s (the exercise asks for 2 s), with SQLAlchemy's
-    pool ``TimeoutError`` and a connection error (``OperationalError``) respectively.
+    Passes when the first transfer moves the money, the second raises and changes no
+    balance, and every session is closed.
     """
-    make_engine = require(namespace, "make_engine", callable)
-    sync_url = to_sync_url(url)
-    engines: list[Engine] = []
-    held: list[Any] = []
-    with _hung_server() as port:
-        try:
-            full = make_engine(sync_url)
-            engines.append(full)
-            hung = make_engine(sync_url.set(host="127.0.0.1", port=port))
-            engines.append(hung)
-            if not isinstance(full, Engine):
-                raise ExerciseFailed(f"make_engine returned a {type(full).__name__}, "
-                                     "not an Engine")
-            for _ in range(_pool_capacity(full)):
-                held.append(full.connect())
-                held[-1].execute(text("SELECT 1"))
-            from_full = _Timed(lambda: full.connect().close())
-            from_hung = _Timed(lambda: hung.connect().close())
-            from_full.wait(GIVE_UP_S)
-            from_hung.wait(GIVE_UP_S)
-            problems = [
-                _verdict(f"a checkout from a full pool of {len(held)}", from_full,
-                         sa_exc.TimeoutError),
-                _verdict("a checkout against a server that never answers", from_hung,
-                         sa_exc.OperationalError)]
-        finally:
-            for conn in held:           # a checkout still waiting for the pool gets one now
-                conn.close()
-            for engine in engines:
-                engine.dispose()
-    # The hung server is gone (its sockets closed): a client still waiting fails now.
-    from_full.wait(GIVE_UP_S + 2)
-    from_hung.wait(GIVE_UP_S + 2)
-    for engine in engines:
-        engine.dispose()
-    failed = [problem for problem in problems if problem]
-    if failed:
-        raise ExerciseFailed("; ".join(failed) + f" (asked: fail within {BOUND_S:g} s)")
-    return (f"a full pool failed in {from_full.seconds:.1f} s "
-            f"({type(from_full.error).__name__}), a hung server in {from_hung.seconds:.1f} s "
-            f"({type(from_hung.error).__name__})")
-
-
-PAYMENTS = 3
-
-
-@exercise("04.2", title="A payment whose COMMIT answer is lost",
-          hint="Make the work idempotent first, then say so: write it as "
-               "`INSERT ... ON CONFLICT (payment) DO NOTHING`, so that running it again "
-               "after a COMMIT that did happen changes nothing, and pass "
-               "`idempotent=True` to `run_in_transaction`.")
-def lost_commit_answer(namespace: Mapping[str, Any], url: URL) -> str:
-    """Make 3 payments through a fault proxy that loses the answer to each first COMMIT.
-
-    Passes when every call returns without an error and each payment is stored exactly
-    once (the table's primary key is the payment's id).
-    """
-    from labkit.lab.proxy import FaultProxy
-
-    pay = require(namespace, "pay", callable)
-    sync_url = to_sync_url(url)
-    outcomes: dict[str, str] = {}
+    transfer = require(namespace, "transfer", callable)
     with scratch_schema(url) as schema:
-        observer = scratch_engine(url, schema=schema, pool_size=1)
+        engine = scratch_engine(url, schema=schema, pool_size=2)
         try:
-            with observer.begin() as conn:
-                conn.execute(text("CREATE TABLE payments "
-                                  "(payment text PRIMARY KEY, amount int NOT NULL)"))
-            with FaultProxy(sync_url.host or "127.0.0.1", sync_url.port or 5432) as proxy:
-                engine = scratch_engine(proxy.url(sync_url), schema=schema, pool_size=1)
-                try:
-                    factory = sessionmaker(engine)
-                    for i in range(PAYMENTS):
-                        payment = f"pay-{i}"
-                        proxy.drop_commit_reply(times=1)
-                        try:
-                            pay(factory, payment, 100)
-                            outcomes[payment] = "ok"
-                        except Exception as exc:   # the learner's code: any error counts
-                            outcomes[payment] = type(exc).__name__
-                    dropped = proxy.get_stats()["replies_dropped"]
-                finally:
-                    engine.dispose()
-            with observer.connect() as conn:
-                stored: dict[str, int] = dict(conn.execute(text(
-                    "SELECT payment, count(*) FROM payments GROUP BY payment")).all())
+            with engine.begin() as conn:
+                conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, "
+                                  "balance int NOT NULL CHECK (balance >= 0))"))
+                for account, balance in OPENING.items():
+                    conn.execute(text("INSERT INTO accounts VALUES (:i, :b)"),
+                                 {"i": account, "b": balance})
+            factory = sessionmaker(engine)
+            transfer(factory, 1, 2, 30)
+            after_good = _balances(engine)
+            raised: BaseException | None = None
+            try:
+                transfer(factory, 1, 99, 50)
+            except Exception as exc:        # the learner's code decides which error
+                raised = exc
+            after_bad = _balances(engine)
+            left_out = engine.pool.checkedout()  # type: ignore[attr-defined]
         finally:
-            observer.dispose()
-    failed = {p: o for p, o in outcomes.items() if o != "ok"}
-    if failed:
-        kinds = sorted(set(failed.values()))
-        why = {"CommitOutcomeUnknownError": "the answer to COMMIT was lost and the work "
-                                            "was not declared idempotent, so it was not "
-                                            "retried",
-               "IntegrityError": "the retry ran the INSERT again and met the row that the "
-                                 "first attempt had committed"}
-        reasons = "; ".join(f"{kind}: {why[kind]}" for kind in kinds if kind in why)
+            engine.dispose()
+    if after_good != {1: 70, 2: 130}:
+        raise ExerciseFailed(f"transfer(factory, 1, 2, 30) left the balances at {after_good}, "
+                             "expected {1: 70, 2: 130}: the good transfer must be committed")
+    if after_bad != after_good:
+        lost = sum(after_good.values()) - sum(after_bad.values())
         raise ExerciseFailed(
-            f"{len(failed)} of {PAYMENTS} payments raised {', '.join(kinds)}, yet "
-            f"{sum(1 for p in failed if stored.get(p))} of them are stored"
-            + (f" ({reasons})" if reasons else ""))
-    if dropped < PAYMENTS:
-        raise ExerciseFailed(f"only {dropped} of {PAYMENTS} COMMIT answers were dropped: "
-                             "each payment must be committed by `pay` itself")
-    wrong = {p: stored.get(p, 0) for p in outcomes if stored.get(p, 0) != 1}
-    if wrong:
-        raise ExerciseFailed(f"payments stored this many times: {wrong}, expected once each")
-    return (f"{PAYMENTS} payments, each first COMMIT answer lost: all reported ok, each "
-            "stored exactly once")
+            f"transfer(factory, 1, 99, 50) to an account that does not exist changed the "
+            f"balances from {after_good} to {after_bad}: {lost} vanished, because the debit "
+            "was committed before the credit failed")
+    if raised is None:
+        raise ExerciseFailed("transfer(factory, 1, 99, 50) to an account that does not "
+                             "exist returned quietly: the caller must learn that it failed")
+    if left_out:
+        raise ExerciseFailed(f"{left_out} connections were left checked out: close the session")
+    return ("the good transfer committed both updates; the failed one raised "
+            f"{type(raised).__name__} and changed nothing (total still {sum(after_bad.values())})")
+
+
+@exercise("04.2", title="An object read after its session committed and closed",
+          hint="A commit expires every loaded attribute (SQLAlchemy's default), and a "
+               "closed session cannot reload them. Open the session with "
+               "`factory(expire_on_commit=False)` (labkit's sessions do), or refresh the "
+               "object before the session closes.")
+def expired_after_commit(namespace: Mapping[str, Any], url: URL) -> str:
+    """Create a note through a factory with SQLAlchemy's defaults, then read it back.
+
+    Passes when the returned object's ``id`` and ``text`` can be read after the function
+    returned, the note is committed, and no connection is left checked out.
+    """
+    create_note = require(namespace, "create_note", callable)
+    base = require(namespace, "ExerciseBase")
+    metadata = getattr(base, "metadata", None)
+    if metadata is None or "notes" not in metadata.tables:
+        raise ExerciseFailed("`ExerciseBase` should be the declarative base of the `Note` "
+                             "model (table `notes`)")
+    with scratch_schema(url) as schema:
+        engine = scratch_engine(url, schema=schema, pool_size=2)
+        selects_after: list[str] = []
+        try:
+            metadata.create_all(engine)
+            factory = sessionmaker(engine)             # SQLAlchemy's defaults, on purpose
+            note = create_note(factory, 7, "buy milk")
+            event.listen(engine, "before_cursor_execute",
+                         lambda conn, cursor, statement, *args: selects_after.append(statement))
+            try:
+                seen = (note.id, note.text)
+            except DetachedInstanceError as exc:
+                raise ExerciseFailed(
+                    "reading the returned note raised DetachedInstanceError "
+                    f"({str(exc).split(' (Background')[0]}): the commit expired its attributes and "
+                    "the session that could have reloaded them is closed") from None
+            extra = len(selects_after)
+            with engine.connect() as conn:
+                stored = conn.execute(text("SELECT id, text FROM notes")).all()
+            left_out = engine.pool.checkedout()  # type: ignore[attr-defined]
+        finally:
+            engine.dispose()
+    if seen != (7, "buy milk"):
+        raise ExerciseFailed(f"the returned note reads {seen}, expected (7, 'buy milk')")
+    if [tuple(row) for row in stored] != [(7, "buy milk")]:
+        raise ExerciseFailed(f"the table holds {stored}: the note must be committed")
+    if left_out:
+        raise ExerciseFailed(f"{left_out} connections were left checked out: close the session")
+    return ("the note is committed and readable after its session closed, "
+            f"with {extra} queries sent to read it")

@@ -1,63 +1,77 @@
-"""Exercises of notebook 06 (pool sizing): size a pool for a p99 target."""
+"""Exercises of notebook 06 (async vs sync): one session per task."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from labkit.lab.arrivals import exponential_sleep, prefill, run_poisson_load
-from labkit.lab.exercises import ExerciseFailed, exercise, require, scratch_engine, unique_name
-from labkit.sizing import recommend_pool
+from labkit.lab.exercises import ExerciseFailed, exercise, require, scratch_async_engine
 
-RATE = 150            # checkouts per second, Poisson arrivals
-SLEEP_S = 0.010       # mean exponential pg_sleep; with a round trip about 12 ms held
-HOLD_S = 0.012        # the hold time the learner is told
-TARGET_S = 0.010      # the p99 checkout wait asked for
-SECONDS = 3.0
-MAX_POOL = 20         # beyond this a pool is not a sizing, it is a guess
+IDS = [1, 2, 3, 4, 5, 6]
+LOOKUP_S = 0.2                      # each lookup waits this long in the server
+SERIAL_S = LOOKUP_S * len(IDS)      # one after another: 1.2 s
+CONCURRENT_LIMIT_S = SERIAL_S / 2   # side by side takes about 0.2 s; accept up to 0.6 s
 
 
-@exercise("06.1", title="A pool sized by the average",
-          hint="Little's law gives the connections in use on average; a pool of exactly "
-               "that many is busy all the time and makes requests queue. Ask "
-               "recommend_pool(throughput, hold time, target_wait_s=..., percentile=99) "
-               "for the smallest pool that meets the p99 target (times in seconds).")
-def size_for_p99(namespace: Mapping[str, Any], url: URL) -> str:
-    """Run 150 requests/s (Poisson, about 12 ms held each) for 3 s on ``POOL_SIZE``.
+async def _warm(engine: AsyncEngine, connections: int) -> None:
+    """Open the pool's connections first, so that only the lookups are timed."""
+    async def one() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            await asyncio.sleep(0.05)   # keep it while the others open theirs
+    await asyncio.gather(*(one() for _ in range(connections)))
 
-    Passes when the measured p99 checkout wait is at most twice the 10 ms target (the
-    margin is for a 3-second sample on a busy machine), no request timed out, and the
-    pool is no more than two connections above what ``recommend_pool`` advises.
-    """
-    size = require(namespace, "POOL_SIZE", lambda v: isinstance(v, int)
-                   and not isinstance(v, bool), what="a whole number")
-    advised = recommend_pool(RATE, HOLD_S, target_wait_s=TARGET_S, percentile=99,
-                             headroom=0).pool_size
-    if not 1 <= size <= MAX_POOL:
-        raise ExerciseFailed(f"POOL_SIZE={size}: expected between 1 and {MAX_POOL}; check "
-                             "the units (seconds, not milliseconds)")
-    if size > advised + 2:
-        raise ExerciseFailed(f"POOL_SIZE={size} would meet the target, but it keeps "
-                             f"{size - advised} connections more than needed: each one is a "
-                             "server process, and every process of the service has its pool")
-    engine = scratch_engine(url, application_name=unique_name("labkit-ex06"),
-                            pool_size=size, max_overflow=0, pool_timeout=2.0)
+
+async def _run(prices: Any, url: URL) -> tuple[Any, float, int]:
+    engine = scratch_async_engine(url, pool_size=len(IDS), pool_timeout=2.0)
     try:
-        prefill(engine, size)
-        run = run_poisson_load(engine, exponential_sleep(SLEEP_S, seed=61), rate_per_s=RATE,
-                               duration=SECONDS, seed=60, threads=48)
+        await _warm(engine, len(IDS))
+        factory = async_sessionmaker(engine, expire_on_commit=False)
+        start = time.monotonic()
+        try:
+            result = await asyncio.wait_for(prices(factory, list(IDS)), SERIAL_S + 3)
+        except sa_exc.InvalidRequestError as exc:
+            raise ExerciseFailed(
+                f"SQLAlchemy refused: {str(exc).splitlines()[0]}. Several tasks used one "
+                "AsyncSession at once: a session is one connection, one conversation"
+            ) from None
+        except asyncio.TimeoutError:
+            raise ExerciseFailed(f"`prices` did not finish within {SERIAL_S + 3:g} s") from None
+        elapsed = time.monotonic() - start
+        left_out = engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
     finally:
-        engine.dispose()
-    p99_ms = run.percentile_ms(99, of="wait")
-    busy = RATE * HOLD_S / size
-    if run.errors:
-        raise ExerciseFailed(f"{sum(run.errors.values())} of {len(run.ops)} requests gave up "
-                             f"waiting for one of {size} connections ({busy:.0%} busy)")
-    if p99_ms > 2 * TARGET_S * 1000:
-        raise ExerciseFailed(f"with {size} connections ({busy:.0%} busy on average) the p99 "
-                             f"checkout wait was {p99_ms:.0f} ms, far above the "
-                             f"{TARGET_S * 1000:.0f} ms target")
-    return (f"{len(run.ops)} requests on {size} connections ({busy:.0%} busy): p99 checkout "
-            f"wait {p99_ms:.1f} ms (target {TARGET_S * 1000:.0f} ms)")
+        await engine.dispose()
+    return result, elapsed, left_out
+
+
+@exercise("06.1", title="One AsyncSession shared by concurrent tasks",
+          hint="Give each task its own session: a helper coroutine that opens "
+               "`async with factory() as session:` for one lookup, and gather those.")
+def shared_async_session(namespace: Mapping[str, Any], url: URL) -> str:
+    """Look up 6 prices, each waiting 0.2 s in the server, with a pool of 6 connections.
+
+    Passes when the prices are right, the lookups ran side by side (under 0.6 s in all,
+    where one after another takes 1.2 s), and no connection is left checked out.
+    """
+    prices = require(namespace, "prices", inspect.iscoroutinefunction, what="an async function")
+    result, elapsed, left_out = asyncio.run(_run(prices, url))
+    expected = [i * 10 for i in IDS]
+    if list(result or []) != expected:
+        raise ExerciseFailed(f"prices({IDS}) returned {result}, expected {expected}")
+    if elapsed >= CONCURRENT_LIMIT_S:
+        raise ExerciseFailed(
+            f"{len(IDS)} lookups of {LOOKUP_S:g} s each took {elapsed:.2f} s: they ran one "
+            f"after another (that takes {SERIAL_S:.1f} s), queued on one session's single "
+            "connection, although the pool had one connection free for each")
+    if left_out:
+        raise ExerciseFailed(f"{left_out} connections were left checked out: close every session")
+    return (f"{len(IDS)} lookups of {LOOKUP_S:g} s each in {elapsed:.2f} s, side by side "
+            "on their own sessions")

@@ -1,151 +1,101 @@
-"""Exercises of notebook 08, a request's life in a real web server.
+"""Exercises of notebook 08, the network between app and database.
 
-08.1: a FastAPI dependency that opens a session of its own next to the request's
-``SessionDep``, so that every request holds two pooled connections at once and a burst
-as large as the pool stalls until ``pool_timeout``.
+08.1: a query must get control back within a bound when a proxy forgets its flow
+silently (TCP keepalives cannot see it: the proxy's kernel answers them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Any
 
-import httpx
-import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.engine import URL
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import URL, Engine
 
-from labkit import DEVELOPMENT_POOL, Settings
-from labkit.web import SessionManager, get_db
+from labkit.errors import translate_error
 from labkit.lab.exercises import ExerciseFailed, exercise, require
-from labkit.lab.server import free_port
+from labkit.lab.proxy import FaultProxy
 
-_APPLICATION = "labkit-exercise-08-1"
-# The pool the check serves with, and a burst of three times as many requests.
-_POOL_SIZE = 2
-_BURST = 3 * _POOL_SIZE
-_POOL_TIMEOUT_S = 2.0
-_QUERY_S = 0.2
-_START_TIMEOUT_S = 10.0
-
-_SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+BOUND_S = 3.0        # the caller must get control back within this, from the query's start
+FORGET_AFTER_S = 0.4  # the proxy forgets a flow idle this long
+SLOW_QUERY = "SELECT pg_sleep(4)"
+GIVE_UP_S = BOUND_S + 1.0  # the check stops waiting here (and cuts the connection)
 
 
-def _service(get_caller: Any, url: URL) -> FastAPI:
-    """The route under test: the handler's query on ``SessionDep``, plus ``get_caller``."""
-    settings = Settings(url=url, application_name=_APPLICATION, statement_timeout_ms=5000,
-                        connect_timeout=3,
-                        pool=DEVELOPMENT_POOL.replace(pool_size=_POOL_SIZE, max_overflow=0,
-                                                      pool_timeout=_POOL_TIMEOUT_S))
+def _outcome(fn: Any, give_up: float) -> tuple[float | None, BaseException | None, bool]:
+    """Run ``fn`` in a daemon thread; return (seconds, its error, finished in time)."""
+    box: dict[str, Any] = {}
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = SessionManager()
-        manager.init(settings)
-        app.state.db = manager
+    def run() -> None:
+        start = time.perf_counter()
         try:
-            yield
+            fn()
+            box["error"] = None
+        except Exception as exc:  # noqa: BLE001 - reported to the learner
+            box["error"] = exc
+        box["seconds"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=run, name="labkit-exercise-08.1", daemon=True)
+    worker.start()
+    worker.join(give_up)
+    if worker.is_alive():
+        return None, None, False
+    return box["seconds"], box["error"], True
+
+
+@exercise("08.1", title="A query that cannot wait forever",
+          hint="TCP keepalives are answered by the proxy's own kernel, so they never fire "
+               "here. Give every statement a client-side deadline below 3 s: "
+               "labkit.deadline.bound_statements(engine, seconds) on the engine you return.")
+def check_bounded_wait(namespace: Mapping[str, Any], url: URL) -> str:
+    """Run a slow query through a proxy that forgets the flow; it must end within 3 s."""
+    make_engine = require(namespace, "make_engine", callable)
+    with FaultProxy(str(url.host), int(url.port or 5432)) as proxy:
+        engine = make_engine(proxy.url(url))
+        if not isinstance(engine, Engine):
+            raise ExerciseFailed(f"make_engine(url) must return a sync Engine, got "
+                                 f"{type(engine).__name__}")
+        try:
+            conn = engine.connect()
+            try:
+                # An ordinary query must still work: the deadline may not be absurdly short.
+                try:
+                    conn.execute(text("SELECT pg_sleep(0.2)"))
+                    conn.commit()
+                except Exception as exc:
+                    raise ExerciseFailed(
+                        "an ordinary 0.2 s query failed before any fault: "
+                        f"{type(translate_error(exc)).__name__}") from exc
+                with proxy.reaping_idle(FORGET_AFTER_S, how="silent"):
+                    seconds, error, finished = _outcome(
+                        lambda: conn.execute(text(SLOW_QUERY)), GIVE_UP_S)
+                    forgotten = proxy.get_stats()["reaped"]
+                if not finished:
+                    proxy.close()  # frees the waiting thread: its socket gets a FIN
+                    raise ExerciseFailed(
+                        f"the proxy forgot the connection {FORGET_AFTER_S:g} s into the query "
+                        f"and the caller was still waiting after {GIVE_UP_S:g} s (the bound "
+                        f"is {BOUND_S:g} s); it would wait forever, since the proxy's kernel "
+                        "acknowledges everything and TCP sees nothing wrong")
+            finally:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - the connection may be broken by design
+                    pass
         finally:
-            manager.close()
-
-    app = FastAPI(lifespan=lifespan)
-
-    async def pool_timeout(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": type(exc).__name__}, status_code=503)
-
-    app.add_exception_handler(sa_exc.TimeoutError, pool_timeout)
-
-    # The default-value form: this module's annotations are strings, resolved in its
-    # globals, where the learner's get_caller is not.
-    @app.get("/summary")
-    def summary(session: _SessionDep,
-                caller: str = Depends(get_caller)) -> dict[str, object]:
-        session.execute(text("SELECT pg_sleep(:s)"), {"s": _QUERY_S})
-        return {"caller": caller}
-
-    return app
-
-
-@contextlib.contextmanager
-def _served(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free port; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True, name="exercise-08-1-uvicorn")
-    thread.start()
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    try:
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise ExerciseFailed("the service did not start: does the code cell run "
-                                     "on its own?")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def _burst(base_url: str) -> list[tuple[int | None, float, str]]:
-    """Send ``_BURST`` requests at once; return (status, seconds, body) of each."""
-    answers: list[tuple[int | None, float, str]] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        start = time.monotonic()
-        try:
-            response = httpx.get(f"{base_url}/summary", timeout=5 * _POOL_TIMEOUT_S)
-            status, body = response.status_code, response.text
-        except httpx.HTTPError as exc:
-            status, body = None, type(exc).__name__
-        with lock:
-            answers.append((status, time.monotonic() - start, body))
-
-    threads = [threading.Thread(target=one) for _ in range(_BURST)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return answers
-
-
-@exercise("08.1", title="A dependency that takes a second connection",
-          hint="Let get_caller take the request's session as a parameter "
-               "(session: SessionDep) instead of opening one with manager.session(): "
-               "FastAPI resolves SessionDep once per request and shares it, so each "
-               "request holds one connection. Keep scope=\"function\" in SessionDep.")
-def check_one_connection_per_request(namespace: Mapping[str, Any], url: URL) -> str:
-    """Serve a route using the learner's ``get_caller``; a burst of twice the pool's size
-    must be answered 200, each with the database role as the caller."""
-    get_caller = require(namespace, "get_caller", callable)
-    with _served(_service(get_caller, url)) as base_url:
-        answers = _burst(base_url)
-        with httpx.Client(timeout=5) as client:
-            single = client.get(f"{base_url}/summary")
-    if single.status_code != 200:
-        raise ExerciseFailed(f"even a single request failed ({single.status_code}: "
-                             f"{single.text[:200]})")
-    role = url.username or ""
-    caller = single.json().get("caller")
-    if role and caller != role:
-        raise ExerciseFailed(f"get_caller should return the database role ({role!r}), "
-                             f"got {caller!r}")
-    failed = [(status, seconds) for status, seconds, _ in answers if status != 200]
-    if failed:
-        slowest = max(seconds for _, seconds in failed)
-        raise ExerciseFailed(
-            f"{len(failed)} of {_BURST} simultaneous requests failed "
-            f"({sorted({str(status) for status, _ in failed})}, after up to {slowest:.1f} s) "
-            f"with a pool of {_POOL_SIZE} (pool_timeout {_POOL_TIMEOUT_S:g} s): each request "
-            "held one connection for get_caller and waited for a second for the handler")
-    slowest = max(seconds for _, seconds, _ in answers)
-    return (f"{_BURST} simultaneous requests on a pool of {_POOL_SIZE}: all 200, the slowest "
-            f"in {slowest:.2f} s; one connection per request")
+            engine.dispose()
+    if error is None:
+        raise ExerciseFailed(f"`{SLOW_QUERY}` answered although the proxy forgot its flow "
+                             f"({forgotten} reaped): was the query sent through the proxy?")
+    if forgotten < 1:
+        raise ExerciseFailed("the query failed before the proxy forgot its flow: "
+                             f"{type(translate_error(error)).__name__} after {seconds:.2f} s")
+    assert seconds is not None
+    if seconds > BOUND_S:
+        raise ExerciseFailed(f"the caller got control back after {seconds:.1f} s; the bound "
+                             f"is {BOUND_S:g} s")
+    return (f"the flow was forgotten {FORGET_AFTER_S:g} s into the query; the caller got "
+            f"{type(translate_error(error)).__name__} after {seconds:.2f} s "
+            f"(bound {BOUND_S:g} s)")
