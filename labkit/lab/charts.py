@@ -53,6 +53,7 @@ __all__ = [
     "backend_after_client_chart",
     "bar_chart",
     "box_chart",
+    "connection_budget_chart",
     "duration_chart",
     "failures_over_time",
     "line_chart",
@@ -63,12 +64,16 @@ __all__ = [
     "points_with_model",
     "pool_size_chart",
     "ratio_chart",
+    "request_outcomes_chart",
     "request_timeline",
     "scaling_chart",
+    "server_connections_chart",
     "spread_bar_chart",
     "statement_steps",
     "step_chart",
     "style",
+    "wait_chart",
+    "wait_vs_pool_size",
 ]
 
 WIDTH = 8.0            # inches; at 100 dpi the 800 px of the site's notebook column
