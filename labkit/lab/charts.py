@@ -57,6 +57,7 @@ __all__ = [
     "duration_chart",
     "failures_over_time",
     "line_chart",
+    "lock_timeline_chart",
     "lost_commit_chart",
     "lost_update_chart",
     "outcome_chart",
@@ -68,6 +69,7 @@ __all__ = [
     "request_timeline",
     "scaling_chart",
     "server_connections_chart",
+    "session_reuse_chart",
     "spread_bar_chart",
     "statement_steps",
     "step_chart",
@@ -1500,4 +1502,127 @@ def request_outcomes_chart(rows: Mapping[str, Sequence[str | None]], *, title: s
                       label="still waiting (cut)")]
     ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
               frameon=False, borderaxespad=0.2)
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+# -- a session used again after a failure (notebook 04) ----------------------------------
+
+
+@_styled
+def session_reuse_chart(rows: Mapping[str, Sequence[str | None]], *, title: str,
+                        refused: Sequence[str], xlabel: str = "job number") -> Figure:
+    """One row per way of handling errors, one marker per job: what one failure does next.
+
+    A green dot is a job that succeeded; a red cross, a job that failed on its own error;
+    a hollow red square, a job refused only because an earlier error was never rolled
+    back. Each run of the same error is named once, above its first marker.
+
+    Args:
+        rows: A case's outcomes in order: ``None`` (succeeded) or an error class name.
+        title: The question the chart answers.
+        refused: The error names that mean "refused: an earlier error is still pending"
+            (``PendingRollbackError``, ``InFailedSqlTransaction``).
+        xlabel: What the x positions count.
+
+    Returns:
+        The figure.
+    """
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.75 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    for y, label in zip(ys, labels):
+        outcomes = list(rows[label])
+        for x, outcome in enumerate(outcomes, start=1):
+            if outcome is None:
+                ax.scatter([x], [y], marker="o", s=90, color=COLORS["ok"], zorder=3)
+            elif outcome in refused:
+                ax.scatter([x], [y], marker="s", s=90, facecolors="white", linewidths=2.0,
+                           edgecolors=COLORS["failed"], zorder=3)
+            else:
+                ax.scatter([x], [y], marker="X", s=130, color=COLORS["failed"], zorder=3)
+        for x, outcome in enumerate(outcomes, start=1):
+            if outcome is not None and (x == 1 or outcomes[x - 2] != outcome):
+                own = outcome not in refused
+                ax.annotate(outcome, (x, y), xytext=(-6 if own else 10, 9 if own else -9),
+                            textcoords="offset points", ha="left",
+                            va="bottom" if own else "top", fontsize=SMALL_PT,
+                            color=COLORS["failed"], zorder=4,
+                            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                                  "edgecolor": "none", "alpha": 0.9})
+    longest = max((len(v) for v in rows.values()), default=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, longest + 0.5)
+    ax.set_yticks(ys, [_wrap(label, 34) for label in labels])
+    ax.set_ylim(-0.7, len(labels) - 0.3)
+    ax.grid(False, axis="y")
+    handles = [Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=9,
+                      label="succeeded"),
+               Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
+                      label="failed: its own error"),
+               Line2D([], [], marker="s", markerfacecolor="white", markeredgewidth=2.0,
+                      markeredgecolor=COLORS["failed"], linestyle="", markersize=8,
+                      label="refused: an earlier error not rolled back")]
+    ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
+              frameon=False, borderaxespad=0.2)
+    return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+@_styled
+def lock_timeline_chart(lanes: Mapping[str, Sequence[tuple[float, float, str]]], *,
+                        title: str, xlabel: str = "time since the round started (ms)",
+                        groups: int = 2) -> Figure:
+    """Transactions as lanes over time: open (holding its row locks), waiting for a lock,
+    and how each attempt ended (committed, or aborted by the server).
+
+    Args:
+        lanes: ``{lane label: [(start, end, kind), ...]}`` in ms. ``kind`` is ``"open"``
+            (a transaction open, holding the row locks it took), ``"wait"`` (a statement
+            waiting for a lock another transaction holds), ``"backoff"`` (waiting before a
+            retry), or the end of an attempt: ``"committed"`` or an error's words (a red
+            cross, the words written beside it); an end uses ``start`` only.
+        title: The question the chart answers.
+        xlabel: Label of the time axis, with its unit.
+        groups: Lanes per group: a thin line separates the groups (one case each).
+
+    Returns:
+        The figure.
+    """
+    labels = list(lanes)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.5 * len(labels)))
+    ys = list(range(len(labels)))[::-1]
+    bars = {"open": (COLORS["using"], 0.5), "wait": (COLORS["waiting"], 0.5),
+            "backoff": (COLORS["muted"], 0.2)}
+    named: set[str] = set()
+    for y, label in zip(ys, labels):
+        for start, end, kind in lanes[label]:
+            if kind in bars:
+                color, height = bars[kind]
+                ax.barh(y, end - start, left=start, height=height, color=color, zorder=2)
+            elif kind == "committed":
+                ax.scatter([start], [y], marker="o", s=80, color=COLORS["ok"], zorder=4)
+            else:
+                ax.scatter([start], [y], marker="X", s=120, color=COLORS["failed"], zorder=4)
+                if kind not in named:
+                    named.add(kind)
+                    ax.annotate(kind, (start, y), xytext=(8, 0), textcoords="offset points",
+                                ha="left", va="center", fontsize=SMALL_PT,
+                                color=COLORS["failed"], zorder=5,
+                                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                                      "edgecolor": "none", "alpha": 0.9})
+    for boundary in range(groups, len(labels), groups):
+        ax.axhline(len(labels) - boundary - 0.5, color=COLORS["muted"], linewidth=0.8)
+    ax.set_yticks(ys, [_wrap(label, 34) for label in labels])
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(False, axis="y")
+    ax.set_xlim(left=0)
+    ax.margins(x=0.22)
+    ax.set_xlim(left=0)
+    handles = [Patch(color=COLORS["using"], label="transaction open, holding its locks"),
+               Patch(color=COLORS["waiting"], label="waiting for a lock"),
+               Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=8,
+                      label="committed"),
+               Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
+                      label="aborted")]
+    ax.legend(handles=handles, loc="lower right", ncol=4, bbox_to_anchor=(1.0, 1.0),
+              frameon=False, borderaxespad=0.2, handletextpad=0.4, columnspacing=1.0)
     return _finish(fig, ax, title, xlabel, "", legend=False)
