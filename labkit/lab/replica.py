@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .server import ClusterError, LocalServer
 
-__all__ = ["fence", "promote", "streaming_replica"]
+__all__ = ["fence", "promote", "streaming_replica", "wait_caught_up"]
 
 CATCH_UP_TIMEOUT = 30.0
 
