@@ -1590,14 +1590,14 @@ def lock_timeline_chart(lanes: Mapping[str, Sequence[tuple[float, float, str]]],
     labels = list(lanes)
     fig, ax = plt.subplots(figsize=(WIDTH, 1.4 + 0.5 * len(labels)))
     ys = list(range(len(labels)))[::-1]
-    bars = {"open": (COLORS["using"], 0.5), "wait": (COLORS["waiting"], 0.5),
-            "backoff": (COLORS["muted"], 0.2)}
+    bars = {"open": (COLORS["using"], 0.5, 2), "wait": (COLORS["waiting"], 0.5, 3),
+            "backoff": (COLORS["muted"], 0.2, 2)}
     named: set[str] = set()
     for y, label in zip(ys, labels):
         for start, end, kind in lanes[label]:
             if kind in bars:
-                color, height = bars[kind]
-                ax.barh(y, end - start, left=start, height=height, color=color, zorder=2)
+                color, height, zorder = bars[kind]
+                ax.barh(y, end - start, left=start, height=height, color=color, zorder=zorder)
             elif kind == "committed":
                 ax.scatter([start], [y], marker="o", s=80, color=COLORS["ok"], zorder=4)
             else:
@@ -1619,10 +1619,11 @@ def lock_timeline_chart(lanes: Mapping[str, Sequence[tuple[float, float, str]]],
     ax.set_xlim(left=0)
     handles = [Patch(color=COLORS["using"], label="transaction open, holding its locks"),
                Patch(color=COLORS["waiting"], label="waiting for a lock"),
+               Patch(color=COLORS["muted"], label="backoff before a retry"),
                Line2D([], [], marker="o", color=COLORS["ok"], linestyle="", markersize=8,
                       label="committed"),
                Line2D([], [], marker="X", color=COLORS["failed"], linestyle="", markersize=9,
                       label="aborted")]
-    ax.legend(handles=handles, loc="lower right", ncol=4, bbox_to_anchor=(1.0, 1.0),
+    ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
               frameon=False, borderaxespad=0.2, handletextpad=0.4, columnspacing=1.0)
     return _finish(fig, ax, title, xlabel, "", legend=False)
