@@ -46,7 +46,7 @@ def _tick_labels(ax: Axes) -> list[str]:
 def _sample_figures(result: LoadResult) -> dict[str, Figure]:
     """One figure per chart function, named by it, with arguments shaped like the notebooks'
     calls and long labels and titles where they could collide."""
-    outcomes_08 = {f"{driver} · {how} · {when}": (
+    cut_outcomes = {f"{driver} · {how} · {when}": (
         [None, None] if when == "idle, pre-ping" else ["ConnectionLostError", None])
         for how in ("RESET", "FIN") for when in ("idle, no pre-ping", "idle, pre-ping",
                                                  "mid-transaction")
@@ -214,7 +214,7 @@ def _sample_figures(result: LoadResult) -> dict[str, Figure]:
         "request_outcomes_chart": charts.request_outcomes_chart(
             {"no pre-ping": ["still waiting", None, None],
              "labkit pre-ping (connect_timeout 2 s)": ["DatabaseUnavailableError", None, None],
-             **outcomes_08},
+             **cut_outcomes},
             title="Requests after the connection was reset or closed"),
         "session_reuse_chart": charts.session_reuse_chart(
             {"one session: a duplicate key at flush (job 3)":
@@ -224,10 +224,10 @@ def _sample_figures(result: LoadResult) -> dict[str, Figure]:
              "one session: its backend killed (job 3)":
                 [None, None, "OperationalError"] + ["PendingRollbackError"] * 7,
              "one session + session.rollback() in the except (jobs 3, 5, 7)":
-                [None, None, "IntegrityError", None, "UniqueViolation", None,
+                [None, None, "UniqueViolation", None, "UniqueViolation", None,
                  "OperationalError", None, None, None],
              "session_scope per job (jobs 3, 5, 7)":
-                [None, None, "IntegrityError", None, "UniqueViolation", None,
+                [None, None, "UniqueViolation", None, "UniqueViolation", None,
                  "OperationalError", None, None, None]},
             refused=["PendingRollbackError", "InFailedSqlTransaction"],
             title="One failed job, then every later job on the same session refused"),
