@@ -120,8 +120,8 @@ class _Timed:
 
 @functools.cache
 def timed_pool_class(pool_class: type[Pool]) -> type[Pool]:
-    """Return ``pool_class`` with checkout timing: a cached subclass of the same name."""
-    return type(pool_class.__name__, (_Timed, pool_class), {})
+    """Return ``pool_class`` with checkout timing: a cached subclass, same name and module."""
+    return type(pool_class.__name__, (_Timed, pool_class), {"__module__": pool_class.__module__})
 
 
 def install(engine: Engine) -> None:

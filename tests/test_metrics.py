@@ -360,3 +360,16 @@ def test_a_collector_does_not_keep_its_engine_alive(settings):
     del engine, metrics
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_labkits_pools_log_under_sqlalchemys_pool_logger(settings, is_async):
+    """Logging configured for ``sqlalchemy.pool`` (echo_pool, a level) reaches labkit's pools."""
+    engine = create_async_engine(settings) if is_async else create_engine(settings)
+    pool = (engine.sync_engine if is_async else engine).pool
+    try:
+        assert pool.logger.name.startswith("sqlalchemy.pool.impl."), pool.logger.name
+        assert pool.logger.name.endswith(type(pool).__name__)
+    finally:
+        if not is_async:
+            engine.dispose()
