@@ -38,7 +38,7 @@ NOTEBOOK_DATABASE = "labkit_notebooks"
 # Notebook 08 draws the same charts for root and for an ordinary user: its partitions run
 # in a user namespace, or through the fault proxy where the kernel allows none.
 MIN_CHARTS = {"02_pool_behaviour": 8, "04_commit_semantics": 6, "07_failure_cases": 11,
-              "06_async_vs_sync": 3, "03_pool_sizing": 9,
+              "06_async_vs_sync": 3, "03_pool_sizing": 10,
               "08_network": 8,
               "05_request_lifecycle": 12, "09_beyond_one_process": 8, "10_testing": 2}
 

@@ -59,24 +59,33 @@ def cpu_work(rows: int = 20_000) -> Callable[[Connection], Any]:
     return work
 
 
-def create_hot_row(engine: Engine, table: str = HOT_ROW_TABLE) -> None:
-    """Create ``table`` with its one row (id 1), if it is not there yet."""
+def create_hot_row(engine: Engine, table: str = HOT_ROW_TABLE, *, rows: int = 1) -> None:
+    """Create ``table`` with ``rows`` rows (ids 1..rows), if it is not there yet."""
     with engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE IF NOT EXISTS {table} "
                           "(id int PRIMARY KEY, n bigint NOT NULL)"))
-        conn.execute(text(f"INSERT INTO {table} VALUES (1, 0) ON CONFLICT (id) DO NOTHING"))
+        conn.execute(text(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, :rows) g "
+                          "ON CONFLICT (id) DO NOTHING"), {"rows": rows})
 
 
-def hot_row_work(table: str = HOT_ROW_TABLE) -> Callable[[Connection], Any]:
-    """Return a ``work`` function that increments the one row of ``table`` (``create_hot_row``).
+def hot_row_work(table: str = HOT_ROW_TABLE, *, rows: int = 1, durable: bool = True
+                 ) -> Callable[[Connection], Any]:
+    """Return a ``work`` function that increments one row of ``table`` (``create_hot_row``):
+    row 1 when ``rows=1`` (the hot row), else one of ``rows`` at random (the control).
 
     The row stays locked from the UPDATE until the COMMIT that follows it, a round trip
-    later: transactions on it run one at a time, whatever the pool size.
+    later: transactions on one row run one at a time, whatever the pool size. ``durable=False``
+    sets ``synchronous_commit = off`` for the transaction, so that the COMMIT does not wait
+    for the disk and the lock, not the disk, is what the transactions queue for.
     """
-    statement = text(f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+    statement = text(f"UPDATE {table} SET n = n + 1 WHERE id = :id")
+    no_sync = text("SET LOCAL synchronous_commit = off")
+    pick = random.Random(rows)
 
     def work(conn: Connection) -> None:
-        conn.execute(statement)
+        if not durable:
+            conn.execute(no_sync)
+        conn.execute(statement, {"id": 1 if rows == 1 else pick.randint(1, rows)})
 
     return work
 
