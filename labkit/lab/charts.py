@@ -1022,7 +1022,7 @@ def points_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
     _from_zero(ax, ys + list((hlines or {}).values()), "y")
     fig = _finish(fig, ax, title, xlabel, ylabel, legend=False)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc=legend)
+        ax.legend(loc=legend)  # type: ignore[call-overload]  # any of matplotlib's loc names
     return fig
 
 
