@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine, exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from .engine import _ERROR_SEEN
 from .errors import CommitOutcomeUnknownError, ProgrammingError, redact, sqlstate_of
@@ -73,14 +74,10 @@ def check_and_commit(connection: Connection, commit: Callable[[], None]) -> None
         commit()
 
 
-async def async_check_and_commit(connection: AsyncConnection,
-                                 commit: Callable[[], Awaitable[None]]) -> None:
-    """Async twin of ``check_and_commit``."""
-    if connection.info.get(_ERROR_SEEN):
-        with _raising(_raise_if_aborted):
-            await connection.exec_driver_sql("SELECT 1")
-    with _raising(_raise_if_outcome_unknown):
-        await commit()
+def _flush_and_commit(session: Session) -> None:
+    session.flush()
+    if session.in_transaction():
+        check_and_commit(session.connection(), session.commit)
 
 
 @contextlib.contextmanager
@@ -90,9 +87,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     session = factory()
     try:
         yield session
-        session.flush()
-        if session.in_transaction():
-            check_and_commit(session.connection(), session.commit)
+        _flush_and_commit(session)
     except BaseException:
         with contextlib.suppress(Exception):
             session.rollback()
@@ -108,9 +103,7 @@ async def async_session_scope(factory: async_sessionmaker[AsyncSession]
     session = factory()
     try:
         yield session
-        await session.flush()
-        if session.in_transaction():
-            await async_check_and_commit(await session.connection(), session.commit)
+        await greenlet_spawn(_flush_and_commit, session.sync_session)  # one hop, not three
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.shield(session.rollback())

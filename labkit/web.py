@@ -16,6 +16,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 try:  # FastAPI injects the request into a parameter annotated as Request
     from starlette.requests import Request
@@ -26,7 +27,6 @@ from .config import Settings
 from .engine import create_async_engine, create_engine
 from .errors import LabkitError
 from .session import (
-    async_check_and_commit,
     async_session_scope,
     check_and_commit,
     create_async_sessionmaker,
@@ -148,7 +148,8 @@ class AsyncSessionManager:
             try:
                 yield connection
                 if connection.in_transaction():
-                    await async_check_and_commit(connection, connection.commit)
+                    sync = connection.sync_connection  # one hop into SQLAlchemy, as in the scope
+                    await greenlet_spawn(check_and_commit, sync, sync.commit)  # type: ignore[union-attr]
             except BaseException:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(connection.rollback())

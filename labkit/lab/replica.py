@@ -43,14 +43,7 @@ def streaming_replica(primary: LocalServer) -> Iterator[LocalServer]:
     root = Path(tempfile.mkdtemp(prefix="labkit-replica-")) / "server"
     replica = LocalServer(root, settings=primary.settings)
     try:
-        replica._prepare_dirs()       # the server's user owns the folder it copies into
-        conninfo = (f"host={info.host} port={info.port} user={info.user} "
-                    f"password={info.password} application_name=labkit-standby")
-        # -R writes standby.signal and primary_conninfo: the copy starts as a standby.
-        replica._run(["pg_basebackup", "-D", str(replica.data_dir), "-d", conninfo, "-R",
-                      "-X", "stream", "-c", "fast", "--no-sync"])
-        replica._write_state({"port": 0, "password": info.password, "user": info.user,
-                              "database": info.database})
+        replica.init_standby(info)
         replica.start()
         yield replica
     finally:
@@ -61,8 +54,7 @@ def streaming_replica(primary: LocalServer) -> Iterator[LocalServer]:
 def promote(replica: LocalServer, *, timeout: float = CATCH_UP_TIMEOUT) -> float:
     """Promote a standby (``pg_ctl promote -w``); return the seconds it took."""
     start = time.perf_counter()
-    replica._run(["pg_ctl", "promote", "-D", str(replica.data_dir), "-w",
-                  "-t", str(int(timeout))], timeout=timeout + 10)
+    replica.promote(timeout=timeout)
     return time.perf_counter() - start
 
 

@@ -353,6 +353,23 @@ class LocalServer:
                            "database": DATABASE})
         logger.info("initialised a PostgreSQL data directory under %s", self.data_dir)
 
+    def init_standby(self, primary: ServerInfo) -> None:
+        """Create the data directory as a streaming standby of the running ``primary``
+        (``pg_basebackup -R``): same superuser and password; read-only until ``promote()``."""
+        self._prepare_dirs()  # the server's user owns the folder the copy goes into
+        conninfo = (f"host={primary.host} port={primary.port} user={primary.user} "
+                    f"password={primary.password} application_name=labkit-standby")
+        # -R writes standby.signal and primary_conninfo: the copy starts as a standby.
+        self._run(["pg_basebackup", "-D", str(self.data_dir), "-d", conninfo, "-R",
+                   "-X", "stream", "-c", "fast", "--no-sync"])
+        self._write_state({"port": 0, "password": primary.password, "user": primary.user,
+                           "database": primary.database})
+
+    def promote(self, *, timeout: float = 30.0) -> None:
+        """Make a standby a primary (``pg_ctl promote -w``): it accepts writes on return."""
+        self._run(["pg_ctl", "promote", "-D", str(self.data_dir), "-w", "-t", str(int(timeout))],
+                  timeout=timeout + 10)
+
     def start(self, *, timeout: float = START_TIMEOUT) -> ServerInfo:
         """Start the server on 127.0.0.1 (reusing the recorded port when it is free).
 
