@@ -10,17 +10,17 @@ Keepalives still help against a real partition, so they stay.
 """
 
 import labkit
-import labkit.tcp
+import labkit.network.tcp
 from labkit import Settings
 from labkit.deadline import bound_statements
-from labkit.tcp import TcpSettings
+from labkit.network.tcp import TcpSettings
 
 
 def make_engine(url):
     """An engine whose statements give control back within 3 s, whatever the network does."""
     settings = Settings(url=url, application_name="labkit-exercise-07-1")
     keepalives = TcpSettings(keepalive_idle=1, keepalive_interval=1, keepalive_count=2)
-    engine = labkit.tcp.create_engine(
+    engine = labkit.network.tcp.create_engine(
         settings, keepalives, pool=labkit.DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0))
     bound_statements(engine, 1.5)   # every statement: an answer within 1.5 s, or cut
     return engine

@@ -29,7 +29,7 @@ from labkit import (
 from labkit.config import to_async_url, to_sync_url
 from tests.conftest import translated
 from labkit.lab import database_url, local_settings
-from labkit.tcp import PRODUCTION_TCP, TcpSettings
+from labkit.network.tcp import PRODUCTION_TCP, TcpSettings
 
 SECRET = "s3cr3t-P@ss:w/rd?#"
 
@@ -116,7 +116,7 @@ def test_production_gets_the_production_pool():
     assert settings.environment == "production" and settings.pool == PRODUCTION_POOL
 
 
-# --- labkit.tcp: TcpSettings -------------------------------------------------------------
+# --- labkit.network.tcp: TcpSettings -------------------------------------------------------------
 
 def test_tcp_settings_from_env_read_every_variable_and_production_fills_the_rest():
     env = {"DB_TCP_KEEPALIVE_IDLE": "30", "DB_TCP_KEEPALIVE_INTERVAL": " 5 ",

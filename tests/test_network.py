@@ -24,7 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 import labkit
-import labkit.tcp
+import labkit.network.tcp
 from labkit import ConnectionLostError, Settings, create_async_engine
 from labkit.engine import engine_kwargs
 from labkit.errors import translate_error
@@ -39,7 +39,7 @@ from labkit.lab.proxy import (
     FaultProxy,
 )
 from labkit.lab.server import LocalServer
-from labkit.tcp import PRODUCTION_TCP, TcpSettings
+from labkit.network.tcp import PRODUCTION_TCP, TcpSettings
 
 ONE = labkit.DEVELOPMENT_POOL.replace(pool_size=1, max_overflow=0, pool_pre_ping=False)
 
@@ -275,7 +275,7 @@ TCP = TcpSettings(keepalive_idle=7, keepalive_interval=3, keepalive_count=2, use
 
 
 def test_tcp_settings_are_set_on_psycopg2_sockets(db_url: URL):
-    engine = labkit.tcp.create_engine(Settings(url=db_url), TCP, pool=ONE)
+    engine = labkit.network.tcp.create_engine(Settings(url=db_url), TCP, pool=ONE)
     try:
         with engine.connect() as conn:
             fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
@@ -289,7 +289,7 @@ def test_tcp_settings_are_set_on_psycopg2_sockets(db_url: URL):
 
 
 async def test_tcp_settings_are_set_on_asyncpg_sockets(db_url: URL):
-    engine = labkit.tcp.create_async_engine(Settings(url=db_url), TCP, pool=ONE)
+    engine = labkit.network.tcp.create_async_engine(Settings(url=db_url), TCP, pool=ONE)
     try:
         async with engine.connect() as conn:
             raw = await conn.get_raw_connection()
@@ -303,7 +303,7 @@ async def test_tcp_settings_are_set_on_asyncpg_sockets(db_url: URL):
 def test_the_core_sets_no_tcp_options_and_the_kernel_defaults_stay(db_url: URL):
     assert not any(k.startswith(("keepalives", "tcp_"))
                    for k in engine_kwargs(Settings(url=db_url))["connect_args"])
-    engine = labkit.tcp.create_engine(Settings(url=db_url), TcpSettings(), pool=ONE)
+    engine = labkit.network.tcp.create_engine(Settings(url=db_url), TcpSettings(), pool=ONE)
     try:
         with engine.connect() as conn:
             fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
@@ -356,7 +356,7 @@ def inside() -> Iterator[tuple[NetworkNamespace, LocalServer]]:
 
 def _engine(url: URL, **tcp: Any) -> Engine:
     # No client-side statement deadline (labkit.deadline): only TCP settings end a wait.
-    return labkit.tcp.create_engine(Settings(url=url, connect_timeout=2), TcpSettings(**tcp),
+    return labkit.network.tcp.create_engine(Settings(url=url, connect_timeout=2), TcpSettings(**tcp),
                                     pool=ONE)
 
 

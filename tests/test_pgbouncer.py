@@ -1,6 +1,6 @@
 """labkit through a real PgBouncer (Debian's package) in front of a throwaway server.
 
-What ``labkit.pooler``'s engines change is proven in both directions: with them, many
+What ``labkit.network.pooler``'s engines change is proven in both directions: with them, many
 transactions of both drivers pass through transaction mode and the statement timeout
 still holds; with the core's engines, PgBouncer refuses labkit's connect-time
 ``statement_timeout`` and asyncpg's named prepared statements clash between worker
@@ -24,9 +24,9 @@ from labkit import (
     Settings,
     create_async_engine,
     create_engine,
-    pooler,
 )
 from labkit.engine import engine_kwargs
+from labkit.network import pooler
 from labkit.lab import pgbouncer as pgbouncer_module
 from labkit.lab.faults import throwaway_server
 from labkit.lab.pgbouncer import PgBouncer, PgBouncerError, pgbouncer, run_async_workers
@@ -197,7 +197,7 @@ def test_asyncpg_workers_with_labkit_pooler_never_clash(server: LocalServer) -> 
     assert results == [{"ok": 30, "errors": {}}] * 3
 
 
-# --- labkit.pooler's engines: transaction mode works ----------------------------------
+# --- labkit.network.pooler's engines: transaction mode works ----------------------------------
 
 def test_psycopg2_many_transactions_share_two_server_connections(
         transaction_pooler: PgBouncer, admin: Engine) -> None:

@@ -327,8 +327,8 @@ def test_a_query_string_password_still_logs_in_through_both_drivers(db_url, driv
 @pytest.mark.parametrize("factory", ["create_engine", "create_async_engine"])
 def test_options_behind_a_transaction_pooler_are_refused(factory):
     """Pins: a transaction-mode pooler refuses ``options`` at connect time, so
-    ``labkit.pooler``'s engines refuse a URL with ``?options=``, naming the fix."""
-    from labkit import pooler
+    ``labkit.network.pooler``'s engines refuse a URL with ``?options=``, naming the fix."""
+    from labkit.network import pooler
 
     make = getattr(pooler, factory)
     with pytest.raises(ConfigurationError, match="ALTER ROLE"):

@@ -35,7 +35,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
 
 import labkit
-import labkit.tcp
+import labkit.network.tcp
 from labkit import (Settings, create_async_engine, create_engine, create_sessionmaker,
                     health_check, run_in_transaction)
 from labkit.deadline import bound_statements
@@ -43,7 +43,7 @@ from labkit.errors import translate_error
 from labkit.lab.faults import throwaway_server
 from labkit.lab.netns import NetworkNamespace, namespace_unavailable
 from labkit.lab.proxy import OPEN_CONNECTIONS, REAPED, REPLIES_DROPPED, FaultProxy
-from labkit.tcp import TcpSettings
+from labkit.network.tcp import TcpSettings
 
 __all__ = ["FaultNetwork", "fault_network", "idle_reaped", "lost_commit_reply",
            "partition_mid_query"]
@@ -175,11 +175,11 @@ def _classify(exc: BaseException) -> str:
 def _engine(net: FaultNetwork, name: str, pool: labkit.PoolProfile = ONE,
             deadline: float | None = None, tcp: TcpSettings | None = None,
             **settings: Any) -> Engine:
-    """A sync engine to the server: labkit.tcp's settings, labkit.deadline's bound."""
+    """A sync engine to the server: labkit.network.tcp's settings, labkit.deadline's bound."""
     options = {"connect_timeout": 2, **settings}
     conf = Settings(url=net.url, application_name=f"labkit-nb08-{name}", **options)
     eng = create_engine(conf, pool=pool) if tcp is None else \
-        labkit.tcp.create_engine(conf, tcp, pool=pool)
+        labkit.network.tcp.create_engine(conf, tcp, pool=pool)
     if deadline is not None:
         bound_statements(eng, deadline)
     return _tracked(eng)
@@ -344,7 +344,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
             settings = Settings(url=net.url, application_name="labkit-nb08-part-async")
             engines[name] = (
                 create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
-                else labkit.tcp.create_async_engine(settings, tcp, pool=ONE,
+                else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
                                                     connect_args=connect_args))
             conns[name] = await engines[name].connect()
             await conns[name].execute(text("SELECT 1"))   # warm, inside a transaction

@@ -9,7 +9,7 @@ into a temporary folder, starts PgBouncer in the foreground on a free port of
 with throwaway_server() as server:
     with pgbouncer(server.info(), mode="transaction", pool_size=4) as bouncer:
         settings = Settings(url=bouncer.info.url(), statement_timeout_ms=5000)
-        engine = labkit.pooler.create_engine(settings)   # nothing session-level at connect
+        engine = labkit.network.pooler.create_engine(settings)   # nothing session-level at connect
         ...
         bouncer.pools()   # SHOW POOLS: client and server connections
 ```
@@ -286,12 +286,12 @@ def pgbouncer(server: ServerInfo, *, mode: Mode = "transaction", pool_size: int 
         atexit.unregister(clean_up)
 
 
-# One worker process: an async engine (labkit.pooler's or the plain one), ``transactions``
+# One worker process: an async engine (labkit.network.pooler's or the plain one), ``transactions``
 # transactions of a few statements each, then the distinct errors it met (as JSON).
 _ASYNC_WORKER = r"""
 import asyncio, json, sys
 from sqlalchemy import text
-from labkit import pooler
+from labkit.network import pooler
 from labkit.config import Settings, parse_url
 from labkit.engine import create_async_engine
 from labkit.errors import redact
@@ -334,7 +334,7 @@ def run_async_workers(url: Any, *, processes: int = 2, transactions: int = 50,
         url: Where to connect (a SQLAlchemy ``URL`` or string, password included).
         processes: How many worker processes.
         transactions: Transactions each runs (two statements each).
-        use_pooler: the workers' engine comes from ``labkit.pooler.create_async_engine``
+        use_pooler: the workers' engine comes from ``labkit.network.pooler.create_async_engine``
             (True) or ``labkit.create_async_engine`` (False).
         timeout: Seconds each process may take.
 

@@ -2,7 +2,7 @@
 
 09.1: an asyncpg engine behind PgBouncer in transaction mode: connect-time settings
 refused, and prepared statements another worker left on the shared server connection
-(``labkit.pooler`` fixes both).
+(``labkit.network.pooler`` fixes both).
 09.2: pool sizes for several worker processes within a role's connection budget, the
 health probe's own connection counted.
 """
@@ -68,7 +68,7 @@ async def _work(engine: AsyncEngine) -> tuple[int, str]:
 
 @exercise("09.1", title="asyncpg behind PgBouncer in transaction mode",
           hint="Build the engine for a transaction-mode pooler: "
-               "labkit.pooler.create_async_engine(settings) instead of create_async_engine. "
+               "labkit.network.pooler.create_async_engine(settings) instead of create_async_engine. "
                "It sends nothing but application_name at connect, sets statement_timeout per "
                "transaction with SET LOCAL, and gives asyncpg's prepared statements unique "
                "names.")

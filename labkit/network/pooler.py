@@ -7,7 +7,7 @@ set per transaction with ``SET LOCAL``, and asyncpg's prepared statements neithe
 nor reused by name ("prepared statement ... already exists"). psycopg2 needs nothing else.
 
 ```python
-engine = labkit.pooler.create_async_engine(Settings(url=BOUNCER_URL, statement_timeout_ms=5000))
+engine = labkit.network.pooler.create_async_engine(Settings(url=BOUNCER_URL, statement_timeout_ms=5000))
 ```
 """
 
@@ -20,9 +20,9 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import engine as _engine
-from .config import Settings
-from .errors import ConfigurationError
+from .. import engine as _engine
+from ..config import Settings
+from ..errors import ConfigurationError
 
 __all__ = ["ASYNCPG_ARGS", "create_async_engine", "create_engine"]
 

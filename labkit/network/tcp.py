@@ -7,8 +7,8 @@ and drops a connection whose sent data stays unacknowledged for 30 s. psycopg2 g
 as libpq parameters; asyncpg, which has none, as socket options once connected.
 
 ```python
-engine = labkit.tcp.create_engine(settings, PRODUCTION_TCP)
-async_engine = labkit.tcp.create_async_engine(settings, PRODUCTION_TCP)
+engine = labkit.network.tcp.create_engine(settings, PRODUCTION_TCP)
+async_engine = labkit.network.tcp.create_async_engine(settings, PRODUCTION_TCP)
 ```
 
 Keepalives do not end a wait for an answer from a server that still ACKs (hung, not
@@ -30,10 +30,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _private
-from . import engine as _engine
-from .config import Settings
-from .errors import ConfigurationError
+from .. import _private
+from .. import engine as _engine
+from ..config import Settings
+from ..errors import ConfigurationError
 
 __all__ = ["PRODUCTION_TCP", "TcpSettings", "create_async_engine", "create_engine"]
 
