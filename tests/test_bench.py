@@ -70,7 +70,47 @@ def test_every_ratio_compares_clients_that_run_side_by_side():
     blocks = [set(block) for block in bench.BLOCKS]
     for name, numerator, denominator in bench.RATIOS:
         assert any({numerator, denominator} <= block for block in blocks), name
-    assert sorted(c for block in bench.BLOCKS for c in block) == sorted(bench.CLIENTS)
+    assert sorted(c for block in bench.BLOCKS for c in block) == sorted(bench.ALL_CLIENTS)
+
+
+def test_psycopg3_clients_run_the_same_layers_on_the_third_driver():
+    assert bench.ALL_CLIENTS == [*bench.CLIENTS, *bench.PSYCOPG3_CLIENTS]
+    assert len(set(bench.ALL_CLIENTS)) == len(bench.ALL_CLIENTS)
+    assert {name for name, _, _ in bench.PSYCOPG3_RATIOS} == {
+        "labkit sync / SQLAlchemy ORM sync, on psycopg 3",
+        "labkit async / SQLAlchemy ORM async, on psycopg 3",
+        "psycopg 3 raw / psycopg2 raw", "psycopg 3 async raw / asyncpg raw",
+        "ORM sync on psycopg 3 / on psycopg2", "ORM async on psycopg 3 / on asyncpg"}
+    for _, numerator, denominator in bench.PSYCOPG3_RATIOS:  # psycopg 3 on top
+        assert numerator in bench.PSYCOPG3_CLIENTS
+        assert (denominator in bench.PSYCOPG3_CLIENTS) == numerator.startswith("labkit")
+
+
+@pytest.mark.parametrize("client", bench.PSYCOPG3_CLIENTS)
+def test_psycopg3_clients_talk_to_the_server_through_psycopg3(client, db_url):
+    bench.seed(db_url)
+    rec = bench.run_client(db_url, client, 2, 0.1)
+    assert rec["client"] == client and rec["transactions"] > 0 and rec["tps"] > 0
+    if "raw" in client:
+        return
+    if client in bench.SYNC_CLIENTS:
+        _, engine = bench._sync_client(db_url, client, 1)
+        try:
+            assert engine.dialect.driver == "psycopg"
+        finally:
+            engine.dispose()
+        return
+
+    async def driver() -> tuple[str, bool]:
+        _, closers = await bench._async_client(db_url, client, 1)
+        try:
+            dialect = closers[0].__self__.dialect  # the engine's dispose
+            return dialect.driver, dialect.is_async
+        finally:
+            for close in closers:
+                await close()
+
+    assert asyncio.run(driver()) == ("psycopg", True)
 
 
 # --- calls and CPU time per transaction ------------------------------------------------

@@ -11,8 +11,11 @@ for ``duration`` seconds and returns a record:
 
 Clients, from the bottom up: ``pgbench`` (C, the ceiling), raw asyncpg pool, raw psycopg2
 (one connection per thread), SQLAlchemy Core, SQLAlchemy ORM session (sync and async), and
-labkit's session scope (sync and async). Used by ``benchmarks/run.py`` (``make bench``) and
-notebooks 06 and 03.
+labkit's session scope (sync and async): ``CLIENTS``, on the kit's default drivers. The
+third driver, psycopg 3, runs the same transaction raw (a connection per thread; an
+asyncio ``psycopg_pool``), through the SQLAlchemy ORM session and through labkit's scopes,
+sync and async (``PSYCOPG3_CLIENTS``); ``ALL_CLIENTS`` is both. Used by
+``benchmarks/run.py`` (``make bench``, every client) and notebooks 06 and 03.
 
 One short run per client cannot resolve a few percent on a shared machine: other
 processes take the CPU in bursts. ``interleaved_rounds`` therefore runs every client
@@ -71,6 +74,7 @@ from labkit import (
 from labkit.lab.stats import median, median_interval, percentile
 
 __all__ = [
+    "ALL_CLIENTS",
     "ASYNC_CLIENTS",
     "BLOCKS",
     "CLIENTS",
@@ -78,6 +82,8 @@ __all__ = [
     "OVERHEAD_BOUND",
     "PGBENCH",
     "PGBENCH_SELECT",
+    "PSYCOPG3_CLIENTS",
+    "PSYCOPG3_RATIOS",
     "RATIOS",
     "ROWS",
     "SYNC_CLIENTS",
@@ -186,12 +192,46 @@ def _psycopg2_worker(url: URL) -> Callable[[], Callable[[int], None]]:
     return make
 
 
+def _psycopg3_worker(url: URL) -> Callable[[], Callable[[int], None]]:
+    import psycopg
+
+    def make() -> Callable[[int], None]:
+        # psycopg 3's defaults: server-side binding, and the statement prepared on the
+        # server from its fifth execution on (prepare_threshold=5).
+        conn = psycopg.connect(host=url.host, port=url.port, user=url.username,
+                               password=url.password, dbname=url.database)
+        cur = conn.cursor()
+
+        def op(key: int) -> None:
+            cur.execute(f"SELECT id, name FROM {TABLE} WHERE id = %s", (key,))
+            cur.fetchone()
+            conn.commit()
+
+        op.close = conn.close  # type: ignore[attr-defined]
+        return op
+
+    return make
+
+
+_PSYCOPG3 = ", psycopg 3)"
+
+
+def _layer(client: str) -> tuple[str, dict[str, str]]:
+    """``(the client's name on the default driver, extra Settings fields)`` of a layer."""
+    if client.endswith(_PSYCOPG3):
+        return client.removesuffix(_PSYCOPG3) + ")", {"driver": "psycopg"}
+    return client, {}
+
+
 def _sync_client(url: URL, client: str,
                  concurrency: int) -> tuple[Callable[[], Callable[[int], None]], Any]:
     """Return (a factory of per-worker operations, the engine to dispose or None)."""
     if client == "psycopg2 raw (threads)":
         return _psycopg2_worker(url), None
-    engine = create_engine(Settings(url=url, application_name="labkit-bench"),
+    if client == "psycopg 3 raw (threads)":
+        return _psycopg3_worker(url), None
+    layer, driver = _layer(client)
+    engine = create_engine(Settings(url=url, application_name="labkit-bench", **driver),
                            pool=_bench_pool(concurrency))
     factory = create_sessionmaker(engine)
     stmt = text(SELECT_SQL)
@@ -211,15 +251,18 @@ def _sync_client(url: URL, client: str,
 
     ops = {"SQLAlchemy Core (sync)": core, "SQLAlchemy ORM session (sync)": orm,
            "labkit session_scope (sync)": labkit_scope}
-    if client not in ops:
+    if layer not in ops:
         engine.dispose()
         raise ValueError(f"unknown sync client {client!r}")
-    op = ops[client]
+    op = ops[layer]
     return (lambda: op), engine
 
 
+PSYCOPG3_SYNC_CLIENTS = ["psycopg 3 raw (threads)", "SQLAlchemy ORM session (sync, psycopg 3)",
+                         "labkit session_scope (sync, psycopg 3)"]
 SYNC_CLIENTS = ["psycopg2 raw (threads)", "SQLAlchemy Core (sync)",
-                "SQLAlchemy ORM session (sync)", "labkit session_scope (sync)"]
+                "SQLAlchemy ORM session (sync)", "labkit session_scope (sync)",
+                *PSYCOPG3_SYNC_CLIENTS]
 
 
 def run_sync_client(url: URL, client: str, concurrency: int, duration: float) -> dict[str, Any]:
@@ -263,8 +306,11 @@ def run_sync_client(url: URL, client: str, concurrency: int, duration: float) ->
 
 # --- async clients -----------------------------------------------------------------------
 
+PSYCOPG3_ASYNC_CLIENTS = ["psycopg 3 raw (async pool)",
+                          "SQLAlchemy ORM session (async, psycopg 3)",
+                          "labkit async_session_scope (async, psycopg 3)"]
 ASYNC_CLIENTS = ["asyncpg raw (pool)", "SQLAlchemy ORM session (async)",
-                 "labkit async_session_scope (async)"]
+                 "labkit async_session_scope (async)", *PSYCOPG3_ASYNC_CLIENTS]
 
 
 async def _async_client(url: URL, client: str, concurrency: int
@@ -286,17 +332,35 @@ async def _async_client(url: URL, client: str, concurrency: int
                 async with conn.transaction():
                     await conn.fetchrow(sql, key)
         return op, closers
-    engine = create_async_engine(Settings(url=url, application_name="labkit-bench"),
+    if client == "psycopg 3 raw (async pool)":
+        from psycopg_pool import AsyncConnectionPool
+
+        pg3 = AsyncConnectionPool(kwargs={"host": url.host, "port": url.port,
+                                          "user": url.username, "password": url.password,
+                                          "dbname": url.database},
+                                  min_size=concurrency, max_size=concurrency, open=False)
+        await pg3.open(wait=True)
+        closers.append(pg3.close)
+        pg3_sql = f"SELECT id, name FROM {TABLE} WHERE id = %s"
+
+        async def pg3_op(key: int) -> None:
+            # The pool's block commits the transaction the SELECT began (psycopg 3 is not
+            # in autocommit mode) before it takes the connection back.
+            async with pg3.connection() as conn:
+                await (await conn.execute(pg3_sql, (key,))).fetchone()
+        return pg3_op, closers
+    layer, driver = _layer(client)
+    engine = create_async_engine(Settings(url=url, application_name="labkit-bench", **driver),
                                  pool=_bench_pool(concurrency))
     closers.append(engine.dispose)
     factory = create_async_sessionmaker(engine)
     orm_stmt = select(BenchItem)
-    if client == "SQLAlchemy ORM session (async)":
+    if layer == "SQLAlchemy ORM session (async)":
         async def orm(key: int) -> None:
             async with factory.begin() as session:
                 (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
         return orm, closers
-    if client == "labkit async_session_scope (async)":
+    if layer == "labkit async_session_scope (async)":
         async def labkit_scope(key: int) -> None:
             async with async_session_scope(factory) as session:
                 (await session.scalars(orm_stmt.where(BenchItem.id == key))).first()
@@ -426,15 +490,24 @@ def progress(message: str) -> None:
 
 
 def iter_plan(concurrencies: Iterable[int]) -> list[tuple[str, int]]:
-    """Every (client, concurrency) pair of a full run, pgbench first."""
+    """Every (client, concurrency) pair of a full run (``ALL_CLIENTS``), pgbench first."""
     clients = ["pgbench", *SYNC_CLIENTS, *ASYNC_CLIENTS]
     return [(c, n) for n in concurrencies for c in clients]
 
 
 # --- interleaved rounds ----------------------------------------------------------------------
 
-CLIENTS = [PGBENCH, *SYNC_CLIENTS, *ASYNC_CLIENTS]
-"""Every load client, bottom up: the C client, then the sync and the async Python layers."""
+CLIENTS = [PGBENCH, *(c for c in SYNC_CLIENTS + ASYNC_CLIENTS
+                      if c not in PSYCOPG3_SYNC_CLIENTS + PSYCOPG3_ASYNC_CLIENTS)]
+"""The layers on the kit's default drivers, bottom up: the C client, then the sync
+(psycopg2) and the async (asyncpg) Python layers."""
+
+PSYCOPG3_CLIENTS = [*PSYCOPG3_SYNC_CLIENTS, *PSYCOPG3_ASYNC_CLIENTS]
+"""The third driver, psycopg 3: raw, through the ORM session and through labkit's scopes
+(``Settings(driver="psycopg")``), sync then async."""
+
+ALL_CLIENTS = [*CLIENTS, *PSYCOPG3_CLIENTS]
+"""Every load client: what ``make bench`` runs."""
 
 RATIOS: list[tuple[str, str, str]] = [
     ("labkit sync / SQLAlchemy ORM sync",
@@ -446,15 +519,35 @@ RATIOS: list[tuple[str, str, str]] = [
     ("asyncpg raw / SQLAlchemy ORM async",
      "asyncpg raw (pool)", "SQLAlchemy ORM session (async)"),
     ("psycopg2 raw / pgbench", "psycopg2 raw (threads)", PGBENCH),
+    ("labkit sync / SQLAlchemy ORM sync, on psycopg 3",
+     "labkit session_scope (sync, psycopg 3)", "SQLAlchemy ORM session (sync, psycopg 3)"),
+    ("labkit async / SQLAlchemy ORM async, on psycopg 3",
+     "labkit async_session_scope (async, psycopg 3)",
+     "SQLAlchemy ORM session (async, psycopg 3)"),
+    ("psycopg 3 raw / psycopg2 raw", "psycopg 3 raw (threads)", "psycopg2 raw (threads)"),
+    ("psycopg 3 async raw / asyncpg raw", "psycopg 3 raw (async pool)", "asyncpg raw (pool)"),
+    ("ORM sync on psycopg 3 / on psycopg2",
+     "SQLAlchemy ORM session (sync, psycopg 3)", "SQLAlchemy ORM session (sync)"),
+    ("ORM async on psycopg 3 / on asyncpg",
+     "SQLAlchemy ORM session (async, psycopg 3)", "SQLAlchemy ORM session (async)"),
 ]
 """The comparisons ``make bench`` reports: ``(name, numerator, denominator)``; the first
-two are labkit's own cost over the SQLAlchemy layer it wraps."""
+two are labkit's own cost over the SQLAlchemy layer it wraps, on the default drivers;
+``PSYCOPG3_RATIOS`` (the last six) the same on psycopg 3 and psycopg 3 against the
+default drivers, raw and through the ORM session."""
+
+PSYCOPG3_RATIOS = RATIOS[5:]
+"""labkit over the ORM session on psycopg 3 (sync, async), then psycopg 3 over psycopg2
+and over asyncpg, raw and through SQLAlchemy's ORM session."""
 
 BLOCKS: list[list[str]] = [
-    [PGBENCH, "psycopg2 raw (threads)"],
-    ["SQLAlchemy Core (sync)", "SQLAlchemy ORM session (sync)", "labkit session_scope (sync)"],
+    [PGBENCH, "psycopg2 raw (threads)", "psycopg 3 raw (threads)"],
+    ["SQLAlchemy Core (sync)", "SQLAlchemy ORM session (sync)", "labkit session_scope (sync)",
+     "SQLAlchemy ORM session (sync, psycopg 3)", "labkit session_scope (sync, psycopg 3)"],
     ["asyncpg raw (pool)", "SQLAlchemy ORM session (async)",
-     "labkit async_session_scope (async)"],
+     "labkit async_session_scope (async)", "psycopg 3 raw (async pool)",
+     "SQLAlchemy ORM session (async, psycopg 3)",
+     "labkit async_session_scope (async, psycopg 3)"],
 ]
 """Clients that ``interleaved_rounds`` keeps next to each other within a round: every pair
 of ``RATIOS`` shares a block, so the two sides of a ratio run a fraction of a second
@@ -479,11 +572,11 @@ def _run_coroutine(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def run_client(url: URL, client: str, concurrency: int, duration: float, *,
                bin_dir: Path | None = None, transactions: int | None = None) -> dict[str, Any]:
-    """Run one client of ``CLIENTS`` once and return its record.
+    """Run one client of ``ALL_CLIENTS`` once and return its record.
 
     Args:
         url: The database to load.
-        client: A name from ``CLIENTS``.
+        client: A name from ``ALL_CLIENTS``.
         concurrency: Workers (threads, tasks or pgbench clients).
         duration: Seconds to run (pgbench: see ``transactions``).
         bin_dir: The directory holding ``pgbench``; needed for ``PGBENCH`` only.
@@ -500,7 +593,7 @@ def run_client(url: URL, client: str, concurrency: int, duration: float, *,
         return run_sync_client(url, client, concurrency, duration)
     if client in ASYNC_CLIENTS:
         return _run_coroutine(run_async_client(url, client, concurrency, duration))
-    raise ValueError(f"unknown client {client!r}; choose from {CLIENTS}")
+    raise ValueError(f"unknown client {client!r}; choose from {ALL_CLIENTS}")
 
 
 def _shuffled_rounds(units: Sequence[Sequence[_T]], rounds: int, seed: int) -> list[list[_T]]:
@@ -615,13 +708,13 @@ def summarize(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     interquartile range and ``tps_min``/``tps_max`` the extremes; ``spread_pct`` is the
     IQR as a percentage of the median. ``p50_ms``/``p99_ms`` are the medians over rounds
     of each slice's latency percentiles, ``cpu_us_per_tx`` the median of this process's
-    CPU time per transaction (Python clients). Rows come in ``CLIENTS`` order, then by
+    CPU time per transaction (Python clients). Rows come in ``ALL_CLIENTS`` order, then by
     concurrency.
     """
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for cell in cells:
         groups.setdefault((cell["client"], cell["concurrency"]), []).append(cell)
-    rank = {name: i for i, name in enumerate(CLIENTS)}
+    rank = {name: i for i, name in enumerate(ALL_CLIENTS)}
     rows = []
     for (client, n), group in sorted(groups.items(), key=lambda kv: (
             rank.get(kv[0][0], len(rank)), kv[0][1], kv[0][0])):
