@@ -465,6 +465,34 @@ def report(result: dict[str, Any]) -> None:
     print("\n" + result["resolution"]["statement"])
 
 
+def fleet_speed(*, instances: int = 500, rate_per_s: float = 10_000.0,
+                seconds: float = 60.0, seed: int = 0) -> dict[str, Any]:
+    """The fleet simulator's speed (``labkit.lab.fleet``): ``instances`` × pool_size 10 at
+    ``rate_per_s`` Poisson requests (5 ms held) for ``seconds`` simulated seconds, timed on
+    the wall clock; the target is at most 30 s for 500 instances at 10,000/s for 60 s."""
+    from labkit.lab.fleet import Fleet, Pool, Server, Workload, simulate
+
+    fleet = Fleet(instances=instances, pool=Pool(pool_size=10, max_overflow=0),
+                  server=Server(max_connections=12 * instances))
+    start, cpu = time.perf_counter(), time.process_time()
+    result = simulate(fleet, Workload(rate_per_s=rate_per_s, hold_s=0.005),
+                      duration_s=seconds, seed=seed)
+    wall = time.perf_counter() - start
+    return {"instances": instances, "rate_per_s": rate_per_s, "simulated_s": seconds,
+            "requests": result.requests, "wall_s": round(wall, 2),
+            "cpu_s": round(time.process_time() - cpu, 2),
+            "requests_per_wall_s": round(result.requests / wall), "target_wall_s": 30.0,
+            "within_target": wall <= 30.0}
+
+
+def report_fleet(fleet: dict[str, Any]) -> None:
+    print(f"\nfleet simulator: {fleet['requests']:,} requests ({fleet['instances']} instances, "
+          f"{fleet['rate_per_s']:,.0f}/s for {fleet['simulated_s']:g} simulated s) in "
+          f"{fleet['wall_s']:.1f} s of wall time: {fleet['requests_per_wall_s']:,} simulated "
+          f"requests per second (target: the whole run within {fleet['target_wall_s']:g} s: "
+          f"{'met' if fleet['within_target'] else 'MISSED'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8",
@@ -489,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a tiny run to check the output (2 workers, 6 rounds of 0.1 s "
                              "and 6 small cost blocks in 2 processes)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--only", choices=["fleet"],
+                        help="run only the fleet simulator's speed (fleet.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--total-rounds", type=int, default=0, help=argparse.SUPPRESS)
@@ -497,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-cost-blocks", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cost-warmup", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.only == "fleet":
+        fleet = fleet_speed()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fleet.json").write_text(json.dumps(fleet, indent=2))
+        report_fleet(fleet)
+        return 0
     concurrencies = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
     rounds, slice_s, samples, processes = args.rounds, args.slice_s, 300, args.processes
     cost = {"blocks": args.cost_blocks, "calls": args.cost_calls, "cpu": args.cost_cpu,
@@ -565,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         "slices": measured["slices"],
     }
     result["meta"]["elapsed_s"] = round(time.monotonic() - start, 1)
+    result["fleet"] = fleet_speed()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     headline: dict[str, dict[str, Any]] = {"tps": {}, "tx_per_cpu_s": {}}
@@ -585,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
          "resolution": result["resolution"]}, indent=2))
     chart(result, args.out / "results.png")
     report(result)
+    report_fleet(result["fleet"])
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'ratios.json'} and "
           f"{args.out / 'results.png'} in {time.monotonic() - start:.0f} s")
     return 0
