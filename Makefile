@@ -52,7 +52,8 @@ db-up: install
 	@DATABASE_URL="$${DATABASE_URL:-$$($(PY) -m labkit.lab db url --reveal)}" $(PY) -m labkit health --timeout 5
 
 # Interleaved rounds (every client once per round, random order) with medians, spread and
-# ratio intervals: about 2.5 minutes on 2 cores. BENCH_ARGS=--quick for a tiny run.
+# ratio intervals, psycopg 3 beside psycopg2 and asyncpg: about 3.5 minutes on 2 cores.
+# BENCH_ARGS=--quick for a tiny run.
 bench: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 

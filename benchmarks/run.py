@@ -1,6 +1,6 @@
 """`make bench`: the same short read transaction through every layer, in interleaved rounds.
 
-    python benchmarks/run.py [--concurrency 1,4,8] [--rounds 18] [--slice 0.25]
+    python benchmarks/run.py [--concurrency 1,4,8] [--rounds 16] [--slice 0.2]
                              [--cost-blocks 12] [--cost-calls 100] [--cost-cpu 400]
                              [--seed N] [--quick] [--out build/bench]
 
@@ -12,16 +12,22 @@ lands on a few slices of many clients instead of all of one client's. The two si
 every ratio run back to back within a round (``bench.BLOCKS``, in random order), so they
 see nearly the same load, and a garbage collection precedes every slice.
 
+The clients (``bench.ALL_CLIENTS``): pgbench, then each layer on the kit's default drivers
+(psycopg2 sync, asyncpg async) and on psycopg 3 (``Settings(driver="psycopg")``): raw
+driver, SQLAlchemy (Core on psycopg2 only; the ORM session), labkit's scopes.
+
 Reported per client and concurrency: the median throughput of its slices and their
 spread (interquartile range, min-max). Reported per comparison (labkit / SQLAlchemy,
 raw driver / pgbench, ...): the median of the per-round ratios with a distribution-free
 95 % interval for that median (order statistics, the sign-test interval). labkit's two
 ratios are pooled over the concurrencies above 1, where the Python client is CPU-bound
 and a layer's cost shows in full: each round's ratio is then the geometric mean of its
-ratios at those concurrencies. They are also given for the Python process's CPU time per
-transaction, the layer's own cost, which other processes disturb far less than
-throughput. The interval's wider half is the smallest difference the run can resolve; it
-is written to the JSON and onto the chart.
+ratios at those concurrencies; so are labkit's ratios on psycopg 3. They are also given
+for the Python process's CPU time per transaction, the layer's own cost, which other
+processes disturb far less than throughput, and so are the driver ratios (psycopg 3 over
+psycopg2 and over asyncpg, raw and through the ORM session) at every concurrency. The
+interval's wider half is the smallest difference the run can resolve; it is written to
+the JSON and onto the chart.
 
 Throughput cannot settle whether labkit costs at most 3 % more per transaction than the
 SQLAlchemy session it wraps: its intervals are several percent wide on a shared machine.
@@ -36,7 +42,8 @@ its half-width, and whether "at most 3 % more" is confirmed, ruled out or undeci
 
 Writes ``results.json``, ``ratios.json`` (``call_ratios``, ``cpu_interleaved_ratios``,
 ``resolution``) and ``results.png`` to ``--out``, and prints a table, the ratios and the
-resolution. About 3 minutes with the defaults on 2 cores.
+resolution. About 3.5 minutes with the defaults on 2 cores: 14 clients × 3 concurrencies
+× 16 rounds of 0.2 s slices (42 slices a round), then 12 cost blocks.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIDENCE = 0.95
 PCT = f"{CONFIDENCE * 100:.0f} %"
 LABKIT_RATIOS = bench.RATIOS[:2]
+PSYCOPG3_LABKIT_RATIOS = bench.PSYCOPG3_RATIOS[:2]  # labkit / the ORM session, on psycopg 3
+POOLED_RATIOS = LABKIT_RATIOS + PSYCOPG3_LABKIT_RATIOS
+DRIVER_RATIOS = bench.PSYCOPG3_RATIOS[2:]  # psycopg 3 / psycopg2 or asyncpg, also in CPU
 COST_METRICS = ("calls_per_tx", "cpu_us_per_tx")
 DECISIVE = "calls_per_tx"  # the measure that judges the 3 % claim
 
@@ -75,6 +85,12 @@ SHORT = {  # chart labels
     "asyncpg raw (pool)": "asyncpg raw",
     "SQLAlchemy ORM session (async)": "ORM session (async)",
     "labkit async_session_scope (async)": "labkit (async)",
+    "psycopg 3 raw (threads)": "psycopg 3 raw",
+    "SQLAlchemy ORM session (sync, psycopg 3)": "ORM session (sync, psycopg 3)",
+    "labkit session_scope (sync, psycopg 3)": "labkit (sync, psycopg 3)",
+    "psycopg 3 raw (async pool)": "psycopg 3 raw (async)",
+    "SQLAlchemy ORM session (async, psycopg 3)": "ORM session (async, psycopg 3)",
+    "labkit async_session_scope (async, psycopg 3)": "labkit (async, psycopg 3)",
 }
 COLOURS = {  # one hue per family: C client, sync Python (blues), async Python (greens)
     bench.PGBENCH: "#444444",
@@ -86,6 +102,11 @@ COLOURS = {  # one hue per family: C client, sync Python (blues), async Python (
     "SQLAlchemy ORM session (async)": "#238b45",
     "labkit async_session_scope (async)": "#fd8d3c",
 }
+# psycopg 3 draws in its counterpart's colour, dotted, with square markers.
+COLOURS.update({client: COLOURS[client.replace(", psycopg 3)", ")")]
+                for client in bench.PSYCOPG3_CLIENTS if "raw" not in client})
+COLOURS.update({"psycopg 3 raw (threads)": COLOURS["psycopg2 raw (threads)"],
+                "psycopg 3 raw (async pool)": COLOURS["asyncpg raw (pool)"]})
 
 
 def worker(concurrencies: list[int], rounds: int, slice_s: float, seed: int, offset: int,
@@ -102,7 +123,8 @@ def worker(concurrencies: list[int], rounds: int, slice_s: float, seed: int, off
         bench.progress(f"[cost block {block}/{cost['total']}] calls and CPU time per "
                        f"transaction in {seconds:.1f} s (process {os.getpid()})")
 
-    slices = bench.interleaved_rounds(url, clients=bench.CLIENTS, concurrencies=concurrencies,
+    slices = bench.interleaved_rounds(url, clients=bench.ALL_CLIENTS,
+                                      concurrencies=concurrencies,
                                       rounds=rounds, duration=slice_s,
                                       bin_dir=default_server().bin_dir, seed=seed,
                                       on_round=on_round)
@@ -127,7 +149,7 @@ def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
     url = database_url()
     bench.seed(url)
     bin_dir = default_server().bin_dir
-    cells_per_round = len(bench.CLIENTS) * len(concurrencies)
+    cells_per_round = len(bench.ALL_CLIENTS) * len(concurrencies)
     processes = max(1, min(processes, rounds))
     bench.progress(f"{rounds} rounds × {cells_per_round} slices of {slice_s:g} s "
                    f"(clients × concurrencies {concurrencies}), random order per round, "
@@ -174,25 +196,29 @@ def measure(concurrencies: list[int], rounds: int, slice_s: float, seed: int,
 def compare(slices: list[dict[str, Any]], concurrencies: list[int]) -> list[dict[str, Any]]:
     """Every throughput ratio at every concurrency, plus labkit's pooled headline ratios.
 
-    labkit's ratios also come as ``tx_per_cpu_s``: transactions per second of the Python
-    process's CPU time, the layer's own cost, which other processes disturb far less
-    than throughput (they take the CPU away; they hardly change what a transaction
-    costs once it runs).
+    labkit's ratios (on the default drivers and on psycopg 3) also come as
+    ``tx_per_cpu_s``: transactions per second of the Python process's CPU time, the
+    layer's own cost, which other processes disturb far less than throughput (they take
+    the CPU away; they hardly change what a transaction costs once it runs). So do the
+    driver ratios (psycopg 3 over psycopg2 and over asyncpg), at every concurrency.
     """
     rows = []
     pooled_levels = [n for n in concurrencies if n > 1] or concurrencies
     pooled_slices = [s for s in slices if s["concurrency"] in pooled_levels]
     for metric in ("tps", "tx_per_cpu_s"):
-        for name, numerator, denominator in LABKIT_RATIOS:
+        for name, numerator, denominator in POOLED_RATIOS:
             row = bench.paired_ratio(pooled_slices, numerator, denominator, concurrency=None,
                                      confidence=CONFIDENCE, name=name, metric=metric)
             rows.append({**row, "pooled_over": pooled_levels, "headline": True})
     for name, numerator, denominator in bench.RATIOS:
-        labkit = (name, numerator, denominator) in LABKIT_RATIOS
-        for n in concurrencies:
-            row = bench.paired_ratio(slices, numerator, denominator, concurrency=n,
-                                     confidence=CONFIDENCE, name=name)
-            rows.append({**row, "headline": not labkit and n == max(concurrencies)})
+        labkit = (name, numerator, denominator) in POOLED_RATIOS
+        metrics = ("tps", "tx_per_cpu_s") if (name, numerator, denominator) in DRIVER_RATIOS \
+            else ("tps",)
+        for metric in metrics:
+            for n in concurrencies:
+                row = bench.paired_ratio(slices, numerator, denominator, concurrency=n,
+                                         confidence=CONFIDENCE, name=name, metric=metric)
+                rows.append({**row, "headline": not labkit and n == max(concurrencies)})
     return rows
 
 
@@ -277,16 +303,16 @@ def _plain(ax: Axes, axis: str) -> None:
 def _throughput(ax: Axes, summary: list[dict[str, Any]], concurrencies: list[int]) -> None:
     from matplotlib.ticker import NullFormatter
 
-    for client in bench.CLIENTS:
+    for client in bench.ALL_CLIENTS:
         rows = [r for r in summary if r["client"] == client]
         xs = [r["concurrency"] for r in rows]
         med = [r["tps"] for r in rows]
         err = [[m - r["tps_q1"] for m, r in zip(med, rows)],
                [r["tps_q3"] - m for m, r in zip(med, rows)]]
-        dashed = client.startswith("labkit")
-        ax.errorbar(xs, med, yerr=err, marker="o", markersize=5, capsize=3,
-                    linestyle="--" if dashed else "-", color=COLOURS[client],
-                    label=SHORT[client])
+        dashed, third = client.startswith("labkit"), client in bench.PSYCOPG3_CLIENTS
+        style = ("-." if third else "--") if dashed else (":" if third else "-")
+        ax.errorbar(xs, med, yerr=err, marker="s" if third else "o", markersize=5, capsize=3,
+                    linestyle=style, color=COLOURS[client], label=SHORT[client])
     ax.set_xscale("log", base=2)
     ax.set_xticks(concurrencies, [str(n) for n in concurrencies])
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -331,6 +357,7 @@ def _forest(ax: Axes, rows: list[dict[str, Any]], labels: list[str], *,
 
 def _labkit_label(r: dict[str, Any]) -> str:
     side = r["name"].split(" / ")[0].removeprefix("labkit ")
+    side += " on psycopg 3" if r["name"].endswith("psycopg 3") else ""
     what = "throughput" if r["metric"] == "tps" else "tx per CPU-second"
     if r["concurrency"] == "pooled":
         return f"{side}: {what}\n(workers {', '.join(map(str, r['pooled_over']))} pooled)"
@@ -387,22 +414,27 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
     summary, ratios, meta = result["clients"], result["ratios"], result["meta"]
     concurrencies = meta["concurrency"]
-    fig = plt.figure(figsize=(22, 7.8), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[6.3, 1.5])  # type: ignore[misc]
+    fig = plt.figure(figsize=(22, 9.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[7.9, 1.7])  # type: ignore[misc]
     left, middle, right, costs = top.subplots(
         1, 4, gridspec_kw={"width_ratios": [1.1, 1.0, 1.0, 1.0]})
     _throughput(left, summary, concurrencies)
-    bottom.legend(*left.get_legend_handles_labels(), loc="center left", ncol=4, fontsize=9,
-                  title="throughput panel (dashed: labkit)", title_fontsize=9)
+    bottom.legend(*left.get_legend_handles_labels(), loc="center left", ncol=5, fontsize=9,
+                  title="throughput panel (dashed: labkit; squares, dotted: psycopg 3)",
+                  title_fontsize=9)
 
     others = [r for r in ratios if r["headline"] and not r["name"].startswith("labkit")]
-    _forest(middle, others, [r["name"].replace(" / ", "\n/ ") for r in others], log=True)
+    _forest(middle, others, [r["name"].replace(" / ", "\n/ ") + (
+        " (tx per CPU-s)" if r["metric"] == "tx_per_cpu_s" else "") for r in others], log=True)
     middle.set_title(f"Layer ratios at {max(concurrencies)} workers\n"
                      f"(median of paired rounds, {PCT} interval)")
-    middle.set_xlabel("throughput ratio (log scale; 1 = equal)")
+    middle.set_xlabel("ratio of throughputs, or of tx per CPU-second (log scale; 1 = equal)")
 
-    labkit = [r for r in ratios if r["name"].startswith("labkit")]
-    labkit.sort(key=lambda r: (not r["name"].startswith("labkit sync"),
+    # labkit on psycopg 3: the pooled rows only (every concurrency is in the JSON).
+    labkit = [r for r in ratios if r["name"].startswith("labkit") and (
+        r["concurrency"] == "pooled" or not r["name"].endswith("psycopg 3"))]
+    labkit.sort(key=lambda r: (r["name"].endswith("psycopg 3"),
+                               not r["name"].startswith("labkit sync"),
                                r["concurrency"] != "pooled", r["metric"] != "tps",
                                str(r["concurrency"])))
     _forest(right, labkit, [_labkit_label(r) for r in labkit], log=False)
@@ -428,22 +460,22 @@ def chart(result: dict[str, Any], path: Path) -> None:
 # --- report --------------------------------------------------------------------------------
 
 def report(result: dict[str, Any]) -> None:
-    print(f"\n{'client':36s} {'conc':>4s} {'tps median':>10s} {'IQR':>15s} "
+    print(f"\n{'client':46s} {'conc':>4s} {'tps median':>10s} {'IQR':>15s} "
           f"{'min–max':>15s} {'p50 ms':>7s} {'p99 ms':>7s} {'CPU µs/tx':>9s}")
     for r in result["clients"]:
         cpu = f"{r['cpu_us_per_tx']:9.0f}" if r["cpu_us_per_tx"] is not None else f"{'-':>9s}"
-        print(f"{r['client']:36s} {r['concurrency']:4d} {r['tps']:10.0f} "
+        print(f"{r['client']:46s} {r['concurrency']:4d} {r['tps']:10.0f} "
               f"{r['tps_q1']:7.0f}–{r['tps_q3']:<7.0f} {r['tps_min']:7.0f}–{r['tps_max']:<7.0f} "
               f"{r['p50_ms']:7.3f} {r['p99_ms']:7.3f} {cpu}")
     ref = result["reference"]
-    print(f"{ref['client']:36s} {ref['concurrency']:4d} {ref['tps']:10.0f}  (one run)")
+    print(f"{ref['client']:46s} {ref['concurrency']:4d} {ref['tps']:10.0f}  (one run)")
     print(f"\nratios (median of paired rounds, {PCT} interval):")
     for r in result["ratios"]:
         where = ("pooled " + ",".join(map(str, r["pooled_over"]))
                  if r["concurrency"] == "pooled" else f"at {r['concurrency']}")
         mark = "*" if r["headline"] else " "
         metric = "throughput" if r["metric"] == "tps" else "tx/CPU-s"
-        print(f" {mark}{r['name']:44s} {metric:10s} {where:11s} {r['median']:6.3f} "
+        print(f" {mark}{r['name']:50s} {metric:10s} {where:11s} {r['median']:6.3f} "
               f"[{r['low']:.3f}–{r['high']:.3f}]  ±{r['resolves_pct']:.1f} %")
     print("  (* headline; throughput = transactions per second, tx/CPU-s = transactions "
           "per second of the Python process's CPU time)")
@@ -497,11 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8",
                         help="comma-separated worker counts (default 1,4,8)")
-    parser.add_argument("--rounds", type=int, default=18, help="recorded rounds (default 18)")
+    parser.add_argument("--rounds", type=int, default=16, help="recorded rounds (default 16)")
     parser.add_argument("--processes", type=int, default=3,
                         help="worker processes sharing the rounds (default 3)")
-    parser.add_argument("--slice", type=float, default=0.25, dest="slice_s",
-                        help="seconds per client, concurrency and round (default 0.25)")
+    parser.add_argument("--slice", type=float, default=0.2, dest="slice_s",
+                        help="seconds per client, concurrency and round (default 0.2)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the random order (default: from the clock, recorded)")
     parser.add_argument("--cost-blocks", type=int, default=12,
@@ -567,11 +599,20 @@ def main(argv: list[str] | None = None) -> int:
                       "order each round (the two sides of each ratio back to back), shared "
                       "among fresh worker processes, each after an unrecorded warm-up round",
             "clients": "per client and concurrency: median throughput of the rounds' "
-                       "slices; spread as interquartile range (tps_q1-tps_q3) and min-max",
+                       "slices; spread as interquartile range (tps_q1-tps_q3) and min-max. "
+                       "Clients named '..., psycopg 3)' run on psycopg 3 "
+                       "(Settings(driver='psycopg'), SQLAlchemy postgresql+psycopg); "
+                       "'psycopg 3 raw (threads)' holds a connection per thread like "
+                       "psycopg2's, 'psycopg 3 raw (async pool)' a psycopg_pool "
+                       "AsyncConnectionPool of one connection per task like asyncpg's pool; "
+                       "psycopg 3 with its defaults (server-side binding, statements "
+                       "prepared from their fifth execution)",
             "ratios": f"median of the per-round ratios of two clients with a distribution-"
                       f"free {PCT} interval for that median (order statistics, "
-                      "sign test); labkit's headline ratios pool the concurrencies above 1 "
-                      "(geometric mean of each round's ratios)",
+                      "sign test); labkit's headline ratios (on both drivers) pool the "
+                      "concurrencies above 1 (geometric mean of each round's ratios); the "
+                      "driver ratios (psycopg 3 / psycopg2 or asyncpg) come in throughput "
+                      "and tx_per_cpu_s at every concurrency, headline at the highest",
             "metrics": "tps: transactions per second; tx_per_cpu_s: transactions per second "
                        "of the Python process's CPU time while the clock ran (a layer's own "
                        "cost; pgbench has none)",

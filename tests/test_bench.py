@@ -104,7 +104,7 @@ def test_psycopg3_clients_talk_to_the_server_through_psycopg3(client, db_url):
     async def driver() -> tuple[str, bool]:
         _, closers = await bench._async_client(db_url, client, 1)
         try:
-            dialect = closers[0].__self__.dialect  # the engine's dispose
+            dialect = closers[0].__self__.dialect  # type: ignore[attr-defined]  # engine.dispose
             return dialect.driver, dialect.is_async
         finally:
             for close in closers:
@@ -213,13 +213,13 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
     meta = result["meta"]
     assert meta["seed"] == 7 and meta["rounds"] >= 3 and meta["concurrency"] == [2]
 
-    # Every client ran once per round, each round in its own order.
+    # Every client, on every driver, ran once per round, each round in its own order.
     slices = result["slices"]
-    assert len(slices) == meta["rounds"] * len(bench.CLIENTS)
+    assert len(slices) == meta["rounds"] * len(bench.ALL_CLIENTS)
     orders = []
     for rnd in range(1, meta["rounds"] + 1):
         in_round = sorted((s for s in slices if s["round"] == rnd), key=lambda s: s["position"])
-        assert sorted(s["client"] for s in in_round) == sorted(bench.CLIENTS)
+        assert sorted(s["client"] for s in in_round) == sorted(bench.ALL_CLIENTS)
         orders.append(tuple(s["client"] for s in in_round))
     assert len(set(orders)) > 1, "the order must change between rounds"
     # The rounds are shared among fresh processes.
@@ -228,7 +228,7 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
         assert s["tps"] > 0 and s["transactions"] > 0
 
     # Per client: the median and spread of its rounds.
-    assert {r["client"] for r in result["clients"]} == set(bench.CLIENTS)
+    assert {r["client"] for r in result["clients"]} == set(bench.ALL_CLIENTS)
     for r in result["clients"]:
         assert r["rounds"] == meta["rounds"]
         assert r["tps_min"] <= r["tps_q1"] <= r["tps"] <= r["tps_q3"] <= r["tps_max"]
@@ -241,6 +241,14 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
             ("labkit sync / SQLAlchemy ORM sync", "tx_per_cpu_s"),
             ("labkit async / SQLAlchemy ORM async", "tx_per_cpu_s"),
             ("psycopg2 raw / pgbench", "tps")} <= names
+    # The same on psycopg 3, and psycopg 3 against psycopg2 and asyncpg, raw and through
+    # the ORM session, in throughput and in CPU per transaction.
+    third = {name for name, _, _ in bench.PSYCOPG3_RATIOS}
+    assert {(name, metric) for name in third for metric in ("tps", "tx_per_cpu_s")} <= names
+    for r in result["ratios"]:
+        if r["name"] in third and r["headline"]:
+            expected = "pooled" if r["name"].startswith("labkit") else max(meta["concurrency"])
+            assert r["concurrency"] == expected, r["name"]
     for r in result["ratios"]:
         assert r["low"] <= r["median"] <= r["high"]
         assert 0 < r["confidence"] <= 1 and r["rounds"] == meta["rounds"]
@@ -254,6 +262,8 @@ def test_benchmark_writes_interleaved_rounds_ratios_with_intervals_and_a_chart(
     ratios = json.loads((tmp_path / "ratios.json").read_text())
     assert "labkit sync / SQLAlchemy ORM sync" in ratios["ratios"]
     assert "labkit async / SQLAlchemy ORM async" in ratios["cpu_ratios"]
+    assert third <= set(ratios["ratios"]) and third <= set(ratios["cpu_ratios"])
+    assert "psycopg 3 async raw / asyncpg raw" in proc.stdout
 
     # labkit's cost per transaction over SQLAlchemy's: calls (decisive) and CPU time, in
     # blocks shared among the processes, each with an interval and its half-width.

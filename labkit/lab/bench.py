@@ -52,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Integer, String, select, text
 from sqlalchemy.engine import URL
@@ -216,11 +216,11 @@ def _psycopg3_worker(url: URL) -> Callable[[], Callable[[int], None]]:
 _PSYCOPG3 = ", psycopg 3)"
 
 
-def _layer(client: str) -> tuple[str, dict[str, str]]:
-    """``(the client's name on the default driver, extra Settings fields)`` of a layer."""
+def _layer(client: str) -> tuple[str, Literal["psycopg"] | None]:
+    """``(the client's name on the default drivers, Settings' driver)`` of a layer."""
     if client.endswith(_PSYCOPG3):
-        return client.removesuffix(_PSYCOPG3) + ")", {"driver": "psycopg"}
-    return client, {}
+        return client.removesuffix(_PSYCOPG3) + ")", "psycopg"
+    return client, None
 
 
 def _sync_client(url: URL, client: str,
@@ -231,7 +231,7 @@ def _sync_client(url: URL, client: str,
     if client == "psycopg 3 raw (threads)":
         return _psycopg3_worker(url), None
     layer, driver = _layer(client)
-    engine = create_engine(Settings(url=url, application_name="labkit-bench", **driver),
+    engine = create_engine(Settings(url=url, application_name="labkit-bench", driver=driver),
                            pool=_bench_pool(concurrency))
     factory = create_sessionmaker(engine)
     stmt = text(SELECT_SQL)
@@ -350,7 +350,8 @@ async def _async_client(url: URL, client: str, concurrency: int
                 await (await conn.execute(pg3_sql, (key,))).fetchone()
         return pg3_op, closers
     layer, driver = _layer(client)
-    engine = create_async_engine(Settings(url=url, application_name="labkit-bench", **driver),
+    engine = create_async_engine(Settings(url=url, application_name="labkit-bench",
+                                          driver=driver),
                                  pool=_bench_pool(concurrency))
     closers.append(engine.dispose)
     factory = create_async_sessionmaker(engine)
