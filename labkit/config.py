@@ -13,6 +13,7 @@
 | ``DB_CONNECT_TIMEOUT`` | ``connect_timeout``: give up opening a connection | seconds |
 | ``DB_STATEMENT_TIMEOUT`` | ``statement_timeout_ms``: the server cancels longer ones | ms |
 | ``DB_PROCESSES`` | ``processes``: processes sharing the server (budget) | |
+| ``DB_DRIVER`` | ``driver``: ``psycopg`` (psycopg 3); unset: psycopg2 and asyncpg | |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 URL_PARAMETERS = frozenset({"sslmode", "ssl", "options", "application_name",
                             "connect_timeout", "target_session_attrs", "host"})
 _BOTH_READ = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # libpq and asyncpg: PGSSL...
+DRIVERS = ("psycopg2", "asyncpg", "psycopg", "psycopg_async")  # the last two: driver="psycopg"
 _INT_MAX = 2_147_483_647
 _LIMITS: dict[str, tuple[int | None, float]] = {
     "pool_size": (0, _INT_MAX), "max_overflow": (-1, _INT_MAX), "pool_recycle": (-1, _INT_MAX),
@@ -155,11 +157,11 @@ def _one(url: URL, name: str) -> str | None:
     return value
 
 
-def to_sync_url(url: str | URL) -> URL:
-    """Return the URL for psycopg2 (``postgresql+psycopg2://``, TLS mode as ``sslmode``)."""
+def to_sync_url(url: str | URL, driver: str | None = None) -> URL:
+    """Return the URL for psycopg2, or psycopg 3 if ``driver="psycopg"`` (``sslmode``)."""
     parsed = parse_url(url)
-    if "+" in parsed.drivername and parsed.get_driver_name() not in ("psycopg2", "asyncpg"):
-        raise ConfigurationError(f"unknown driver in {mask_url(parsed)}: use postgresql://")
+    if "+" in parsed.drivername and parsed.get_driver_name() not in DRIVERS:
+        raise ConfigurationError(f"unknown driver in {mask_url(parsed)}: use postgresql[+psycopg]")
     modes = {name: _one(parsed, name) for name in ("sslmode", "ssl")}
     for name, mode in modes.items():
         if mode not in (None, *SSL_MODES):
@@ -168,14 +170,17 @@ def to_sync_url(url: str | URL) -> URL:
     if None not in modes.values() and modes["sslmode"] != modes["ssl"]:
         raise ConfigurationError("the URL gives sslmode and ssl with different values")
     mode = modes["sslmode"] or modes["ssl"]
-    parsed = parsed.set(drivername="postgresql+psycopg2").difference_update_query(["ssl"])
+    parsed = parsed.set(drivername=f"postgresql+{driver or 'psycopg2'}")
+    parsed = parsed.difference_update_query(["ssl"])
     return parsed.update_query_dict({"sslmode": mode}) if mode else parsed
 
 
-def to_async_url(url: str | URL) -> URL:
-    """Return the URL for asyncpg (TLS mode as ``ssl``; ``options`` become server_settings)."""
-    parsed = to_sync_url(url)
+def to_async_url(url: str | URL, driver: str | None = None) -> URL:
+    """Return the URL for asyncpg (``ssl``; ``options`` become server_settings), or psycopg 3's."""
+    parsed = to_sync_url(url, driver)
     server_settings(_one(parsed, "options") or "")
+    if driver == "psycopg":
+        return parsed
     mode = parsed.query.get("sslmode")
     parsed = parsed.set(drivername="postgresql+asyncpg").difference_update_query(["sslmode"])
     return parsed.update_query_dict({"ssl": mode}) if mode else parsed
@@ -210,8 +215,8 @@ def _parse(kind: type, name: str, raw: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything labkit needs to open a database; its ``repr`` masks the password.
-    ``connect_timeout`` (5 s) and ``application_name`` (``"labkit"``) may be in the URL instead."""
+    """Everything labkit needs to open a database; its ``repr`` masks the password. The URL may
+    give ``connect_timeout`` (5 s), ``application_name`` and the driver (``+psycopg``)."""
 
     url: URL
     environment: str = "development"
@@ -221,9 +226,16 @@ class Settings:
     statement_timeout_ms: int | None = None
     application_name: str | None = None
     processes: int = 1
+    driver: Literal["psycopg"] | None = None  # psycopg 3; None: psycopg2, and asyncpg for async
 
     def __post_init__(self) -> None:
         url = parse_url(self.url)
+        named = url.drivername.partition("+")[2] in DRIVERS[2:]  # postgresql+psycopg://
+        if self.driver not in (None, "psycopg") or (self.driver and "+" in url.drivername
+                                                     and not named):
+            raise ConfigurationError(f"driver must be 'psycopg' (psycopg 3) or None (psycopg2 "
+                                     f"and asyncpg), as the URL says; got {self.driver!r}")
+        object.__setattr__(self, "driver", "psycopg" if named else self.driver)
         for name, default in (("connect_timeout", 5.0), ("application_name", "labkit")):
             given, in_url = getattr(self, name), _one(url, name)  # type: Any, Any
             if in_url is not None:
@@ -250,13 +262,13 @@ class Settings:
 
     @property
     def sync_url(self) -> URL:
-        """The URL for psycopg2."""
-        return to_sync_url(self.url)
+        """The URL for the sync engine's driver (psycopg2, or psycopg 3)."""
+        return to_sync_url(self.url, self.driver)
 
     @property
     def async_url(self) -> URL:
-        """The URL for asyncpg."""
-        return to_async_url(self.url)
+        """The URL for the async engine's driver (asyncpg, or psycopg 3)."""
+        return to_async_url(self.url, self.driver)
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with some values changed (validated again)."""
@@ -278,6 +290,7 @@ class Settings:
         pool_changes, values = ({field: _parse(kind, var, env[var]) for var, (field, kind)
                                  in table.items() if env.get(var, "").strip()}
                                 for table in (_POOL_ENV, _ENV))
+        values["driver"] = env.get("DB_DRIVER", "").strip().lower() or None
         pool = _PROFILES[environment]
         if pool.poolclass == "null" and {"pool_size", "max_overflow"} & pool_changes.keys():
             pool_changes["poolclass"] = "queue"  # TEST_POOL given a size becomes a queue

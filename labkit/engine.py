@@ -1,5 +1,5 @@
-"""Engine factories, sync (psycopg2) and async (asyncpg), from [`Settings`][labkit.Settings]:
-one engine per process, made at start-up, shared, ``dispose()``-d at shutdown."""
+"""Engine factories, sync (psycopg2) and async (asyncpg), or psycopg 3 for both: one engine per
+process from [`Settings`][labkit.Settings], made at start-up, shared, ``dispose()``-d at exit."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def engine_kwargs(settings: Settings, *, is_async: bool = False,
         kwargs.update({name: getattr(profile, name) for name in (
             "pool_size", "max_overflow", "pool_timeout", "pool_recycle", "pool_use_lifo")})
     options, timeout = str(settings.url.query.get("options") or ""), settings.statement_timeout_ms
-    if is_async:
+    if is_async and settings.driver is None:  # asyncpg
         kwargs["connect_args"] = {"timeout": settings.connect_timeout, "server_settings": {
             **server_settings(options), "application_name": settings.application_name or "labkit",
             **({} if timeout is None else {"statement_timeout": str(timeout)})}}
-    else:
+    else:  # libpq: psycopg2 and psycopg 3
         if timeout is not None:
             options = " ".join(filter(None, (options, f"-c statement_timeout={timeout}")))
         kwargs["connect_args"] = {  # libpq takes whole seconds, at least 2
@@ -80,13 +80,13 @@ def _build(factory: Any, url: Any, settings: Settings, pool: PoolProfile | None,
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, TypeError, ImportError) as exc:
         raise ConfigurationError(f"cannot create an engine for {mask_url(url)}: "
                                  f"{type(exc).__name__}: {exc}") from None
-    _install(engine.sync_engine if is_async else engine, settings, pre_ping, is_async)
+    _install(engine.sync_engine if is_async else engine, settings, pre_ping)
     return engine
 
 
 def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
                   **overrides: Any) -> Engine:
-    """Create the sync engine (psycopg2), opening no connection; ``pool`` replaces the profile,
+    """Create the sync engine (psycopg2 or 3), opening no connection; ``pool`` replaces the profile,
     ``overrides`` go to SQLAlchemy. With pre-ping, a checkout on a hung server fails within
     ``connect_timeout``."""
     return _build(sqlalchemy.create_engine, settings.sync_url, settings, pool, overrides,
@@ -95,18 +95,18 @@ def create_engine(settings: Settings, *, pool: PoolProfile | None = None,
 
 def create_async_engine(settings: Settings, *, pool: PoolProfile | None = None,
                         **overrides: Any) -> AsyncEngine:
-    """Async twin of ``create_engine`` (asyncpg); pool events live on ``engine.sync_engine``."""
-    url = settings.async_url.difference_update_query(["options"])  # now server_settings
+    """Async twin of ``create_engine`` (asyncpg, or psycopg 3); events on ``engine.sync_engine``."""
+    url = settings.async_url.difference_update_query(["options"])  # in connect_args
     return _build(sa_create_async_engine, url, settings, pool, overrides,
                   is_async=True)  # type: ignore[no-any-return]
 
 
-def _install(engine: Engine, settings: Settings, pre_ping: bool, is_async: bool) -> None:
+def _install(engine: Engine, settings: Settings, pre_ping: bool) -> None:
     """Add labkit's listeners: metrics, error tracking, bounded pre-ping (documented events)."""
     if hasattr(engine.pool, "labkit_collectors"):
         install_metrics(engine)
     if pre_ping:
-        _bounded_pre_ping(engine, settings.connect_timeout or 5.0, is_async=is_async)
+        _bounded_pre_ping(engine, settings.connect_timeout or 5.0)
 
     @event.listens_for(engine, "begin")
     def new_transaction(conn: sqlalchemy.Connection) -> None:
@@ -117,16 +117,16 @@ def _install(engine: Engine, settings: Settings, pre_ping: bool, is_async: bool)
         if context.connection is not None and not context.connection.closed:
             context.connection.info[_ERROR_SEEN] = True
 
-    if is_async:
+    if engine.dialect.driver == "asyncpg":
         @event.listens_for(engine, "checkin")
         def discard_lost_transaction(dbapi_connection: Any, record: Any) -> None:
             if _private.asyncpg_lost_transaction(dbapi_connection):
                 record.invalidate()  # never lend a connection out idle in transaction
 
 
-def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None:
+def _bounded_pre_ping(engine: Engine, seconds: float) -> None:
     """Ping an idle connection at checkout within ``seconds`` (SQLAlchemy's has no deadline)."""
-    dialect = engine.dialect
+    dialect, asyncpg = engine.dialect, engine.dialect.driver == "asyncpg"
     message = (f"The server accepted the connection but did not answer the pool's pre-ping within "
                f"{seconds:g} s (connect_timeout): hung, overloaded, or packets dropped.")
 
@@ -140,15 +140,16 @@ def _bounded_pre_ping(engine: Engine, seconds: float, *, is_async: bool) -> None
             return  # just opened: nothing to check
         ticket = None
         try:
-            if is_async:
+            if asyncpg:
                 dbapi_connection.run_async(lambda conn: conn.fetchval("SELECT 1", timeout=seconds))
-            else:
-                ticket = watchdog.arm(dbapi_connection.fileno(), seconds)
+            else:  # libpq's socket, psycopg 3's async one too
+                driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+                ticket = watchdog.arm(driver.fileno(), seconds)
                 dialect.do_ping(dbapi_connection)
         except Exception as exc:
             if (ticket is not None and ticket.disarm()) or (
-                    is_async and isinstance(exc, TimeoutError)):
-                if is_async:  # no polite close: it would wait on the hung server again
+                    asyncpg and isinstance(exc, TimeoutError)):
+                if asyncpg:  # no polite close: it would wait on the hung server again
                     dbapi_connection.driver_connection.terminate()
                 raise DatabaseUnavailableError(message) from exc
             if not is_database_error(exc):

@@ -200,7 +200,8 @@ def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
     connecting = any(  # the traceback passes through the opening of a new connection
         (module.startswith("sqlalchemy.pool") and name == "__connect")
         or module == "asyncpg.connect_utils"
-        or (module in ("asyncpg.connection", "psycopg2") and name == "connect")
+        or (module in ("asyncpg.connection", "psycopg2", "psycopg.connection",
+                       "psycopg.connection_async") and name == "connect")
         for module, name in ((frame.f_globals.get("__name__") or "", frame.f_code.co_name)
                              for e in chain for frame, _ in traceback.walk_tb(e.__traceback__)))
     if code is not None:

@@ -81,7 +81,7 @@ class _Probe:
         with self.lock:
             connection, self.connection = self.connection, None
             generation, stale = self.generation, None
-            if loop is not self.loop:  # an asyncpg connection belongs to its loop
+            if loop is not self.loop:  # an async connection belongs to its loop
                 self.loop, stale, connection = loop, connection, None
         _close(stale)
         while True:
@@ -102,7 +102,7 @@ class _Probe:
 
     def run_sync(self, future: futures.Future[str], timeout: float) -> None:
         try:
-            future.set_result(self.run(timeout, _query_sync))
+            future.set_result(self.run(timeout, _query))
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             future.set_exception(exc)
 
@@ -117,7 +117,7 @@ class _Probe:
 
 
 def _close(connection: Any) -> None:
-    driver: Any = getattr(connection, "driver_connection", None)
+    driver: Any = getattr(connection, "driver_connection", connection)
     with contextlib.suppress(Exception):  # it is being thrown away
         if hasattr(driver, "terminate"):
             driver.terminate()  # asyncpg: no round trip to a server that may hang
@@ -136,13 +136,15 @@ def _outcome(done: bool, future: Any, engine: Engine | AsyncEngine, timeout: flo
     return str(future.result())
 
 
-def _query_sync(connection: Any, timeout: float) -> str:
-    connection.autocommit = True
-    ticket = watchdog.arm(connection.fileno(), timeout)  # cuts the socket at the deadline
+def _query(connection: Any, timeout: float) -> str:
+    driver = getattr(connection, "driver_connection", connection)
+    if hasattr(driver, "fetchval"):  # asyncpg: its timeout raises TimeoutError
+        return str(await_(driver.fetchval(_VERSION_SQL, timeout=timeout)))
+    connection.autocommit = True  # libpq: psycopg2, psycopg 3 (sync or async)
+    ticket = watchdog.arm(driver.fileno(), timeout)  # cuts the socket at the deadline
     try:
-        with connection.cursor() as cursor:  # SET LOCAL: the server cancels a slow probe
-            cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}; "
-                           f"{_VERSION_SQL}")
+        with connection.cursor() as cursor:
+            cursor.execute(_VERSION_SQL)
             return str(cursor.fetchone()[0])
     finally:
         if ticket.disarm():  # the socket was cut: whatever happened, it is a timeout
@@ -161,17 +163,13 @@ def check_database(engine: Engine, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     return _outcome(bool(futures.wait({future}, timeout=timeout).done), future, engine, timeout)
 
 
-def _query_async(connection: Any, timeout: float) -> str:  # asyncpg's timeout: TimeoutError
-    return str(await_(connection.driver_connection.fetchval(_VERSION_SQL, timeout=timeout)))
-
-
 async def async_check_database(engine: AsyncEngine, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """Async twin of ``check_database``: returns at the deadline, never later."""
     probe = _Probe.of(engine.sync_engine, timeout)
     task = probe.pending
     if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
         task = probe.pending = asyncio.ensure_future(greenlet_spawn(
-            probe.run, timeout, _query_async, asyncio.get_running_loop()))
+            probe.run, timeout, _query, asyncio.get_running_loop()))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return _outcome(bool((await asyncio.wait({task}, timeout=timeout))[0]), task, engine, timeout)
 

@@ -83,12 +83,6 @@ class PoolMetrics:
             data = {key: round(value, 3) for key, value in self._counts.items()}
         return {**data, **self.gauges()}
 
-    def pop_stats(self) -> dict[str, Any]:
-        """Return ``snapshot()`` and reset the counters (not the gauges)."""
-        data = self.snapshot()
-        self.reset()
-        return data
-
 
 class _Timed:
     """Pool mixin: time checkouts; keep what NullPool and StaticPool lend (they cannot count)."""

@@ -35,6 +35,21 @@ pytest_plugins = ["labkit.testing", "pytester"]
 TEST_DATABASE = "labkit_test"
 
 
+# The drivers labkit speaks, as a test parameter: psycopg2 and psycopg 3 behind a sync
+# engine, asyncpg and psycopg 3 behind an async one.
+DRIVERS = ["psycopg2", "asyncpg", "psycopg", "psycopg-async"]
+
+
+def is_async(driver: str) -> bool:
+    """True when ``driver`` (one of ``DRIVERS``) runs behind an async engine."""
+    return driver in ("asyncpg", "psycopg-async")
+
+
+def for_driver(settings: Settings, driver: str) -> Settings:
+    """``settings`` with ``Settings.driver`` set for ``driver`` (one of ``DRIVERS``)."""
+    return settings.replace(driver="psycopg" if driver.split("-")[0] == "psycopg" else None)
+
+
 @pytest.fixture(scope="session")
 def db_url() -> URL:
     """The shared server's URL: DATABASE_URL if set, else the local server (started once)."""

@@ -43,10 +43,9 @@ from labkit import (
 from labkit.lab.proxy import FaultProxy
 from labkit.retry import Attempt
 from labkit.web import AsyncSessionManager, SessionManager
-from tests.conftest import count_rows, fresh_table
+from tests.conftest import DRIVERS, count_rows, for_driver, fresh_table, is_async
 
 FAST = RetryPolicy(max_attempts=4, initial_delay=0.01, max_delay=0.05)
-DRIVERS = ["psycopg2", "asyncpg"]
 
 
 @pytest.fixture
@@ -92,10 +91,11 @@ class Client:
     _async: Any = None
 
     def __post_init__(self) -> None:
-        if self.driver == "psycopg2":
-            self._sync = create_engine(self.settings)
+        settings = for_driver(self.settings, self.driver)
+        if not is_async(self.driver):
+            self._sync = create_engine(settings)
         else:
-            self._async = create_async_engine(self.settings)
+            self._async = create_async_engine(settings)
 
     async def run(self, sql: str, params: dict[str, Any], *, repeat: int = 1,
                   **options: Any) -> None:

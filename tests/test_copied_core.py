@@ -61,7 +61,8 @@ def test_the_core_renamed_myapp_db_passes_the_cores_behaviour_tests(
     shutil.copytree(ROOT / "tests" / "core", tests,
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PYTHON", "VIRTUAL_ENV", "PYTEST"))}
+           if not key.startswith(("PYTHON", "VIRTUAL_ENV", "PYTEST"))
+           and key not in ("DATABASE_URL", "ENVIRONMENT")}  # each call below sets its own
     env.update(LABKIT_CORE="myapp.db", PYTHONPATH=str(tmp_path / "src"),
                LABKIT_CORE_DATABASE_URL=db_url.render_as_string(hide_password=False))
     python = str(venv / "bin" / "python")

@@ -18,6 +18,7 @@ from labkit import (
 )
 from labkit.errors import AuthenticationError
 from labkit.health import async_check_database, check_database
+from tests.conftest import for_driver
 
 MARGIN = 1.5  # seconds of slack on a noisy 2-core machine
 
@@ -134,7 +135,10 @@ async def test_async_wrong_password_is_an_authentication_error(db_url):
 ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3}
 
 
-def test_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(settings):
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(settings,
+                                                                                driver):
+    settings = for_driver(settings, driver)
     engine = create_engine(settings, pool=settings.pool.replace(**ONE_CONNECTION))
     try:
         for _ in range(3):
@@ -150,8 +154,10 @@ def test_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(
         engine.dispose()
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg-async"])
 async def test_async_probe_uses_no_pooled_connection_and_answers_when_the_pool_is_exhausted(
-        settings):
+        settings, driver):
+    settings = for_driver(settings, driver)
     engine = create_async_engine(settings, pool=settings.pool.replace(**ONE_CONNECTION))
     pool = engine.sync_engine.pool
     try:

@@ -39,6 +39,7 @@ from labkit.deadline import bound_statements
 from labkit.errors import QueryTimeoutError, translate_error
 from labkit.lab import LocalServer
 from labkit.lab.faults import paused
+from tests.conftest import for_driver
 
 pytestmark = pytest.mark.slow
 
@@ -89,13 +90,16 @@ def _scope(engine: Engine) -> None:
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-pool", "empty-pool"])
 @pytest.mark.parametrize("call", [_checkout, _scope], ids=["checkout", "session_scope"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_sync_checkout_fails_within_connect_timeout_on_a_frozen_server(
-        throwaway_server, sync_engine, warm, call):
-    """Pins: a checkout (pre-ping of a warm connection, or a new connection) is bounded.
+        throwaway_server, settings_, warm, call, driver):
+    """Pins: a checkout (pre-ping of a warm connection, or a new connection) is bounded,
+    through psycopg2 and psycopg 3.
 
     Before, SQLAlchemy's pre-ping ``SELECT 1`` waited forever on a warm pool. The
     empty-pool cases guard what already held (libpq's connect_timeout).
     """
+    sync_engine = create_engine(for_driver(settings_, driver))
     if warm:
         _warm(sync_engine)
     with paused(throwaway_server):
@@ -106,6 +110,7 @@ def test_sync_checkout_fails_within_connect_timeout_on_a_frozen_server(
     start = time.monotonic()
     _checkout(sync_engine)
     assert time.monotonic() - start < 1.0
+    sync_engine.dispose()
 
 
 ASYNC_PING_CLOSE_BUG = (
@@ -119,10 +124,12 @@ ASYNC_PING_CLOSE_BUG = (
 
 @pytest.mark.parametrize("warm", [
     True, False], ids=["warm-pool", "empty-pool"])
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg-async"])
 async def test_async_checkout_fails_within_connect_timeout_on_a_frozen_server(
-        throwaway_server, settings_, warm):
-    """Pins: the async pre-ping is bounded too (warm pool hung before); empty pool: a guard."""
-    engine = create_async_engine(settings_)
+        throwaway_server, settings_, warm, driver):
+    """Pins: the async pre-ping is bounded too (warm pool hung before); empty pool: a guard.
+    asyncpg's ping has its own timeout; psycopg 3's async socket is cut by the watchdog."""
+    engine = create_async_engine(for_driver(settings_, driver))
     factory = create_async_sessionmaker(engine)
     try:
         if warm:
@@ -206,13 +213,15 @@ async def test_async_wait_for_database_honours_its_deadline(throwaway_server, se
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-probe", "empty"])
-async def test_async_health_check_returns_at_its_deadline(throwaway_server, settings_, warm):
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg-async"])
+async def test_async_health_check_returns_at_its_deadline(throwaway_server, settings_, warm,
+                                                          driver):
     """Pins: ``async_health_check(timeout=1)`` returns after ~1 s, not after its cleanup.
 
     Before, it returned after 3-4 s on a frozen server (waiting for the cancelled probe's
     cleanup), and its task could outlive the check.
     """
-    engine = create_async_engine(settings_)
+    engine = create_async_engine(for_driver(settings_, driver))
     try:
         if warm:
             assert (await async_health_check(engine, timeout=2)).ok
@@ -240,13 +249,15 @@ async def test_async_health_check_returns_at_its_deadline(throwaway_server, sett
         await engine.dispose()
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_timed_out_probes_never_hold_the_applications_connections(throwaway_server,
-                                                                  sync_engine):
+                                                                  settings_, driver):
     """Pins: four probes on a frozen server leave the app's pool untouched, no pile-up.
 
     Before, each timed-out probe kept a worker thread holding a pooled connection; after
     the server came back the application's next checkout failed with PoolTimeoutError.
     """
+    sync_engine = create_engine(for_driver(settings_, driver))
     _warm(sync_engine)
     threads_before = threading.active_count()
     with paused(throwaway_server):
@@ -261,6 +272,7 @@ def test_timed_out_probes_never_hold_the_applications_connections(throwaway_serv
     with session_scope(create_sessionmaker(sync_engine)) as session:
         session.execute(text("SELECT 1"))
     assert time.monotonic() - start < POOL_TIMEOUT
+    sync_engine.dispose()
 
 
 def test_probe_answers_when_the_pool_is_exhausted_and_says_so(sync_engine):

@@ -109,14 +109,15 @@ def test_listeners_survive_dispose(settings):
     engine.dispose()
 
 
-def test_pop_stats_resets_counters_not_gauges(engine):
+def test_reset_zeroes_counters_not_gauges(engine):
     metrics = PoolMetrics.attach(engine)
     with engine.connect():
         pass
     held = engine.connect()
     try:
-        popped = metrics.pop_stats()
-        assert popped["checkouts"] == 2 and popped["in_use"] == 1
+        before = metrics.snapshot()
+        metrics.reset()
+        assert before["checkouts"] == 2 and before["in_use"] == 1
         after = metrics.snapshot()
         assert after["checkouts"] == 0 and after["checkout_wait_ms_max"] == 0
         assert after["in_use"] == 1                 # a gauge: still checked out

@@ -31,6 +31,7 @@ from labkit.lab import pgbouncer as pgbouncer_module
 from labkit.lab.faults import throwaway_server
 from labkit.lab.pgbouncer import PgBouncer, PgBouncerError, pgbouncer, run_async_workers
 from labkit.lab.server import LocalServer
+from tests.conftest import DRIVERS, for_driver, is_async
 
 APP = "labkit-pgb-test"
 
@@ -263,11 +264,12 @@ async def test_asyncpg_many_transactions_through_transaction_mode(
         await engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_statement_timeout_per_transaction_cancels_and_leaves_nothing_behind(
         transaction_pooler: PgBouncer, driver: str) -> None:
-    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=200)
-    plain = Settings(url=transaction_pooler.info.url())
+    settings = for_driver(Settings(url=transaction_pooler.info.url(), statement_timeout_ms=200),
+                          driver)
+    plain = for_driver(Settings(url=transaction_pooler.info.url()), driver)
 
     def run_sync() -> str:
         engine, other = pooler.create_engine(settings), pooler.create_engine(plain)
@@ -294,7 +296,7 @@ def test_statement_timeout_per_transaction_cancels_and_leaves_nothing_behind(
             await engine.dispose()
             await other.dispose()
 
-    left = run_sync() if driver == "psycopg2" else asyncio.run(run_async())
+    left = asyncio.run(run_async()) if is_async(driver) else run_sync()
     assert left == "0"
 
 
@@ -318,10 +320,10 @@ def test_session_mode_holds_a_server_connection_per_client_transaction_mode_does
     assert held["transaction"] <= 1
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_health_check_leaves_no_statement_timeout_behind_a_pooler(
         server: LocalServer, driver: str) -> None:
-    """Pins: the probe's timeout is transaction-local, so a pooler hands on nothing.
+    """Pins: the probe sets no timeout on the connection, so a pooler hands on nothing.
 
     Before, the probe ran a session-level ``SET statement_timeout`` on its connection;
     behind PgBouncer's transaction mode the next client of that server connection
@@ -330,8 +332,8 @@ def test_health_check_leaves_no_statement_timeout_behind_a_pooler(
     from labkit import async_health_check, health_check
 
     with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
-        settings = Settings(url=bouncer.info.url())
-        if driver == "psycopg2":
+        settings = for_driver(Settings(url=bouncer.info.url()), driver)
+        if not is_async(driver):
             engine = pooler.create_engine(settings)
             try:
                 assert health_check(engine, timeout=3).ok
@@ -350,3 +352,57 @@ def test_health_check_leaves_no_statement_timeout_behind_a_pooler(
                     await async_engine.dispose()
             left = asyncio.run(probe_then_show())
     assert left == "0"
+
+
+# --- psycopg 3: prepared statements after five runs, unless the pooler engine says none ---
+
+def _psycopg_prepared_clash(url: Any, engine_factory: Any, is_async: bool) -> list[str]:
+    """Two client connections, one server connection: each runs one query 8 times, in
+    turn (psycopg 3 prepares a query on its 5th run, as ``_pg3_0`` on every connection)."""
+    settings = Settings(url=url, driver="psycopg", application_name=f"{APP}-pg3")
+    errors: list[str] = []
+
+    def run_sync() -> None:
+        engine = engine_factory(settings)
+        try:
+            with engine.connect() as first, engine.connect() as second:
+                for conn in [first] * 8 + [second] * 8:
+                    try:
+                        with conn.begin():
+                            conn.execute(text("SELECT CAST(:i AS int)"), {"i": 1})
+                    except exc.DBAPIError as error:
+                        errors.append(str(error.orig))
+        finally:
+            engine.dispose()
+
+    async def run_async() -> None:
+        engine = engine_factory(settings)
+        try:
+            async with engine.connect() as first, engine.connect() as second:
+                for conn in [first] * 8 + [second] * 8:
+                    try:
+                        async with conn.begin():
+                            await conn.execute(text("SELECT CAST(:i AS int)"), {"i": 1})
+                    except exc.DBAPIError as error:
+                        errors.append(str(error.orig))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run_async()) if is_async else run_sync()
+    return errors
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_psycopg_prepared_statements_clash_in_transaction_mode_unless_the_pooler_engine(
+        server: LocalServer, is_async: bool) -> None:
+    """Pins: psycopg 3's automatic prepared statements break behind PgBouncer's transaction
+    mode (1.18: no prepared-statement support) with the core's engine, and
+    ``labkit.network.pooler`` (``prepare_threshold=None``) prepares none."""
+    core = create_async_engine if is_async else create_engine
+    through_pooler = pooler.create_async_engine if is_async else pooler.create_engine
+    with pgbouncer(server.info(), mode="transaction", pool_size=1) as bouncer:
+        clashes = _psycopg_prepared_clash(bouncer.info.url(), core, is_async)
+        clean = _psycopg_prepared_clash(bouncer.info.url(), through_pooler, is_async)
+    assert clashes and all('prepared statement "_pg3_0" already exists' in message
+                           for message in clashes), clashes
+    assert clean == []

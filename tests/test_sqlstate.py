@@ -1,8 +1,8 @@
-"""One SQLSTATE table for both drivers: the same server error gives the same labkit class.
+"""One SQLSTATE table for every driver: the same server error gives the same labkit class.
 
 Issue 10, item 4. Every case is a real error from the real server, raised through a
-real driver: each test runs once through psycopg2 (a sync engine) and once through
-asyncpg (an async engine), behind the same small interface, and asserts the same
+real driver: each test runs through psycopg2 and psycopg 3 (sync engines) and through
+asyncpg and psycopg 3 (async engines), behind the same small interface, and asserts the same
 labkit class and the SQLSTATE the server sent. Errors that can be produced safely are
 produced naturally (a held row lock, a deadlock, a killed backend, a full connection
 limit); the rest (disk full, out of memory) are raised by the server with
@@ -41,9 +41,7 @@ from labkit import (
     wait_for_database,
 )
 from labkit.errors import AuthenticationError, ProgrammingError
-from tests.conftest import translated
-
-DRIVERS = ["psycopg2", "asyncpg"]
+from tests.conftest import DRIVERS, for_driver, is_async, translated
 
 
 class Conn:
@@ -56,7 +54,7 @@ class Conn:
     async def execute(self, sql: str) -> Any:
         """Run ``sql`` and return the first column of its first row, if any."""
         with translated():
-            if self.driver == "psycopg2":
+            if not is_async(self.driver):
                 result = self._conn.execute(text(sql))
             else:
                 result = await self._conn.execute(text(sql))
@@ -66,8 +64,8 @@ class Conn:
 @contextlib.asynccontextmanager
 async def connect(driver: str, url: URL) -> AsyncIterator[Conn]:
     """Open one connection (no pool) through ``driver``; connect errors are translated."""
-    settings = Settings(url=url, pool=TEST_POOL, connect_timeout=5.0)
-    if driver == "psycopg2":
+    settings = for_driver(Settings(url=url, pool=TEST_POOL, connect_timeout=5.0), driver)
+    if not is_async(driver):
         engine = create_engine(settings)
         try:
             with translated():
@@ -385,10 +383,10 @@ async def test_wait_for_database_gives_up_at_once_on_an_unknown_database(
     url = db_url.set(database=f"labkit_missing_{uuid.uuid4().hex[:8]}")
     policy = RetryPolicy(max_attempts=1000, initial_delay=0.05, max_delay=0.2, deadline=6.0)
     retries: list[Any] = []
-    settings = Settings(url=url, pool=TEST_POOL)
+    settings = for_driver(Settings(url=url, pool=TEST_POOL), driver)
     start = time.monotonic()
     try:
-        if driver == "psycopg2":
+        if not is_async(driver):
             engine = create_engine(settings)
             try:
                 wait_for_database(engine, policy=policy, on_retry=retries.append)

@@ -30,7 +30,7 @@ from labkit.config import URL_PARAMETERS, parse_url, to_async_url, to_sync_url
 from labkit.engine import engine_kwargs
 from labkit.errors import translate_error
 
-DRIVERS = ["psycopg2", "asyncpg"]
+from tests.conftest import DRIVERS, for_driver, is_async
 
 
 def url_as_text(url: URL) -> str:
@@ -46,7 +46,8 @@ def with_query(url: URL, query: str) -> str:
 
 def scalars(settings: Settings, driver: str, *queries: str, **overrides: Any) -> list[Any]:
     """Run ``queries`` on one connection through ``driver``; return the first column."""
-    if driver == "psycopg2":
+    settings = for_driver(settings, driver)
+    if not is_async(driver):
         engine = create_engine(settings, **overrides)
         try:
             with engine.connect() as conn:

@@ -3,8 +3,9 @@
 Consecutive transactions of one client connection may run on different server
 connections, so nothing may be left on a server connection: no session state at connect
 (PgBouncer refuses unknown startup parameters such as ``options``), the statement timeout
-set per transaction with ``SET LOCAL``, and asyncpg's prepared statements neither cached
-nor reused by name ("prepared statement ... already exists"). psycopg2 needs nothing else.
+set per transaction with ``SET LOCAL``, and no prepared statement kept: asyncpg's neither
+cached nor reused by name ("prepared statement ... already exists"), psycopg 3's never
+prepared (``prepare_threshold=None``). psycopg2 prepares none and needs nothing else.
 
 ```python
 engine = labkit.network.pooler.create_async_engine(Settings(url=BOUNCER_URL, statement_timeout_ms=5000))
@@ -24,7 +25,7 @@ from .. import engine as _engine
 from ..config import Settings
 from ..errors import ConfigurationError
 
-__all__ = ["ASYNCPG_ARGS", "create_async_engine", "create_engine"]
+__all__ = ["ASYNCPG_ARGS", "PSYCOPG_ARGS", "create_async_engine", "create_engine"]
 
 
 def _statement_name() -> str:
@@ -34,6 +35,7 @@ def _statement_name() -> str:
 
 ASYNCPG_ARGS: dict[str, Any] = {"statement_cache_size": 0, "prepared_statement_cache_size": 0,
                                 "prepared_statement_name_func": _statement_name}
+PSYCOPG_ARGS: dict[str, Any] = {"prepare_threshold": None}  # psycopg 3, sync and async
 
 
 def _prepare(settings: Settings, engine: Engine) -> None:
@@ -61,6 +63,8 @@ def _check(settings: Settings) -> Settings:
 
 def create_engine(settings: Settings, **overrides: Any) -> Engine:
     """``labkit.create_engine`` for a pooler: the statement timeout set per transaction."""
+    if settings.driver == "psycopg":
+        overrides["connect_args"] = {**PSYCOPG_ARGS, **overrides.get("connect_args", {})}
     engine = _engine.create_engine(_check(settings), **overrides)
     _prepare(settings, engine)
     return engine
@@ -68,7 +72,8 @@ def create_engine(settings: Settings, **overrides: Any) -> Engine:
 
 def create_async_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     """``labkit.create_async_engine`` for a pooler: no statement cache, unique names."""
-    connect_args = {**ASYNCPG_ARGS, **overrides.pop("connect_args", {})}
+    ours = PSYCOPG_ARGS if settings.driver == "psycopg" else ASYNCPG_ARGS
+    connect_args = {**ours, **overrides.pop("connect_args", {})}
     engine = _engine.create_async_engine(_check(settings), connect_args=connect_args,
                                          **overrides)
     _prepare(settings, engine.sync_engine)

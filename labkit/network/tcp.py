@@ -3,8 +3,8 @@
 Linux probes an idle connection only after two hours of silence, and retries sent data
 for about 15 minutes: a NAT or load balancer forgets an idle flow long before, and a
 dead peer goes unnoticed. ``PRODUCTION_TCP`` probes after 60 s, every 10 s, 3 times,
-and drops a connection whose sent data stays unacknowledged for 30 s. psycopg2 gets them
-as libpq parameters; asyncpg, which has none, as socket options once connected.
+and drops a connection whose sent data stays unacknowledged for 30 s. psycopg2 and psycopg 3
+get them as libpq parameters; asyncpg, which has none, as socket options once connected.
 
 ```python
 engine = labkit.network.tcp.create_engine(settings, PRODUCTION_TCP)
@@ -128,7 +128,11 @@ def create_engine(settings: Settings, tcp: TcpSettings, **overrides: Any) -> Eng
 
 def create_async_engine(settings: Settings, tcp: TcpSettings,
                         **overrides: Any) -> AsyncEngine:
-    """``labkit.create_async_engine`` with ``tcp`` set on each new connection's socket."""
+    """``labkit.create_async_engine`` with ``tcp`` set on each new connection's socket
+    (psycopg 3: given to libpq)."""
+    if settings.driver == "psycopg":
+        return _engine.create_async_engine(settings, connect_args={
+            **tcp.libpq_args(), **overrides.pop("connect_args", {})}, **overrides)
     engine = _engine.create_async_engine(settings, **overrides)
     options = tcp.socket_options()
     if options:

@@ -242,10 +242,10 @@ def test_retry_delays_differ_between_forked_workers(core: Core) -> None:
     assert seen[0] != seen[1]
 
 
-# --- g. PoolMetrics gauges: right on every pool class, never reset by pop_stats ---------
+# --- g. PoolMetrics gauges: right on every pool class, never zeroed by reset() ----------
 
 @pytest.mark.parametrize("poolclass", ["queue", "null", "static"])
-def test_in_use_gauge_is_right_on_every_pool_class_and_survives_pop_stats(
+def test_in_use_gauge_is_right_on_every_pool_class_and_survives_reset(
         core: Core, core_url: URL, poolclass: str) -> None:
     profile = core.PoolProfile(poolclass=poolclass, pool_size=2, max_overflow=2)
     engine = core.create_engine(settings(core, core_url, pool=profile))
@@ -253,7 +253,8 @@ def test_in_use_gauge_is_right_on_every_pool_class_and_survives_pop_stats(
     held = [engine.connect() for _ in range(2)]
     try:
         assert metrics.gauges()["in_use"] == 2
-        stats = metrics.pop_stats()
+        stats = metrics.snapshot()
+        metrics.reset()
         assert stats["checkouts"] == 2 and stats["in_use"] == 2
         assert metrics.snapshot()["checkouts"] == 0
         assert metrics.gauges()["in_use"] == 2
