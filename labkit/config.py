@@ -253,7 +253,7 @@ class Settings:
             if name not in URL_PARAMETERS:
                 raise ConfigurationError(f"unknown URL parameter {name!r} in {mask_url(url)}: "
                                          f"labkit accepts {', '.join(sorted(URL_PARAMETERS))}")
-        to_async_url(url.set(drivername="postgresql"))  # TLS mode and options, any driver
+        to_async_url(url, self.driver)  # the driver, TLS mode and options
         object.__setattr__(self, "url", url)
         _one_of("ENVIRONMENT", self.environment, ENVIRONMENTS)
         for name in ("connect_timeout", "statement_timeout_ms", "processes"):

@@ -601,3 +601,44 @@ def test_replace_takes_a_url_that_carries_connect_timeout_and_application_name()
                                  "&application_name=shop")
     assert (moved.url.host, moved.connect_timeout, moved.application_name) == (
         "h2", 3.0, "shop")
+
+
+# --- psycopg 3: chosen by the setting, DB_DRIVER or the URL ---------------------------
+
+@pytest.mark.parametrize("how", ["setting", "env", "url", "url-async"])
+def test_psycopg_is_chosen_by_setting_env_or_url_for_both_engines(how):
+    url = "postgresql://u:p@h/d?sslmode=require&options=-csearch_path%3Dapp"
+    if how == "setting":
+        settings = Settings(url=url, driver="psycopg")
+    elif how == "env":
+        settings = Settings.from_env({"DATABASE_URL": url, "DB_DRIVER": " Psycopg "})
+    else:
+        name = "psycopg" if how == "url" else "psycopg_async"
+        settings = Settings(url=url.replace("postgresql:", f"postgresql+{name}:"))
+    assert settings.driver == "psycopg"
+    for engine in (create_engine(settings), create_async_engine(settings).sync_engine):
+        assert engine.dialect.driver == "psycopg"
+    # libpq's parameters for both: the TLS mode stays sslmode, options stay options.
+    assert settings.async_url.query == {"sslmode": "require", "options": "-csearch_path=app"}
+    assert settings.sync_url.drivername == settings.async_url.drivername == "postgresql+psycopg"
+
+
+def test_default_driver_is_psycopg2_and_asyncpg_even_with_psycopg_installed():
+    """Pins: SQLAlchemy 2.1's own default for ``postgresql://`` is psycopg 3; labkit's is not."""
+    settings = Settings(url="postgresql://u:p@h/d")
+    assert settings.driver is None
+    assert create_engine(settings).dialect.driver == "psycopg2"
+    assert create_async_engine(settings).sync_engine.dialect.driver == "asyncpg"
+
+
+@pytest.mark.parametrize(("url", "driver"), [
+    ("postgresql+asyncpg://u:p@h/d", "psycopg"),    # the URL names another driver
+    ("postgresql+psycopg2://u:p@h/d", "psycopg"),
+    ("postgresql://u:p@h/d", "asyncpg"),             # only "psycopg" or None
+    ("postgresql://u:p@h/d", "pg8000"),
+])
+def test_a_driver_the_url_contradicts_or_labkit_does_not_speak_is_refused(url, driver):
+    with pytest.raises(ConfigurationError, match="driver must be 'psycopg'"):
+        Settings(url=url, driver=driver)
+    with pytest.raises(ConfigurationError, match="unknown driver"):
+        Settings(url="postgresql+pg8000://u:p@h/d")
