@@ -249,7 +249,7 @@ class Settings:
         for name in url.query:
             if name in _BOTH_READ:
                 raise ConfigurationError(f"URL parameter {name!r}: set PG{name.upper()} in the "
-                                         "environment instead, which both drivers read")
+                                         "environment instead, which every driver reads")
             if name not in URL_PARAMETERS:
                 raise ConfigurationError(f"unknown URL parameter {name!r} in {mask_url(url)}: "
                                          f"labkit accepts {', '.join(sorted(URL_PARAMETERS))}")
