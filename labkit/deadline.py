@@ -1,4 +1,4 @@
-"""Client-side statement deadlines for a sync engine: bound a dead or hung server.
+"""Client-side statement deadlines (psycopg2, psycopg 3): bound a dead or hung server.
 
 Optional. ``statement_timeout`` is the server's, and a hung server enforces nothing; TCP
 keepalives do not notice a server that still ACKs. ``bound_statements(engine, seconds)``
@@ -18,7 +18,8 @@ with engine.connect() as conn:
 ```
 
 An ``executemany`` (what the ORM does when it flushes many rows) gets the deadline per
-parameter set, never one deadline for the whole batch. asyncpg has its own deadline:
+parameter set, never one deadline for the whole batch. For psycopg 3 behind an async
+engine, pass ``engine.sync_engine``. asyncpg has its own deadline instead:
 ``create_async_engine(settings, connect_args={"command_timeout": seconds})``.
 """
 
@@ -39,12 +40,16 @@ _KEY = "labkit_deadline_ticket"
 
 
 def bound_statements(engine: Engine, seconds: float) -> None:
-    """Give every statement of a sync (psycopg2) engine a client-side deadline of ``seconds``.
+    """Give every statement of a psycopg2 or psycopg 3 engine (an async one's
+    ``sync_engine``) a client-side deadline of ``seconds``.
 
     Raises ``QueryTimeoutError`` from the statement whose answer did not come in time.
     """
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    if engine.dialect.driver == "asyncpg":
+        raise ValueError("asyncpg has a deadline of its own: create_async_engine(settings, "
+                         "connect_args={'command_timeout': seconds})")
 
     @event.listens_for(engine, "before_cursor_execute")
     def arm(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
@@ -54,8 +59,9 @@ def bound_statements(engine: Engine, seconds: float) -> None:
             return
         if executemany and isinstance(parameters, (list, tuple)):
             limit *= max(1, len(parameters))
-        conn.info[_KEY] = (watchdog.arm(conn.connection.dbapi_connection.fileno(), limit),
-                           limit)
+        dbapi = conn.connection.dbapi_connection  # psycopg 3's async one: its driver's socket
+        conn.info[_KEY] = (watchdog.arm(getattr(dbapi, "driver_connection", dbapi).fileno(),
+                                        limit), limit)
 
     @event.listens_for(engine, "after_cursor_execute")
     def disarm(conn: Any, *_: Any) -> None:

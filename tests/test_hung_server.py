@@ -316,15 +316,16 @@ def test_a_healthy_probe_reuses_its_own_connection(settings_, throwaway_server):
 
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_sync_statement_on_a_checked_out_connection_is_bounded_by_bound_statements(
-        throwaway_server, settings_):
+        throwaway_server, settings_, driver):
     """Pins: with ``labkit.deadline.bound_statements`` a query already holding its
     connection fails at the deadline.
 
     libpq has no client-side query deadline and a frozen server enforces no
     ``statement_timeout``: without it the caller waits as long as the server stays frozen.
     """
-    engine = create_engine(settings_)
+    engine = create_engine(for_driver(settings_, driver))
     bound_statements(engine, 1.0)
     try:
         with engine.connect() as conn:
@@ -339,6 +340,33 @@ def test_sync_statement_on_a_checked_out_connection_is_bounded_by_bound_statemen
             assert conn.execute(text("SELECT 3")).scalar_one() == 3
     finally:
         engine.dispose()
+
+
+async def test_psycopg_async_statement_on_a_checked_out_connection_is_bounded(
+        throwaway_server, settings_):
+    """Pins: ``bound_statements`` on a psycopg 3 async engine's ``sync_engine`` bounds an
+    awaited statement on a frozen server (the watchdog cuts the async socket); asyncpg's
+    engine is refused with the option it has instead."""
+    engine = create_async_engine(for_driver(settings_, "psycopg-async"))
+    bound_statements(engine.sync_engine, 1.0)
+    with pytest.raises(ValueError, match="command_timeout"):
+        bound_statements(create_async_engine(settings_).sync_engine, 1.0)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            throwaway_server.pause()
+            try:
+                start = time.monotonic()
+                with pytest.raises(QueryTimeoutError):
+                    await conn.execute(text("SELECT 2"))
+                elapsed = time.monotonic() - start
+            finally:
+                throwaway_server.resume()
+        assert elapsed < 1.0 + SLACK, f"{elapsed:.2f} s"
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
+    finally:
+        await engine.dispose()
 
 
 def test_a_statement_names_its_own_deadline(throwaway_server, settings_):
