@@ -250,6 +250,16 @@ def _sample_figures(result: LoadResult) -> dict[str, Figure]:
                  (122.0, 122.0, "committed")]},
             title="Opposite lock orders: both wait, one is aborted after deadlock_timeout "
                   "(the last round)"),
+        "fleet_chart": charts.fleet_chart(
+            [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+            {"STARTUP_RETRY (±10 % jitter)": [0, 0, 900, 2400, 300, 0, 0],
+             "STARTUP_RETRY, full jitter": [0, 0, 700, 900, 800, 100, 0]},
+            {"STARTUP_RETRY (±10 % jitter)": [480, 480, 0, 0, 420, 480, 480],
+             "STARTUP_RETRY, full jitter": [480, 480, 0, 0, 300, 470, 480]},
+            hlines={"usable slots = 497": 497}, windows=[(1.0, 2.0, "server restarting")],
+            top_label="connection attempts per second", bottom_label="server connections",
+            title="A restart under 200 instances: the reconnect storm with each retry policy, "
+                  "a title long enough to wrap"),
     }
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "connection_budget_chart",
     "duration_chart",
     "failures_over_time",
+    "fleet_chart",
     "line_chart",
     "lock_timeline_chart",
     "lost_commit_chart",
@@ -1627,3 +1628,57 @@ def lock_timeline_chart(lanes: Mapping[str, Sequence[tuple[float, float, str]]],
     ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
               frameon=False, borderaxespad=0.2, handletextpad=0.4, columnspacing=1.0)
     return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+# -- the fleet simulator (notebook 12) -----------------------------------------------------
+
+
+@_styled
+def fleet_chart(times: Sequence[float], top: Mapping[str, Sequence[float]],
+                bottom: Mapping[str, Sequence[float]], *, title: str, top_label: str,
+                bottom_label: str, hlines: Mapping[str, float] | None = None,
+                windows: Sequence[tuple[float, float, str]] | None = None,
+                xlabel: str = "simulated time (s)") -> Figure:
+    """Two panels over a simulation's time, one above the other, sharing the time axis.
+
+    Typically connection attempts (or failures) per second above, and server connections
+    below with the usable slots as a dashed limit (``hlines``, drawn on the lower panel);
+    fault windows shaded on both.
+
+    Args:
+        times: Start of each time bin, in seconds.
+        top: ``{name: values per bin}`` for the upper panel.
+        bottom: ``{name: values per bin}`` for the lower panel.
+        title: The question the chart answers.
+        top_label: y label of the upper panel, with its unit.
+        bottom_label: y label of the lower panel, with its unit.
+        hlines: Limits on the lower panel, ``{"usable slots = 497": 497}``.
+        windows: Fault windows ``[(start, end, "server down")]``.
+        xlabel: Label of the shared time axis.
+
+    Returns:
+        The figure.
+    """
+    fig, (upper, lower) = plt.subplots(2, 1, sharex=True, figsize=(WIDTH, 6.4))
+    for ax, series, label in ((upper, top, top_label), (lower, bottom, bottom_label)):
+        values: list[float] = []
+        for i, (name, ys) in enumerate(series.items()):
+            ys = [float(v) for v in ys]
+            values += ys
+            ax.plot(list(times)[:len(ys)], ys, label=name, linewidth=max(1.2, 2.6 - 0.35 * i),
+                    color=_CYCLE[i % len(_CYCLE)], zorder=2 + i)
+        if ax is lower:
+            _hlines(ax, hlines)
+            values += list((hlines or {}).values())
+        _windows(ax, windows, label=ax is upper)
+        _from_zero(ax, values)
+        ax.set_ylabel(_wrap(label, 30))
+        _plain_axis(ax, "y")
+        ax.tick_params(which="both", labelsize=SMALL_PT)
+        if series:
+            ax.legend(loc="upper right")
+    lower.set_xlabel(xlabel)
+    _plain_axis(lower, "x")
+    _title(fig, title)
+    plt.close(fig)
+    return fig
