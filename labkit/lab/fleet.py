@@ -203,7 +203,9 @@ class Workload:
 
     ``bursts``: ``[(at_s, requests)]`` arriving at once; ``curve``: ``[(t_s, factor)]``,
     the rate's factor over time, linear between points (a daily curve compressed);
-    ``writes``: the share of requests that write (fail on a read-only server).
+    ``writes``: the share of requests that write (fail on a read-only server);
+    ``route``: the load balancer sends each request to a ``random`` serving process, or to
+    the ``least-busy`` one (fewest requests in flight, the oldest first on a tie).
     """
     rate_per_s: float
     hold_s: float
@@ -212,8 +214,11 @@ class Workload:
     bursts: Sequence[tuple[float, int]] = ()
     curve: Sequence[tuple[float, float]] = ()
     writes: float = 1.0
+    route: Literal["random", "least-busy"] = "random"
 
     def __post_init__(self) -> None:
+        _check("route", self.route in ("random", "least-busy"), "random or least-busy",
+               self.route)
         _check("rate_per_s", self.rate_per_s >= 0, ">= 0", self.rate_per_s)
         _check("hold_s", self.hold_s >= 0, ">= 0 s", self.hold_s)
         _check("hold", self.hold in ("exponential", "constant"), "exponential or constant",
@@ -235,11 +240,19 @@ class Workload:
 @dataclass(frozen=True, kw_only=True)
 class Sessions:
     """Closed-loop clients, all starting at 0: each opens a connection (its own process of
-    pool_size 1), runs ``transactions`` of ``hold_s`` with ``think_s`` between, then closes."""
+    pool_size 1), runs ``transactions`` of ``hold_s`` with ``think_s`` between, then closes.
+
+    ``client_cores`` > 0: the clients share that many cores (one Python process: 1): a
+    client's connect needs ``connect_cpu_s`` of them first, and each transaction
+    ``client_cpu_s`` while it holds its connection (its COMMIT waits for the CPU).
+    """
     clients: int
     transactions: int
     hold_s: float
     think_s: float = 0.0
+    client_cores: int = 0
+    client_cpu_s: float = 0.0
+    connect_cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +335,30 @@ class _Node:
         self.cpu_queue: deque[_Req] = deque()
 
 
+class _Cpu:
+    """Cores served first come, first served: ``use(seconds, then)``."""
+    __slots__ = ("sim", "cores", "busy", "queue")
+
+    def __init__(self, sim: _Sim, cores: int) -> None:
+        self.sim, self.cores, self.busy = sim, cores, 0
+        self.queue: deque[tuple[float, Callable[[], None]]] = deque()
+
+    def use(self, seconds: float, then: Callable[[], None]) -> None:
+        if self.busy < self.cores:
+            self.busy += 1
+            self.sim._after(seconds, lambda _e: self._done(then))
+        else:
+            self.queue.append((seconds, then))
+
+    def _done(self, then: Callable[[], None]) -> None:
+        if self.queue:
+            seconds, nxt = self.queue.popleft()
+            self.sim._after(seconds, lambda _e: self._done(nxt))
+        else:
+            self.busy -= 1
+        then()
+
+
 class _Conn:
     """An open connection: to a server node, or a client connection to PgBouncer."""
     __slots__ = ("node", "epoch", "created", "server")
@@ -365,6 +402,10 @@ class _Proc:
         self.probe: _Conn | None = None
         self.index = index
         self.in_flight = 0
+
+
+def _in_flight(proc: _Proc) -> int:
+    return proc.in_flight
 
 
 class FleetResult:
@@ -502,6 +543,9 @@ class _Sim:
         self.active_clients = 0
         self.clients_left = 0
         self.fleet_cpu = 0.0
+        self.least_busy = False
+        self.client_cpu: _Cpu | None = None
+        self.client_cpu_s = 0.0
         self.think_s = 0.0
         self.sessions_hold = 0.0
         self.hold_of: Callable[[float], float] = lambda mean: mean
@@ -678,7 +722,10 @@ class _Sim:
             if not serving:
                 self._count_fail("no_instance")
                 return
-            proc = serving[int(self.rng.random() * len(serving))]
+            if self.least_busy:
+                proc = min(serving, key=_in_flight)
+            else:
+                proc = serving[int(self.rng.random() * len(serving))]
         req = _Req(proc, self.env.now, write, hold)
         req.client = client
         self.checkout(req)
@@ -774,6 +821,13 @@ class _Sim:
                 else:
                     node.cpu_queue.append(req)
                 return
+        if self.client_cpu is not None:
+            # The client sends COMMIT only when its own (shared) CPU gets to it: its CPU
+            # time is spent while the connection is held.
+            cpu = self.client_cpu
+            self._after(req.hold, lambda _e: cpu.use(self.client_cpu_s,
+                                                     lambda: self._finish(req)))
+            return
         self._after(req.hold, self._held, req)
 
     def _cpu_done(self, ev: Any) -> None:
@@ -786,7 +840,9 @@ class _Sim:
         self._after(req.hold, self._held, req)
 
     def _held(self, ev: Any) -> None:
-        req = ev._value
+        self._finish(ev._value)
+
+    def _finish(self, req: _Req) -> None:
         conn = req.conn
         sconn = req.sconn
         server_side = sconn if sconn is not None else (
@@ -907,11 +963,16 @@ class _Sim:
             self.r.clients_served += 1
             self._client_done(proc)
             return
-        think = self.think_s
+        self._after(self.think_s, lambda _e: self._client_transaction(client, proc, 0.0))
 
-        def again(_e: Any) -> None:
+    def _client_transaction(self, client: _Client, proc: _Proc, extra_cpu_s: float) -> None:
+        """The client's next transaction, after its own CPU (shared cores) if modelled."""
+        def go() -> None:
             self.arrive(True, self.hold_of(self.sessions_hold), client, proc)
-        self._after(think, again)
+        if self.client_cpu is None or extra_cpu_s <= 0:
+            go()
+        else:
+            self.client_cpu.use(extra_cpu_s, go)
 
     def _client_done(self, proc: _Proc) -> None:
         self.stop_proc(proc)
@@ -1069,6 +1130,7 @@ def simulate(fleet: Fleet, workload: Workload | Sessions, *, duration_s: float,
     env = sim.env
     sessions = workload if isinstance(workload, Sessions) else None
     sim.fleet_cpu = workload.cpu_s if isinstance(workload, Workload) else 0.0
+    sim.least_busy = isinstance(workload, Workload) and workload.route == "least-busy"
     hold_kind = workload.hold if isinstance(workload, Workload) else "constant"
     overhead = fleet.calibration.hold_overhead_s + fleet.calibration.checkout_s
     rng = sim.rng
@@ -1083,9 +1145,12 @@ def simulate(fleet: Fleet, workload: Workload | Sessions, *, duration_s: float,
     if sessions is not None:
         sim.think_s, sim.sessions_hold = sessions.think_s, sessions.hold_s
         sim.clients_left = sessions.clients
+        if sessions.client_cores > 0:
+            sim.client_cpu = _Cpu(sim, sessions.client_cores)
+            sim.client_cpu_s = sessions.client_cpu_s
         for _ in range(sessions.clients):
-            proc = sim.start_proc(route=False, on_serving=lambda p: sim.arrive(
-                True, hold_of(sessions.hold_s), _Client(sessions.transactions), p))
+            sim.start_proc(route=False, on_serving=lambda p: sim._client_transaction(
+                _Client(sessions.transactions), p, sessions.connect_cpu_s))
     else:
         w = workload
         assert isinstance(w, Workload)
