@@ -52,6 +52,19 @@ def _sample_figures(result: LoadResult) -> dict[str, Figure]:
                                                  "mid-transaction")
         for driver in ("psycopg2", "asyncpg")}
     return {
+        "driver_comparison": charts.driver_comparison(
+            [{"client": client, "concurrency": n, "tps": tps * n ** 0.5, "tps_q1": tps * 0.9,
+              "tps_q3": tps * n ** 0.5 * 1.1, "cpu_us_per_tx": cpu}
+             for client, tps, cpu in (("psycopg2 (threads)", 2500.0, 210.0),
+                                      ("psycopg 3 (threads)", 2300.0, 260.0),
+                                      ("asyncpg (asyncio)", 1500.0, 430.0),
+                                      ("psycopg 3 (asyncio)", 1200.0, 560.0))
+             for n in (1, 8)],
+            title="A read transaction (SELECT by primary key, COMMIT) on each driver, "
+                  "through SQLAlchemy Core"),
+        "pool_fairness_chart": charts.pool_fairness_chart(
+            {"psycopg_pool, 2 connections": result, "SQLAlchemy QueuePool, pool_size=2": result},
+            title="Who waits? 8 threads running 20 ms queries on a pool of 2, one second each"),
         "line_chart": charts.line_chart(
             {"throughput": ([1, 2, 4, 8], [1200.0, 2300.0, 4100.0, 4200.0])},
             models={"model": ([1, 2, 4, 8], [1250.0, 2500.0, 5000.0, 10000.0])},

@@ -54,6 +54,7 @@ __all__ = [
     "bar_chart",
     "box_chart",
     "connection_budget_chart",
+    "driver_comparison",
     "duration_chart",
     "failures_over_time",
     "fleet_chart",
@@ -64,6 +65,7 @@ __all__ = [
     "outcome_chart",
     "points_chart",
     "points_with_model",
+    "pool_fairness_chart",
     "pool_size_chart",
     "ratio_chart",
     "request_outcomes_chart",
@@ -1628,6 +1630,130 @@ def lock_timeline_chart(lanes: Mapping[str, Sequence[tuple[float, float, str]]],
     ax.legend(handles=handles, loc="lower right", ncol=3, bbox_to_anchor=(1.0, 1.0),
               frameon=False, borderaxespad=0.2, handletextpad=0.4, columnspacing=1.0)
     return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+# -- drivers and psycopg_pool (notebook 11) ------------------------------------------------
+
+
+@_styled
+def driver_comparison(rows: Sequence[Mapping[str, Any]], *, title: str,
+                      xlabel: str = "concurrent workers (threads or tasks)") -> Figure:
+    """Throughput and CPU per transaction of each driver, two panels side by side.
+
+    Left: transactions per second against concurrency, one line per client, the median
+    of the rounds with its interquartile range as error bars. Right: this process's CPU
+    time per transaction (µs), bars grouped by concurrency: what the driver and its
+    SQLAlchemy dialect cost, far less disturbed than throughput by other processes.
+
+    Args:
+        rows: ``labkit.lab.bench.summarize`` rows of one workload: ``client``,
+            ``concurrency``, ``tps``, ``tps_q1``, ``tps_q3``, ``cpu_us_per_tx``.
+        title: The question the chart answers.
+        xlabel: Label of the concurrency axis.
+
+    Returns:
+        The figure: ``axes[0]`` throughput, ``axes[1]`` CPU per transaction.
+    """
+    clients = list(dict.fromkeys(str(r["client"]) for r in rows))
+    levels = sorted({int(r["concurrency"]) for r in rows})
+    cell = {(str(r["client"]), int(r["concurrency"])): r for r in rows}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 4.6))
+    for i, client in enumerate(clients):
+        got = [cell[(client, n)] for n in levels if (client, n) in cell]
+        xs = [int(r["concurrency"]) for r in got]
+        mids = [float(r["tps"]) for r in got]
+        low = [m - float(r.get("tps_q1", m)) for m, r in zip(mids, got)]
+        high = [float(r.get("tps_q3", m)) - m for m, r in zip(mids, got)]
+        left.errorbar(xs, mids, yerr=[low, high], color=_CYCLE[i % len(_CYCLE)],
+                      marker=_MARKERS[i % len(_MARKERS)], markersize=7, capsize=3,
+                      linewidth=2.0, linestyle="-" if "async" not in client else ":",
+                      label=client, zorder=2 + i)
+    left.set_xticks(levels)
+    left.set_xlim(0, max(levels) * 1.08 + 0.5)
+    left.set_ylim(bottom=0, top=max([float(r.get("tps_q3", r["tps"])) for r in rows]) * 1.15)
+    left.set_ylabel("transactions per second")
+    left.set_xlabel(xlabel)
+    width = 0.8 / max(len(clients), 1)
+    for i, client in enumerate(clients):
+        xs = [j + (i - (len(clients) - 1) / 2) * width for j in range(len(levels))]
+        values = [float(cell[(client, n)]["cpu_us_per_tx"] or 0.0) if (client, n) in cell
+                  else 0.0 for n in levels]
+        right.bar(xs, values, width * 0.92, color=_CYCLE[i % len(_CYCLE)],
+                  hatch="//" if "async" in client else None, edgecolor="white")
+    right.set_xticks(range(len(levels)), [str(n) for n in levels])
+    right.set_xlabel(xlabel.split(" (")[0])
+    right.set_ylabel("CPU time of this process\nper transaction (µs)")
+    right.grid(False, axis="x")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        _plain_axis(ax, "y")
+        ax.tick_params(which="both", labelsize=SMALL_PT)
+    handles, names = left.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=2, frameon=False)
+    _title(fig, title)
+    plt.close(fig)
+    return fig
+
+
+@_styled
+def pool_fairness_chart(results: Mapping[str, LoadResult], *, title: str,
+                        xlabel: str = "time since the run started (s)") -> Figure:
+    """Who waits? Two (or more) load runs side by side, one lane per worker in each.
+
+    Each request is an orange bar while it waits for a connection and a blue bar while
+    it holds one (as in ``request_timeline``); beside each lane, how many requests that
+    worker completed. A pool that serves waiters in order gives every worker about the
+    same count; one that does not lets a few workers take nearly every connection.
+
+    Args:
+        results: ``{pool: LoadResult}``, runs of the same workers and work.
+        title: The question the chart answers.
+        xlabel: Label of the time axes.
+
+    Returns:
+        The figure, one axes per run.
+    """
+    names = list(results)
+    lanes = max(r.workers for r in results.values())
+    fig, axes = plt.subplots(1, len(names), sharey=True, squeeze=False,
+                             figsize=(WIDTH, 2.2 + 0.34 * lanes))
+    bar = 0.64
+    for ax, name in zip(axes[0], names):
+        result = results[name]
+        end_time = max([result.elapsed] + [op.end for op in result.ops])
+        for worker in range(result.workers):
+            y = lanes - worker
+            ops = [op for op in result.ops if op.worker == worker]
+            waits = [(op.start, op.got - op.start) for op in ops if op.got is not None]
+            uses = [(op.got, (op.released if op.released is not None else op.end) - op.got)
+                    for op in ops if op.got is not None]
+            ax.broken_barh(waits, (y - bar / 2, bar), facecolors=COLORS["waiting"],
+                           edgecolor="white", linewidth=0.3)
+            ax.broken_barh(uses, (y - bar / 2, bar), facecolors=COLORS["using"],
+                           edgecolor="white", linewidth=0.3)
+            failed = [op.end for op in ops if not op.ok]
+            if failed:
+                ax.plot(failed, [y] * len(failed), linestyle="", marker="X", markersize=8,
+                        color=COLORS["failed"], zorder=4)
+            ax.annotate(str(sum(op.ok for op in ops)), (1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", ha="left", va="center",
+                        fontsize=SMALL_PT)
+        ax.set_title(_wrap(name, 36), fontsize=SMALL_PT + 1, loc="left")
+        ax.set_xlim(0, end_time * 1.01)
+        ax.grid(False, axis="y")
+        ax.set_xlabel(xlabel if len(names) == 1 else _wrap(xlabel, 24))
+        _plain_axis(ax, "x")
+        ax.tick_params(which="both", labelsize=SMALL_PT)
+    first = axes[0][0]
+    first.set_ylim(0.4, lanes + 0.6)
+    first.set_yticks(range(lanes, 0, -1), [str(i + 1) for i in range(lanes)])
+    first.set_ylabel("worker (requests served at the right)")
+    handles = [Patch(facecolor=COLORS["waiting"], label="waiting for a connection"),
+               Patch(facecolor=COLORS["using"], label="using it")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False)
+    _title(fig, title)
+    plt.close(fig)
+    return fig
 
 
 # -- the fleet simulator (notebook 12) -----------------------------------------------------
