@@ -1675,10 +1675,10 @@ def driver_comparison(rows: Sequence[Mapping[str, Any]], *, title: str,
     left.set_xlabel(xlabel)
     width = 0.8 / max(len(clients), 1)
     for i, client in enumerate(clients):
-        xs = [j + (i - (len(clients) - 1) / 2) * width for j in range(len(levels))]
+        positions = [j + (i - (len(clients) - 1) / 2) * width for j in range(len(levels))]
         values = [float(cell[(client, n)]["cpu_us_per_tx"] or 0.0) if (client, n) in cell
                   else 0.0 for n in levels]
-        right.bar(xs, values, width * 0.92, color=_CYCLE[i % len(_CYCLE)],
+        right.bar(positions, values, width * 0.92, color=_CYCLE[i % len(_CYCLE)],
                   hatch="//" if "async" in client else None, edgecolor="white")
     right.set_xticks(range(len(levels)), [str(n) for n in levels])
     right.set_xlabel(xlabel.split(" (")[0])
