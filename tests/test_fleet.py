@@ -105,6 +105,7 @@ def test_full_jitter_spreads_the_herd() -> None:
     assert peaks["none"] == 200                             # every probe in the same 10 ms
     assert peaks["policy"] < 0.5 * peaks["none"], peaks     # +-10 % spreads the later ones
     herd = Retry(dataclasses.replace(STARTUP_RETRY, jitter=0.0))
+    fleet = dataclasses.replace(fleet, pool=Pool(pool_size=2, max_overflow=2, probe=False))
     spread = {name: max(simulate(fleet, Workload(rate_per_s=0, hold_s=0.005,
                                                  bursts=[(0.5, 400)]),
                                  duration_s=3, faults=[ServerRestart(at_s=0.4, down_s=2.0)],

@@ -105,13 +105,15 @@ class Calibration:
 @dataclass(frozen=True, kw_only=True)
 class Pool:
     """One process's pool, with ``QueuePool``'s rules; ``probe``: labkit's health probe
-    keeps one more connection per process, opened at start-up."""
+    keeps one more connection per process, opened at start-up and, when broken, opened
+    again at the next readiness check (every ``probe_every_s``)."""
     pool_size: int = 5
     max_overflow: int = 10
     pool_timeout: float = 30.0
     pre_ping: bool = False
     recycle_s: float | None = None
     probe: bool = True
+    probe_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check("pool_size", self.pool_size >= 1, ">= 1", self.pool_size)
@@ -404,6 +406,10 @@ class _Proc:
         self.in_flight = 0
 
 
+def _call_with(fn: Callable[[_Proc], None], proc: _Proc) -> Callable[[Any], None]:
+    return lambda _e: fn(proc)
+
+
 def _in_flight(proc: _Proc) -> int:
     return proc.in_flight
 
@@ -435,6 +441,7 @@ class FleetResult:
         self.latencies_s = array("d")
         self.first_failure_s: dict[str, float] = {}
         self.elapsed_s = 0.0            # simulated time until the last request ended
+        self.last_retry_served_s = -1.0  # when the last request that had failed was served
         self.served_at_once_peak = 0    # Sessions: clients between first and last commit
         self.clients_served = 0
 
@@ -501,6 +508,15 @@ class FleetResult:
             return None
         return (last_bad + 1) * self.bin_s - after_s
 
+    def backlog_s(self, after_s: float) -> float:
+        """Seconds from ``after_s`` (the server back) until the last request that had failed
+        and was retried was served (0: none was served after ``after_s``)."""
+        return max(0.0, self.last_retry_served_s - after_s)
+
+    def busiest(self, series: Sequence[int], start_s: float = 0.0) -> int:
+        """The largest value of a per-bin ``series`` from ``start_s`` on."""
+        return max(series[int(start_s / self.bin_s):], default=0)
+
     def summary(self) -> dict[str, Any]:
         return {"requests": self.requests, "ok": self.succeeded, "failures": self.failures,
                 "connect_attempts": int(sum(self.connect_attempts)),
@@ -520,11 +536,12 @@ class _Sim:
     """The fleet's state and its callbacks; one per ``simulate`` call."""
 
     def __init__(self, fleet: Fleet, duration_s: float, seed: int, retry: Retry | None,
-                 startup: RetryPolicy, bin_s: float) -> None:
+                 startup: RetryPolicy | Retry, bin_s: float) -> None:
         self.fleet, self.pool, self.cal = fleet, fleet.pool, fleet.calibration
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
-        self.retry, self.startup = retry, startup
+        self.retry = retry
+        self.startup = startup if isinstance(startup, Retry) else Retry(startup)
         self.r = FleetResult(fleet, duration_s, bin_s)
         self.inv_bin = 1.0 / bin_s
         self.nodes = [_Node("primary", fleet.server)]
@@ -695,6 +712,8 @@ class _Sim:
         """Close an application connection (``broken``: its server side is gone)."""
         if proc is not None:
             proc.open -= 1
+        if conn.epoch < 0:                    # a placeholder, never opened
+            return
         if conn.node is not None:
             self._close_server_conn(conn)
             return
@@ -801,8 +820,12 @@ class _Sim:
         self._query(req)
 
     def _with_server(self, req: _Req, sconn: _Conn | None, kind: str) -> None:
-        if sconn is None:
-            self._release(req, None)
+        if sconn is None:                      # PgBouncer reports the error and disconnects
+            conn, req.conn = req.conn, None
+            if conn is not None:
+                self._close(req.proc, conn)
+            req.proc.in_flight -= 1
+            self._give_slot(req.proc)
             self.fail(req, kind)
             return
         req.sconn = sconn
@@ -824,9 +847,9 @@ class _Sim:
         if self.client_cpu is not None:
             # The client sends COMMIT only when its own (shared) CPU gets to it: its CPU
             # time is spent while the connection is held.
-            cpu = self.client_cpu
-            self._after(req.hold, lambda _e: cpu.use(self.client_cpu_s,
-                                                     lambda: self._finish(req)))
+            client_cpu = self.client_cpu
+            self._after(req.hold, lambda _e: client_cpu.use(self.client_cpu_s,
+                                                            lambda: self._finish(req)))
             return
         self._after(req.hold, self._held, req)
 
@@ -844,6 +867,7 @@ class _Sim:
 
     def _finish(self, req: _Req) -> None:
         conn = req.conn
+        assert conn is not None
         sconn = req.sconn
         server_side = sconn if sconn is not None else (
             conn.server if conn.server is not None else conn)
@@ -910,6 +934,8 @@ class _Sim:
         b = self._bin()
         self.r.ok[b] += 1
         self.r.latencies_s.append(self.env.now - req.t0)
+        if req.attempt > 1:
+            self.r.last_retry_served_s = self.env.now
         if self.env.now > self.r.elapsed_s:
             self.r.elapsed_s = self.env.now
         if req.client is not None:
@@ -1009,13 +1035,13 @@ class _Sim:
                     proc.probe = conn
                     ready()
                     return
-                p = self.startup
+                p = self.startup.policy
                 elapsed = self.env.now - started
                 if attempt >= p.max_attempts or (p.deadline is not None and elapsed >= p.deadline):
                     proc.state = "stopped"    # gave up: the process exits
                     self._count_fail(kind)
                     return
-                delay = Retry(p).delay(attempt, self.rng)
+                delay = self.startup.delay(attempt, self.rng)
                 self._after(delay, lambda _e: probe(attempt + 1, started))
             self._connect(proc, answered)
 
@@ -1063,7 +1089,37 @@ class _Sim:
 
         def back(_e: Any) -> None:
             node.up = True
+            self._reprobe()
         self._after(down_s, back)
+
+    def _reprobe(self) -> None:
+        """Each process's next readiness check (within ``probe_every_s``) finds its probe's
+        connection broken and opens another."""
+        every = self.pool.probe_every_s
+
+        def check(proc: _Proc) -> None:
+            probe = proc.probe
+            if proc.state == "stopped" or probe is None or not self._app_stale(probe):
+                return
+            self._close(None, probe, broken=True)
+            proc.probe = None
+
+            def answered(conn: _Conn | None, _kind: str) -> None:
+                if conn is None:
+                    self._after(every, lambda _e: retry_later(proc))
+                elif proc.state == "stopped":
+                    self._close(None, conn)
+                else:
+                    proc.probe = conn
+            self._connect(proc, answered)
+
+        def retry_later(proc: _Proc) -> None:
+            if proc.state != "stopped" and proc.probe is None:
+                proc.probe = _Conn(self.primary, -1, self.env.now)   # stale: check() redoes it
+                check(proc)
+        for proc in self.procs:
+            if proc.probe is not None:
+                self._after(self.rng.uniform(0.0, every), _call_with(check, proc))
 
     def failover(self, f: Failover) -> None:
         old = self.primary
@@ -1082,6 +1138,7 @@ class _Sim:
 
         def promoted(_e: Any) -> None:
             new.up = True
+            self._reprobe()
         self._after(f.promote_s, promoted)
         for proc in self.procs:               # each resolver's cache expires at its own time
             proc.dns_at = self.dns_switch + self.rng.uniform(0.0, f.dns_ttl_s)
@@ -1105,7 +1162,7 @@ def _arrival_times(w: Workload, duration_s: float, seed: int) -> list[float]:
 
 def simulate(fleet: Fleet, workload: Workload | Sessions, *, duration_s: float,
              faults: Sequence[Fault] = (), retry: Retry | None = None,
-             startup: RetryPolicy = STARTUP_RETRY, seed: int = 0, bin_s: float = 1.0,
+             startup: RetryPolicy | Retry = STARTUP_RETRY, seed: int = 0, bin_s: float = 1.0,
              warm: bool = True) -> FleetResult:
     """Run the fleet for ``duration_s`` simulated seconds; return what it counted.
 
@@ -1117,7 +1174,8 @@ def simulate(fleet: Fleet, workload: Workload | Sessions, *, duration_s: float,
             requests in flight finish (at most ``duration_s`` more).
         faults: What happens to the fleet and the server, each at its ``at_s``.
         retry: How a failed request retries (None: it fails at once).
-        startup: The probe's policy at a process's start (labkit's ``STARTUP_RETRY``).
+        startup: The probe's policy at a process's start (labkit's ``STARTUP_RETRY``); a
+            ``Retry`` to draw its delays with full jitter.
         seed: Seed of every random draw (same seed, same result).
         bin_s: Width of the result's time bins, in seconds.
         warm: Processes start serving with their probe and as many pooled connections as
