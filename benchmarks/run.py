@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                        "psycopg2's, 'psycopg 3 raw (async pool)' a psycopg_pool "
                        "AsyncConnectionPool of one connection per task like asyncpg's pool; "
                        "psycopg 3 with its defaults (server-side binding, statements "
-                       "prepared from their fifth execution)",
+                       "prepared from their sixth execution, after prepare_threshold=5)",
             "ratios": f"median of the per-round ratios of two clients with a distribution-"
                       f"free {PCT} interval for that median (order statistics, "
                       "sign test); labkit's headline ratios (on both drivers) pool the "

@@ -197,7 +197,7 @@ def _psycopg3_worker(url: URL) -> Callable[[], Callable[[int], None]]:
 
     def make() -> Callable[[int], None]:
         # psycopg 3's defaults: server-side binding, and the statement prepared on the
-        # server from its fifth execution on (prepare_threshold=5).
+        # server from its sixth execution on (after prepare_threshold=5).
         conn = psycopg.connect(host=url.host, port=url.port, user=url.username,
                                password=url.password, dbname=url.database)
         cur = conn.cursor()
