@@ -224,6 +224,19 @@ def _sample_figures(result: LoadResult) -> dict[str, Figure]:
             cap=6.0, title="A partition while the query runs: when does the caller get "
                            "control back?",
             xlabel="seconds from the start of the partition"),
+        "wait_matrix_chart": charts.wait_matrix_chart(
+            {"checkout from a warm pool (pre-ping)": {
+                "psycopg2": (2.0, "DatabaseUnavailableError"),
+                "psycopg 3 sync": (2.0, "DatabaseUnavailableError"),
+                "asyncpg": (2.0, "DatabaseUnavailableError"),
+                "psycopg 3 async": (2.0, "DatabaseUnavailableError")},
+             "statement, statement_timeout 500 ms": {
+                "psycopg2": (12.0, "still waiting"), "psycopg 3 sync": (12.0, "still waiting"),
+                "asyncpg": (12.0, "still waiting"), "psycopg 3 async": (12.0, "still waiting")},
+             "statement, asyncio.wait_for 1 s": {"asyncpg": (3.0, "QueryTimeoutError"),
+                                                 "psycopg 3 async": (11.0, "QueryTimeoutError")},
+             "statement after resume": {"psycopg2": (0.004, None)}},
+            cap=12.0, title="A hung server: what ends each wait, per driver"),
         "request_outcomes_chart": charts.request_outcomes_chart(
             {"no pre-ping": ["still waiting", None, None],
              "labkit pre-ping (connect_timeout 2 s)": ["DatabaseUnavailableError", None, None],
@@ -507,3 +520,18 @@ def test_a_model_band_is_shaded_behind_the_measurement_and_named():
     with pytest.raises(ValueError, match="differ in length"):
         charts.line_chart({"m": (xs, model)}, bands={"b": (xs, [1.0], [2.0])},
                           title="t", xlabel="x", ylabel="y")
+
+
+def test_wait_matrix_chart_fills_each_cell_by_its_wait_and_leaves_missing_ones_blank():
+    fig = charts.wait_matrix_chart(
+        {"deadline": {"sync": (1.0, "QueryTimeoutError"), "async": (12.0, "still waiting")},
+         "asyncio": {"async": (3.0, None)}}, cap=12.0, title="t")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "1.00 s\nQueryTimeout\nError" in texts and "still waiting\nat 12 s" in texts
+    assert "3.00 s\nok" in texts
+    fills = [p for p in ax.patches if p.get_facecolor()[:3] != matplotlib.colors.to_rgb("#F7F7F7")]
+    assert len(ax.patches) == 4 + 3                      # a background per cell, a fill per wait
+    assert sorted(round(p.get_width() / 0.94, 2) for p in fills) == [0.08, 0.25, 1.0]
+    assert [p.get_hatch() for p in fills].count("//") == 1   # still waiting: never a measured time
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sync", "async"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ __all__ = [
     "step_chart",
     "style",
     "wait_chart",
+    "wait_matrix_chart",
     "wait_vs_pool_size",
 ]
 
@@ -1454,6 +1456,81 @@ def wait_chart(waits: Mapping[str, tuple[float, str | None]], *, cap: float, tit
     ax.set_xlim(0, cap * 1.02)
     ax.grid(False, axis="y")
     return _finish(fig, ax, title, xlabel, "", legend=False)
+
+
+def _camel_lines(name: str, width: int) -> str:
+    """An error class name broken between its words (``DatabaseUnavailable`` / ``Error``)."""
+    words = re.findall(r"[A-Z][a-z0-9]*|[^A-Z]+", name) or [name]
+    lines = [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + len(word) > width:
+            lines.append("")
+        lines[-1] += word
+    return "\n".join(lines)
+
+
+@_styled
+def wait_matrix_chart(cells: Mapping[str, Mapping[str, tuple[float, str | None]]], *,
+                      cap: float, title: str) -> Figure:
+    """Which setting ends which wait, per driver: a table of cells, one per case and column.
+
+    Each cell says how long the caller waited and how the wait ended, and fills its width in
+    proportion to the wait (the full width is ``cap``): red for an error, green for success,
+    hatched grey for a wait still running when we stopped looking. A case a column does not
+    have (an asyncio timeout on a sync driver) is left blank.
+
+    Args:
+        cells: ``{case: {column: (seconds, outcome)}}``, first case on top; the outcome is an
+            error class name, ``None`` (succeeded) or ``"still waiting"``.
+        cap: Seconds after which we stopped waiting.
+        title: The question the chart answers.
+
+    Returns:
+        The figure.
+    """
+    rows = list(cells)
+    columns = list(dict.fromkeys(c for row in cells.values() for c in row))
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.5 + 0.75 * len(rows)))
+    for r, row in enumerate(rows):
+        y = len(rows) - 1 - r
+        for c, column in enumerate(columns):
+            ax.add_patch(Rectangle((c + 0.03, y + 0.06), 0.94, 0.88, facecolor="#F7F7F7",
+                                   edgecolor="#DDDDDD", linewidth=0.8))
+            if column not in cells[row]:
+                continue
+            seconds, outcome = cells[row][column]
+            waiting = outcome == "still waiting" or seconds >= cap
+            width = 0.94 * min(1.0, max(seconds, 0.0) / cap)
+            color = COLORS["muted"] if waiting else (
+                COLORS["ok"] if outcome is None else COLORS["failed"])
+            ax.add_patch(Rectangle((c + 0.03, y + 0.06), width, 0.88,
+                                   facecolor="#EEEEEE" if waiting else color,
+                                   alpha=1.0 if waiting else 0.25, edgecolor=COLORS["muted"]
+                                   if waiting else "none", hatch="//" if waiting else None))
+            text = (f"still waiting\nat {cap:g} s" if waiting
+                    else f"{_fmt_seconds(seconds)}\n{_camel_lines(str(outcome or 'ok'), 16)}")
+            ax.annotate(text, (c + 0.5, y + 0.5), ha="center", va="center",
+                        fontsize=SMALL_PT, linespacing=1.1,
+                        color="#555555" if waiting else "black",
+                        bbox={"boxstyle": "square,pad=0.15", "facecolor": "#EEEEEE",
+                              "edgecolor": "none"} if waiting else None)
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(0, len(rows))
+    ax.set_xticks([c + 0.5 for c in range(len(columns))], [_wrap(c, 16) for c in columns])
+    ax.xaxis.tick_top()
+    ax.set_yticks([len(rows) - 0.5 - r for r in range(len(rows))],
+                  [_wrap(row, 28) for row in rows])
+    ax.tick_params(length=0)
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.annotate(f"a cell's fill: the wait, out of the {cap:g} s we looked", (0.0, 0.0),
+                xycoords="axes fraction", xytext=(0, -6), textcoords="offset points",
+                ha="left", va="top", fontsize=SMALL_PT, color="#555555")
+    _title(fig, title)
+    ax.tick_params(which="both", labelsize=SMALL_PT)
+    plt.close(fig)
+    return fig
 
 
 @_styled
