@@ -204,6 +204,16 @@ def _cut(eng: Engine) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def _shut(raw: Any) -> None:
+    """End an async connection's wait: asyncpg's terminate(), or psycopg 3's socket shut down."""
+    driver = raw.driver_connection
+    if hasattr(driver, "terminate"):
+        driver.terminate()
+        return
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(driver.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def _dispose(eng: Engine) -> None:
     eng.dispose()
     for sock in eng.labkit_sockets:  # type: ignore[attr-defined]
@@ -302,18 +312,29 @@ _SYNC_CASES: dict[str, tuple[dict[str, Any], float, str]] = {
     "psycopg2: keepalives 1 s × 2 probes": ({"tcp": _KEEPALIVE}, 0.0, "SELECT pg_sleep(1)"),
     "psycopg2: labkit.deadline 1.5 s": ({"deadline": 1.5}, 0.0, "SELECT pg_sleep(1)"),
     "psycopg2: tcp_user_timeout 1 s, sent into it": ({"tcp": _USER_TIMEOUT}, 0.6, "SELECT 1"),
+    "psycopg 3: tcp_user_timeout 1 s": ({"tcp": _USER_TIMEOUT, "driver": "psycopg"}, 0.0,
+                                        "SELECT pg_sleep(1)"),
+    "psycopg 3: keepalives 1 s × 2 probes": ({"tcp": _KEEPALIVE, "driver": "psycopg"}, 0.0,
+                                             "SELECT pg_sleep(1)"),
+    "psycopg 3: labkit.deadline 1.5 s": ({"deadline": 1.5, "driver": "psycopg"}, 0.0,
+                                         "SELECT pg_sleep(1)"),
 }
 _HEALTH = "health check, timeout 1 s"
-_ASYNC_CASES: dict[str, tuple[TcpSettings | None, dict[str, Any]]] = {
-    "asyncpg: no command_timeout": (None, {}),
-    "asyncpg: command_timeout 1.5 s": (None, {"command_timeout": 1.5}),
-    "asyncpg: keepalives 1 s × 2 probes": (_KEEPALIVE, {}),
+_ASYNC_CASES: dict[str, tuple[TcpSettings | None, dict[str, Any], str | None, float | None]] = {
+    # name: (TCP settings, connect_args, driver (None: asyncpg), asyncio.wait_for's timeout)
+    "asyncpg: no command_timeout": (None, {}, None, None),
+    "asyncpg: command_timeout 1.5 s": (None, {"command_timeout": 1.5}, None, None),
+    "asyncpg: asyncio.wait_for 1.5 s": (None, {}, None, 1.5),
+    "asyncpg: keepalives 1 s × 2 probes": (_KEEPALIVE, {}, None, None),
+    "psycopg 3 async: asyncio.wait_for 1.5 s": (None, {}, "psycopg", 1.5),
+    "psycopg 3 async: keepalives 1 s × 2 probes": (_KEEPALIVE, {}, "psycopg", None),
 }
 
 
 def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
                         cap: float = 6.0) -> dict[str, Any]:
-    """Ten clients wait on a statement when a partition starts; when does each get control?
+    """Clients of each driver wait on a statement when a partition starts; when does each
+    get control back?
 
     Each client has one setting (see the names). Returns ``{"bounds": {name: (seconds
     from the start of the partition, error class or None or "still waiting")},
@@ -340,8 +361,9 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
 
     async def async_clients() -> None:
         engines, conns = {}, {}
-        for name, (tcp, connect_args) in _ASYNC_CASES.items():
-            settings = Settings(url=net.url, application_name="labkit-nb08-part-async")
+        for name, (tcp, connect_args, driver, _) in _ASYNC_CASES.items():
+            settings = Settings(url=net.url, application_name="labkit-nb08-part-async",
+                                driver=driver)
             engines[name] = (
                 create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
                 else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
@@ -352,7 +374,8 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
 
         async def client(name: str) -> None:
             try:
-                await conns[name].execute(text("SELECT pg_sleep(1)"))
+                await asyncio.wait_for(conns[name].execute(text("SELECT pg_sleep(1)")),
+                                       _ASYNC_CASES[name][3])
                 error = None
             except Exception as exc:  # noqa: BLE001 - classified
                 error = _classify(exc)
@@ -362,7 +385,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
         await asyncio.wait(tasks.values(), timeout=start_after + cap + 0.5)
         for name, task in tasks.items():
             if not task.done():                          # end the wait we gave up on
-                (await conns[name].get_raw_connection()).driver_connection.terminate()  # type: ignore[union-attr]
+                _shut(await conns[name].get_raw_connection())
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         for name in _ASYNC_CASES:
             with contextlib.suppress(Exception):
