@@ -41,7 +41,7 @@ MIN_CHARTS = {"02_pool_behaviour": 8, "04_commit_semantics": 6, "07_failure_case
               "06_async_vs_sync": 3, "03_pool_sizing": 10,
               "08_network": 8,
               "05_request_lifecycle": 12, "09_beyond_one_process": 8, "10_testing": 2,
-              "11_drivers": 9}
+              "11_drivers": 9, "12_fleet": 11}
 
 
 # An unrelated CPU-bound process: a busy loop on one core (like a compiler or a video call).

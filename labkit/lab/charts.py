@@ -1849,7 +1849,7 @@ def fleet_chart(times: Sequence[float], top: Mapping[str, Sequence[float]],
     fault windows shaded on both.
 
     Args:
-        times: Start of each time bin, in seconds.
+        times: Start of each time bin, in seconds (values beyond the last are not drawn).
         top: ``{name: values per bin}`` for the upper panel.
         bottom: ``{name: values per bin}`` for the lower panel.
         title: The question the chart answers.
@@ -1866,9 +1866,10 @@ def fleet_chart(times: Sequence[float], top: Mapping[str, Sequence[float]],
     for ax, series, label in ((upper, top, top_label), (lower, bottom, bottom_label)):
         values: list[float] = []
         for i, (name, ys) in enumerate(series.items()):
-            ys = [float(v) for v in ys]
+            n = min(len(times), len(ys))     # times may leave out the last bins
+            ys = [float(v) for v in ys[:n]]
             values += ys
-            ax.plot(list(times)[:len(ys)], ys, label=name, linewidth=max(1.2, 2.6 - 0.35 * i),
+            ax.plot(list(times)[:n], ys, label=name, linewidth=max(1.2, 2.6 - 0.35 * i),
                     color=_CYCLE[i % len(_CYCLE)], zorder=2 + i)
         if ax is lower:
             _hlines(ax, hlines)
@@ -1879,7 +1880,7 @@ def fleet_chart(times: Sequence[float], top: Mapping[str, Sequence[float]],
         _plain_axis(ax, "y")
         ax.tick_params(which="both", labelsize=SMALL_PT)
         if series:
-            ax.legend(loc="upper right")
+            ax.legend(loc="best")
     lower.set_xlabel(xlabel)
     _plain_axis(lower, "x")
     _title(fig, title)
