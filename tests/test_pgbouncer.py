@@ -354,11 +354,11 @@ def test_health_check_leaves_no_statement_timeout_behind_a_pooler(
     assert left == "0"
 
 
-# --- psycopg 3: prepared statements after five runs, unless the pooler engine says none ---
+# --- psycopg 3: prepared statements from the sixth run, unless the pooler engine says none
 
 def _psycopg_prepared_clash(url: Any, engine_factory: Any, is_async: bool) -> list[str]:
     """Two client connections, one server connection: each runs one query 8 times, in
-    turn (psycopg 3 prepares a query on its 5th run, as ``_pg3_0`` on every connection)."""
+    turn (psycopg 3 prepares a query on its 6th run, as ``_pg3_0`` on every connection)."""
     settings = Settings(url=url, driver="psycopg", application_name=f"{APP}-pg3")
     errors: list[str] = []
 
