@@ -162,3 +162,22 @@ def test_invalid_settings_name_the_argument() -> None:
         Pool(pool_size=0)
     with pytest.raises(ValueError, match="mode"):
         Bouncer(mode="statement")  # type: ignore[arg-type]
+
+
+def test_fleet_command_prints_budget_waits_and_storm_and_writes_the_chart(tmp_path, capsys) -> None:
+    from labkit.lab.__main__ import main
+
+    out = tmp_path / "fleet.png"
+    args = ["fleet", "--instances", "20", "--workers", "2", "--pool-size", "2",
+            "--max-overflow", "2", "--rate", "200", "--hold-ms", "5", "--restart-s", "1",
+            "--seconds", "5", "--out", str(out)]
+    assert main([*args, "--max-connections", "300"]) == 0
+    text = capsys.readouterr().out
+    assert "40 x 5 = 200 connections for 297 usable slots: fits" in text
+    assert "Erlang C per process" in text and "failures none" in text
+    for policy in ("no retry", "DEFAULT_RETRY", "STARTUP_RETRY", "STARTUP_RETRY, full jitter"):
+        assert f"  {policy} " in text
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--max-connections", "40"]) == 0
+    tight = capsys.readouterr().out
+    assert "OVER BUDGET" in tight and "too_many" in tight

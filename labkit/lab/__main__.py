@@ -1,10 +1,11 @@
-"""Command line of the lab: ``python -m labkit.lab db up|down|status|url``.
+"""Command line of the lab: ``python -m labkit.lab db up|down|status|url`` and ``fleet``.
 
 ``db up`` starts the local PostgreSQL (or reuses it) and prints its URL, password
 masked, on its last line; ``db url --reveal`` prints the URL with its password, for
 ``export DATABASE_URL=...``. ``db down --destroy`` also deletes the data. Exit codes: 0
 ok, 1 not running or failed, 2 usage error. The core's ``python -m labkit health``
-checks a database; this module only drives the local server.
+checks a database; this module only drives the local server. ``fleet`` runs the fleet
+simulator on your own numbers (``labkit.lab.fleet_cli``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.engine import URL
 
+from labkit.lab import fleet_cli
 from labkit.lab.server import ClusterError, default_server
 
 EXIT_OK = 0
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     url = db_sub.add_parser("url", help="print the local server's URL (password masked)")
     url.add_argument("--reveal", action="store_true",
                      help="print the password too, e.g. for export DATABASE_URL=...")
+    fleet_cli.add_parser(sub)
     return parser
 
 
@@ -77,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (argparse exits 2 on a usage error)."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.command == "fleet":
+        return fleet_cli.run(args)
     return _db(args)
 
 

@@ -417,7 +417,8 @@ def _in_flight(proc: _Proc) -> int:
 class FleetResult:
     """What a simulation counted, per ``bin_s`` bin and in total.
 
-    Series (one value per bin): ``arrivals``, ``ok``, ``failed`` (``{kind: [...]}``),
+    Series (one value per bin, the last bin gathering the drain after ``duration_s``):
+    ``arrivals``, ``ok``, ``failed`` (``{kind: [...]}``),
     ``connect_attempts``, ``connect_failures``, ``server_connections`` (the most open in
     the bin, every server node together), ``serving`` (processes taking requests).
     Totals: ``waits_s`` (every successful attempt's checkout wait, connect included),
@@ -448,8 +449,8 @@ class FleetResult:
     # -- summaries -------------------------------------------------------------------
     @property
     def times(self) -> list[float]:
-        """Start of each bin, in seconds."""
-        return [i * self.bin_s for i in range(self.bins)]
+        """Start of each bin within ``duration_s``, in seconds (the drain bin left out)."""
+        return [i * self.bin_s for i in range(self.bins - 1)]
 
     @property
     def requests(self) -> int:
@@ -464,13 +465,15 @@ class FleetResult:
         return int(sum(self.ok))
 
     def per_s(self, series: Sequence[int]) -> list[float]:
-        return [v / self.bin_s for v in series]
+        """A per-bin count as a rate per second, for the bins of ``times``."""
+        return [v / self.bin_s for v in series[:self.bins - 1]]
 
     def connect_attempts_per_s(self) -> list[float]:
         return self.per_s(self.connect_attempts)
 
     def failed_per_s(self) -> list[float]:
-        return [sum(v[i] for v in self.failed.values()) / self.bin_s for i in range(self.bins)]
+        return [sum(v[i] for v in self.failed.values()) / self.bin_s
+                for i in range(self.bins - 1)]
 
     @property
     def peak_server_connections(self) -> int:
@@ -514,8 +517,8 @@ class FleetResult:
         return max(0.0, self.last_retry_served_s - after_s)
 
     def busiest(self, series: Sequence[int], start_s: float = 0.0) -> int:
-        """The largest value of a per-bin ``series`` from ``start_s`` on."""
-        return max(series[int(start_s / self.bin_s):], default=0)
+        """The largest value of a per-bin ``series`` from ``start_s`` on (drain left out)."""
+        return max(series[int(start_s / self.bin_s):self.bins - 1], default=0)
 
     def summary(self) -> dict[str, Any]:
         return {"requests": self.requests, "ok": self.succeeded, "failures": self.failures,
@@ -789,9 +792,10 @@ class _Sim:
     def _connected(self, req: _Req, conn: _Conn | None, kind: str) -> None:
         proc = req.proc
         if conn is None:
+            # QueuePool gives the overflow slot back; its waiters are not woken (they wait
+            # for a returned connection or their pool_timeout).
             proc.open -= 1
             proc.in_flight -= 1
-            self._give_slot(proc)
             self.fail(req, kind)
             return
         if proc.state == "stopped":
