@@ -194,7 +194,8 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 
 def _classify(exc: BaseException) -> tuple[type[DatabaseError], str | None]:
-    if isinstance(exc, sa_exc.TimeoutError):
+    if isinstance(exc, sa_exc.TimeoutError) or any(  # SQLAlchemy's pool or psycopg_pool
+            type(e).__name__ == "PoolTimeout" for e in _chain(exc)):
         return PoolTimeoutError, None
     chain, code = _chain(exc), sqlstate_of(exc)
     connecting = any(  # the traceback passes through the opening of a new connection

@@ -253,3 +253,29 @@ def test_an_exhausted_pool_is_a_pool_timeout_without_sqlstate(db_url):
         engine.dispose()
     assert isinstance(info.value, TransientError) and info.value.sqlstate is None
     assert isinstance(info.value.__cause__, sa_exc.TimeoutError)
+
+
+def test_psycopg_pool_timeout_is_a_pool_timeout_alone_or_behind_sqlalchemy(db_url):
+    """Pins: psycopg_pool's ``PoolTimeout`` (a psycopg ``OperationalError``) is labkit's
+    ``PoolTimeoutError``, raised by the pool itself or through an engine whose ``creator``
+    takes from it; before, it was a plain ``DatabaseError``."""
+    import sqlalchemy
+    from psycopg_pool import ConnectionPool, PoolTimeout
+    from sqlalchemy.pool import NullPool
+
+    from labkit import PoolTimeoutError
+
+    conninfo = db_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with ConnectionPool(conninfo, min_size=1, max_size=1, timeout=0.2) as pool:
+        engine = sqlalchemy.create_engine("postgresql+psycopg://", poolclass=NullPool,
+                                          creator=pool.getconn)
+        with pool.connection():                       # the pool's only connection, held
+            with pytest.raises(PoolTimeout) as alone:
+                pool.getconn()
+            with pytest.raises(sqlalchemy.exc.DBAPIError) as behind:
+                engine.connect()
+        engine.dispose()
+    for raised in (alone.value, behind.value):
+        error = translate_error(raised)
+        assert type(error) is PoolTimeoutError, (type(error), error)
+        assert "couldn't get a connection after 0.20 sec" in str(error)
