@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--concurrency 1,4,8] [--rounds 16] [--slice 0.2]
                              [--cost-blocks 12] [--cost-calls 100] [--cost-cpu 400]
-                             [--seed N] [--quick] [--out build/bench]
+                             [--seed N] [--quick] [--out build/bench] [--only fleet]
 
 One run per client cannot resolve a few percent on a shared machine: another process
 takes a core for a second and that client's only number is off by 30 %. So every client
@@ -44,6 +44,11 @@ Writes ``results.json``, ``ratios.json`` (``call_ratios``, ``cpu_interleaved_rat
 ``resolution``) and ``results.png`` to ``--out``, and prints a table, the ratios and the
 resolution. About 3.5 minutes with the defaults on 2 cores: 14 clients × 3 concurrencies
 × 16 rounds of 0.2 s slices (42 slices a round), then 12 cost blocks.
+
+Last, the fleet simulator's speed (``fleet_speed``: 500 instances at 10,000 requests a
+second for 60 simulated seconds, in simulated requests per second of wall time), in
+``results.json`` under ``fleet`` and in the report; ``--only fleet`` runs that part alone
+(a few seconds) and writes ``fleet.json``.
 """
 
 from __future__ import annotations
