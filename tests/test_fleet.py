@@ -181,3 +181,24 @@ def test_fleet_command_prints_budget_waits_and_storm_and_writes_the_chart(tmp_pa
     assert main([*args, "--max-connections", "40"]) == 0
     tight = capsys.readouterr().out
     assert "OVER BUDGET" in tight and "too_many" in tight
+
+
+def test_cpu_bound_work_queues_for_the_servers_cores() -> None:
+    fleet = Fleet(instances=10, pool=Pool(pool_size=20, max_overflow=0),
+                  server=Server(max_connections=500, cores=2))
+    # Two cores serve 200 queries of 10 ms CPU a second.
+    under, over = (simulate(fleet, Workload(rate_per_s=rate, hold_s=0.0, cpu_s=0.01),
+                            duration_s=5) for rate in (100, 300))
+    mean = {name: sum(r.latencies_s) / len(r.latencies_s)
+            for name, r in {"under": under, "over": over}.items()}
+    assert mean["under"] < 0.03 and mean["over"] > 30 * mean["under"], mean
+    more_cores = dataclasses.replace(fleet, server=Server(max_connections=500, cores=4))
+    relieved = simulate(more_cores, Workload(rate_per_s=300, hold_s=0.0, cpu_s=0.01), duration_s=5)
+    assert sum(relieved.latencies_s) / len(relieved.latencies_s) < 0.03
+
+
+def test_daily_curve_shapes_the_arrival_rate() -> None:
+    fleet = Fleet(instances=5, pool=Pool(pool_size=5, max_overflow=5))
+    curve = Workload(rate_per_s=1000, hold_s=0.002, curve=[(0, 0.2), (5, 1.0), (10, 0.2)])
+    result = simulate(fleet, curve, duration_s=10)
+    assert 150 < result.arrivals[0] < 320 and 850 < result.arrivals[5] < 1150
