@@ -586,13 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if min(cost.values()) < 1:
         parser.error("--cost-blocks, --cost-calls and --cost-cpu must be at least 1")
-    start = time.monotonic()
+    start, started = time.monotonic(), datetime.now(timezone.utc)
     measured = measure(concurrencies, rounds, slice_s, seed, processes, samples, cost)
     ratios = compare(measured["slices"], concurrencies)
     cost_ratios = compare_costs(measured["costs"])
     result: dict[str, Any] = {
         "meta": {
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": started.isoformat(timespec="seconds"),
             "cores": os.cpu_count(), "python": platform.python_version(),
             "concurrency": concurrencies, "rounds": rounds, "slice_s": slice_s,
             "processes": processes, "seed": seed, "cost_blocks": cost["blocks"],
