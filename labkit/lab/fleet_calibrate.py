@@ -144,10 +144,13 @@ def calibrate(settings: Settings, *, rounds: int = 40, server: LocalServer | Non
                     samples)
 
 
-def calibrate_restart(server: LocalServer, *, every_s: float = 0.005) -> tuple[float, float]:
-    """Restart ``server`` (fast) once while a thread tries to connect every ``every_s``;
-    return ``(delay_s, down_s)`` as a client sees them: from the restart's start to the
-    first refused connect, and from there to the last one (plus one interval).
+def calibrate_restart(server: LocalServer, *, rounds: int = 3, connections: int = 8,
+                      every_s: float = 0.005) -> tuple[float, float]:
+    """Restart ``server`` (fast) ``rounds`` times, each with ``connections`` idle
+    connections open (a fast shutdown terminates them first), while a thread tries to
+    connect every ``every_s``; return the medians of ``(delay_s, down_s)`` as a client sees
+    them: from the restart's start to the first refused connect, and from there to the last
+    one (plus one interval).
 
     ``pg_ctl restart`` itself takes longer than clients are refused: it waits for the
     shutdown's checkpoint before and polls for readiness after.
@@ -155,32 +158,45 @@ def calibrate_restart(server: LocalServer, *, every_s: float = 0.005) -> tuple[f
     import psycopg2
 
     info = server.info()
-    refused: list[float] = []
-    stop = threading.Event()
-    start = time.perf_counter()
 
-    def poll() -> None:
-        while not stop.is_set():
-            at = time.perf_counter() - start
-            try:
-                psycopg2.connect(host=info.host, port=info.port, user=info.user,
-                                 password=info.password, dbname=info.database,
-                                 connect_timeout=2).close()
-            except psycopg2.OperationalError:
-                refused.append(at)
-            time.sleep(every_s)
+    def connect() -> Any:
+        return psycopg2.connect(host=info.host, port=info.port, user=info.user,
+                                password=info.password, dbname=info.database,
+                                connect_timeout=2)
 
-    thread = threading.Thread(target=poll)
-    thread.start()
-    try:
-        server.restart("fast")
-        time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join()
-    if not refused:
+    delays, downs = [], []
+    for _ in range(rounds):
+        idle = [connect() for _ in range(connections)]
+        refused: list[float] = []
+        stop = threading.Event()
+        start = time.perf_counter()
+
+        def poll() -> None:
+            while not stop.is_set():
+                at = time.perf_counter() - start
+                try:
+                    connect().close()
+                except psycopg2.OperationalError:
+                    refused.append(at)
+                time.sleep(every_s)
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        try:
+            server.restart("fast")
+            time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join()
+            for conn in idle:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        if refused:
+            delays.append(refused[0])
+            downs.append(refused[-1] - refused[0] + every_s)
+    if not downs:
         return 0.0, 0.0
-    return refused[0], refused[-1] - refused[0] + every_s
+    return statistics.median(delays), statistics.median(downs)
 
 
 # -- the real side of the validation -------------------------------------------------------
