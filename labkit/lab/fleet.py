@@ -11,7 +11,8 @@ machine, so that its predictions can be checked where a real run exists
   ``pre_ping`` tests an idle connection before lending it, ``recycle_s`` replaces old ones,
   and labkit's health probe keeps one connection of its own per process;
 - optionally **PgBouncer** in session or transaction mode, with ``default_pool_size``,
-  ``max_client_conn`` and ``query_wait_timeout``;
+  ``max_client_conn`` and ``query_wait_timeout`` (a failed server login fails the waiting
+  client at once: PgBouncer's ``server_login_retry`` pause is not modelled);
 - the **server**: ``max_connections`` less the reserved slots, a set-up cost per
   connection, and CPU-bound work served by a number of cores;
 - **arrivals**: Poisson (``labkit.lab.arrivals.poisson_arrivals``), bursts, a daily curve;
