@@ -61,7 +61,8 @@ def _classify(exc: BaseException) -> str:
 
 
 def _settings(url: URL, case: str, driver: str | None, connect_timeout: float) -> Settings:
-    return Settings(url=url, driver=driver, connect_timeout=connect_timeout,
+    return Settings(url=url, driver="psycopg" if driver == "psycopg" else None,
+                    connect_timeout=connect_timeout,
                     application_name="labkit-nb07-hung",
                     statement_timeout_ms=500 if case == STATEMENT_TIMEOUT else None)
 

@@ -363,7 +363,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
         engines, conns = {}, {}
         for name, (tcp, connect_args, driver, _) in _ASYNC_CASES.items():
             settings = Settings(url=net.url, application_name="labkit-nb08-part-async",
-                                driver=driver)
+                                driver="psycopg" if driver == "psycopg" else None)
             engines[name] = (
                 create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
                 else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
