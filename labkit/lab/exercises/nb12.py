@@ -76,7 +76,7 @@ def _server_limits(url: URL) -> tuple[int, int, int]:
 
 @exercise("12.1", title="A fleet's pools against your server's connection budget",
           hint="Every process may open pool_size + max_overflow connections, plus the one "
-               "its health probe keeps, and a burst opens them all: processes x (pool_size + "
+               "its health probe keeps, and a burst opens most of them: processes x (pool_size + "
                "max_overflow + 1) must fit in the usable slots. Cut the pools to that, but "
                "not below what a burst needs for the p99; or keep the pools and put a "
                "Bouncer (transaction mode) in front, with default_pool_size within the usable "
