@@ -10,7 +10,8 @@ times. Everything runs on a throwaway server.
   COMMIT is lost, the retry may find the order already stored; every such *replay* must
   follow a ``CommitOutcomeUnknownError`` reported to ``on_retry``, never a plain lost
   connection (that would be a committed transaction silently run again).
-- **Payments** (sync psycopg2 and async asyncpg): a table with NO unique key, written
+- **Payments** (sync on psycopg2 and on psycopg 3, async on asyncpg and on psycopg 3): a
+  table with NO unique key, written
   with the default policy, so a commit run twice shows as two rows. A lost COMMIT
   answer reaches the caller as ``CommitOutcomeUnknownError``; such a payment may be
   stored once or not at all, never twice, and nothing is stored that the caller was
@@ -50,6 +51,7 @@ from labkit import (
 from labkit.errors import translate_error
 from labkit.lab.faults import restart, terminate_backends, throwaway_server
 from labkit.retry import Attempt
+from tests.conftest import DRIVERS, for_driver, is_async
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -111,6 +113,11 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
         replays: list[tuple[int, bool]] = []   # (order id, unknown reported before it)
         payers = {w: Outcomes() for w in range(100, 100 + SYNC_PAYERS)}
         async_payers = {w: Outcomes() for w in range(200, 200 + ASYNC_PAYERS)}
+        # The same payers on psycopg 3, sync and async.
+        pg3_settings = settings.replace(driver="psycopg")
+        pg3_engine = create_engine(pg3_settings, pool=pool(SYNC_PAYERS))
+        pg3_payers = {w: Outcomes() for w in range(300, 300 + SYNC_PAYERS)}
+        pg3_async_payers = {w: Outcomes() for w in range(400, 400 + ASYNC_PAYERS)}
         stop = threading.Event()
         t0 = time.perf_counter()
 
@@ -152,8 +159,9 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
                 out.acked.append((order_id, time.perf_counter() - t0))
                 time.sleep(0.005)
 
-        def payer(w: int) -> None:
-            out, seq = payers[w], 0
+        def payer(w: int, outcomes: dict[int, Outcomes] = payers, factory: Any = factory
+                  ) -> None:
+            out, seq = outcomes[w], 0
             while not stop.is_set():
                 seq += 1
 
@@ -170,12 +178,13 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
                 else:
                     out.acked.append((seq, time.perf_counter() - t0))
 
-        async def async_payers_main() -> None:
+        async def async_payers_main(settings: Settings = settings,
+                                    outcomes: dict[int, Outcomes] = async_payers) -> None:
             aengine = create_async_engine(settings, pool=pool(ASYNC_PAYERS))
             afactory = create_async_sessionmaker(aengine)
 
             async def async_payer(w: int) -> None:
-                out, seq = async_payers[w], 0
+                out, seq = outcomes[w], 0
                 while not stop.is_set():
                     seq += 1
 
@@ -195,7 +204,7 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
                     await asyncio.sleep(0)
 
             try:
-                await asyncio.gather(*(async_payer(w) for w in async_payers))
+                await asyncio.gather(*(async_payer(w) for w in outcomes))
             finally:
                 await aengine.dispose()
 
@@ -216,7 +225,11 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
 
         threads = [threading.Thread(target=order_writer, args=(w,)) for w in orders]
         threads += [threading.Thread(target=payer, args=(w,)) for w in payers]
+        threads += [threading.Thread(target=payer, args=(w, pg3_payers, create_sessionmaker(
+            pg3_engine))) for w in pg3_payers]
         threads.append(threading.Thread(target=asyncio.run, args=(async_payers_main(),)))
+        threads.append(threading.Thread(target=asyncio.run, args=(async_payers_main(
+            pg3_settings, pg3_async_payers),)))
         injector = threading.Thread(target=inject)
         for t in [*threads, injector]:
             t.start()
@@ -243,7 +256,7 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
         unreported_replays = [oid for oid, reported in replays if not reported]
 
         # Payments: no key, default policy.
-        payer_outcomes = {**payers, **async_payers}
+        payer_outcomes = {**payers, **async_payers, **pg3_payers, **pg3_async_payers}
         acked_pay = {(w, seq) for w, out in payer_outcomes.items() for seq, _ in out.acked}
         unknown_pay = {(w, seq) for w, out in payer_outcomes.items() for seq in out.unknown}
         gave_up_pay = {(w, seq) for w, out in payer_outcomes.items() for seq in out.gave_up}
@@ -268,6 +281,7 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
             conn.close()
         broken_at_end = metrics.snapshot()["invalidations"] - before
         engine.dispose()
+        pg3_engine.dispose()
         admin.dispose()
 
     def writes(outcomes: dict[int, Outcomes]) -> int:
@@ -292,6 +306,11 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
                            "unknown_outcomes": sum(len(o.unknown)
                                                    for o in async_payers.values()),
                            "retries": sum(o.retries for o in async_payers.values())},
+        "payments_psycopg3": {name: {"acknowledged": sum(len(o.acked) for o in group.values()),
+                                     "unknown_outcomes": sum(len(o.unknown)
+                                                             for o in group.values())}
+                              for name, group in (("sync", pg3_payers),
+                                                  ("async", pg3_async_payers))},
         "payments": {"duplicates": len(duplicates), "lost": len(lost_pay),
                      "stored_but_not_reported": len(unreported_pay),
                      "unknown_stored_once": unknown_stored,
@@ -312,6 +331,8 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
     assert len(faults) == len(FAULT_PLAN)
     assert len(acked_orders) > 100
     assert len(acked_pay) > 100
+    for group in (payers, async_payers, pg3_payers, pg3_async_payers):  # every driver wrote
+        assert sum(len(o.acked) for o in group.values()) > 20, report
     assert not lost_orders, f"acknowledged but missing: {sorted(lost_orders)[:10]}"
     assert not phantom_orders, f"stored but never acknowledged: {sorted(phantom_orders)[:10]}"
     assert not unreported_replays, (
@@ -332,18 +353,16 @@ def test_no_write_is_lost_or_stored_twice_across_restarts_and_killed_backends(ca
 KILLS = 50
 
 
-@pytest.mark.parametrize("driver", [
-    "psycopg2",
-    "asyncpg"])
+@pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_pooled_connection_whose_backend_was_killed_is_replaced_at_checkout(
         settings, observer, driver):
     """Pins: the pre-ping replaces a pooled connection whose backend was killed while it
     sat idle, at once after the kill, every time: the checkout never fails."""
     app = f"rel-kill-{uuid.uuid4().hex[:8]}"
-    one = settings.replace(application_name=app,
-                           pool=settings.pool.replace(pool_size=1, max_overflow=0))
+    one = for_driver(settings.replace(application_name=app, pool=settings.pool.replace(
+        pool_size=1, max_overflow=0)), driver)
     failures: list[str] = []
-    if driver == "psycopg2":
+    if not is_async(driver):
         engine = create_engine(one)
         try:
             for _ in range(KILLS):
