@@ -151,9 +151,11 @@ def test_missing_binary_names_the_install_command(monkeypatch: pytest.MonkeyPatc
 
 # --- the core's engines: what goes wrong ---------------------------------------------
 
-def test_pgbouncer_refuses_connect_time_statement_timeout_psycopg2(
-        transaction_pooler: PgBouncer) -> None:
-    settings = Settings(url=transaction_pooler.info.url(), statement_timeout_ms=2000)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_pgbouncer_refuses_connect_time_statement_timeout_through_libpq(
+        transaction_pooler: PgBouncer, driver: str) -> None:
+    settings = for_driver(Settings(url=transaction_pooler.info.url(), statement_timeout_ms=2000),
+                          driver)
     engine = create_engine(settings)
     try:
         with pytest.raises(exc.OperationalError, match="unsupported startup parameter: options"):
