@@ -261,44 +261,7 @@ def test_silently_lost_commit_reply_commits_and_leaves_the_client_waiting(
             admin.execute(text("DROP TABLE IF EXISTS labkit_silent_commit"))
 
 
-# --- TCP settings reach both drivers --------------------------------------------------------
-
-def _tcp_options(sock: socket.socket) -> tuple[int, int, int, int, int]:
-    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
-
-
-TCP = TcpSettings(keepalive_idle=7, keepalive_interval=3, keepalive_count=2, user_timeout=4.5)
-
-
-def test_tcp_settings_are_set_on_psycopg2_sockets(db_url: URL):
-    engine = labkit.network.tcp.create_engine(Settings(url=db_url), TCP, pool=ONE)
-    try:
-        with engine.connect() as conn:
-            fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
-            sock = socket.socket(fileno=os.dup(fileno))
-            try:
-                assert _tcp_options(sock) == (1, 7, 3, 2, 4500)
-            finally:
-                sock.close()
-    finally:
-        engine.dispose()
-
-
-async def test_tcp_settings_are_set_on_asyncpg_sockets(db_url: URL):
-    engine = labkit.network.tcp.create_async_engine(Settings(url=db_url), TCP, pool=ONE)
-    try:
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            transport = raw.driver_connection._transport  # type: ignore[union-attr]
-            sock = transport.get_extra_info("socket")
-            assert _tcp_options(sock) == (1, 7, 3, 2, 4500)
-    finally:
-        await engine.dispose()
-
+# --- TCP settings (tests/test_tcp_settings.py reads them back from every driver's socket) --
 
 def test_the_core_sets_no_tcp_options_and_the_kernel_defaults_stay(db_url: URL):
     assert not any(k.startswith(("keepalives", "tcp_"))
