@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import cProfile
 import gc
+import importlib
 import math
 import os
 import random
@@ -173,33 +174,15 @@ def _bench_pool(concurrency: int) -> PoolProfile:
 
 # --- sync clients -----------------------------------------------------------------------
 
-def _psycopg2_worker(url: URL) -> Callable[[], Callable[[int], None]]:
-    import psycopg2
+def _raw_worker(url: URL, module: str) -> Callable[[], Callable[[int], None]]:
+    """A connection per thread through ``module`` (psycopg2 or psycopg: the same calls).
+    psycopg 3 with its defaults: server-side binding, and the statement prepared on the
+    server from its sixth execution on (after prepare_threshold=5)."""
+    driver = importlib.import_module(module)
 
     def make() -> Callable[[int], None]:
-        conn = psycopg2.connect(host=url.host, port=url.port, user=url.username,
-                                password=url.password, dbname=url.database)
-        cur = conn.cursor()
-
-        def op(key: int) -> None:
-            cur.execute(f"SELECT id, name FROM {TABLE} WHERE id = %s", (key,))
-            cur.fetchone()
-            conn.commit()
-
-        op.close = conn.close  # type: ignore[attr-defined]
-        return op
-
-    return make
-
-
-def _psycopg3_worker(url: URL) -> Callable[[], Callable[[int], None]]:
-    import psycopg
-
-    def make() -> Callable[[int], None]:
-        # psycopg 3's defaults: server-side binding, and the statement prepared on the
-        # server from its sixth execution on (after prepare_threshold=5).
-        conn = psycopg.connect(host=url.host, port=url.port, user=url.username,
-                               password=url.password, dbname=url.database)
+        conn = driver.connect(host=url.host, port=url.port, user=url.username,
+                              password=url.password, dbname=url.database)
         cur = conn.cursor()
 
         def op(key: int) -> None:
@@ -227,9 +210,9 @@ def _sync_client(url: URL, client: str,
                  concurrency: int) -> tuple[Callable[[], Callable[[int], None]], Any]:
     """Return (a factory of per-worker operations, the engine to dispose or None)."""
     if client == "psycopg2 raw (threads)":
-        return _psycopg2_worker(url), None
+        return _raw_worker(url, "psycopg2"), None
     if client == "psycopg 3 raw (threads)":
-        return _psycopg3_worker(url), None
+        return _raw_worker(url, "psycopg"), None
     layer, driver = _layer(client)
     engine = create_engine(Settings(url=url, application_name="labkit-bench", driver=driver),
                            pool=_bench_pool(concurrency))
