@@ -36,8 +36,9 @@ from sqlalchemy.engine import URL
 
 import labkit
 import labkit.network.tcp
-from labkit import (Settings, create_async_engine, create_engine, create_sessionmaker,
-                    health_check, run_in_transaction)
+from labkit import (Settings, async_run_in_transaction, create_async_engine,
+                    create_async_sessionmaker, create_engine, create_sessionmaker, health_check,
+                    run_in_transaction)
 from labkit.deadline import bound_statements
 from labkit.errors import translate_error
 from labkit.lab.faults import throwaway_server
@@ -435,31 +436,53 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
 
 # --- 3. the answer to COMMIT lost on the way back --------------------------------------------
 
-_COMMIT_CASES: dict[str, dict[str, Any]] = {
-    "kernel defaults": {},
-    "keepalives 1 s × 2 probes": {"tcp": _KEEPALIVE},
-    "labkit.deadline 1.5 s": {"deadline": 1.5},
-    "tcp_user_timeout 1 s": {"tcp": _USER_TIMEOUT},
+_COMMIT_SYNC_CASES: dict[str, dict[str, Any]] = {
+    # name: _engine's arguments
+    "psycopg2: kernel defaults": {},
+    "psycopg2: keepalives 1 s × 2 probes": {"tcp": _KEEPALIVE},
+    "psycopg2: labkit.deadline 1.5 s": {"deadline": 1.5},
+    "psycopg2: tcp_user_timeout 1 s": {"tcp": _USER_TIMEOUT},
+    "psycopg 3: kernel defaults": {"driver": "psycopg"},
+    "psycopg 3: keepalives 1 s × 2 probes": {"tcp": _KEEPALIVE, "driver": "psycopg"},
+    "psycopg 3: labkit.deadline 1.5 s": {"deadline": 1.5, "driver": "psycopg"},
+    "psycopg 3: tcp_user_timeout 1 s": {"tcp": _USER_TIMEOUT, "driver": "psycopg"},
+}
+_COMMIT_ASYNC_CASES: dict[str, tuple[TcpSettings | None, dict[str, Any], str | None,
+                                     float | None]] = {
+    # name: (TCP settings, connect_args, driver (None: asyncpg), labkit.deadline's seconds)
+    "asyncpg: kernel defaults": (None, {}, None, None),
+    "asyncpg: keepalives 1 s × 2 probes": (_KEEPALIVE, {}, None, None),
+    "asyncpg: command_timeout 1.5 s": (None, {"command_timeout": 1.5}, None, None),
+    "asyncpg: tcp_user_timeout 1 s": (_USER_TIMEOUT, {}, None, None),
+    "psycopg 3 async: kernel defaults": (None, {}, "psycopg", None),
+    "psycopg 3 async: keepalives 1 s × 2 probes": (_KEEPALIVE, {}, "psycopg", None),
+    "psycopg 3 async: labkit.deadline 1.5 s": (None, {}, "psycopg", 1.5),
+    "psycopg 3 async: tcp_user_timeout 1 s": (_USER_TIMEOUT, {}, "psycopg", None),
 }
 
 
 def lost_commit_reply(net: FaultNetwork, *, cap: float = 6.0) -> dict[str, Any]:
     """Clients send COMMIT; the server commits; its answers are lost on the way back.
 
-    Each client (psycopg2 through ``run_in_transaction``, labkit's default policy) has
-    one setting. Returns ``{"waits": {name: (seconds from COMMIT to the caller's error,
-    error class or "still waiting")}, "committed": rows the server stored, "clients":
-    n, "dropped": n}``.
+    Each client (psycopg2, psycopg 3, asyncpg, psycopg 3 async, through
+    ``run_in_transaction`` or ``async_run_in_transaction``: labkit's default policy) has
+    one setting (see the names). Returns ``{"waits": {name: (seconds from COMMIT to the
+    caller's error, error class or "still waiting")}, "committed": rows the server
+    stored, "clients": n, "dropped": n}``.
     """
     admin = create_engine(Settings(url=net.url, application_name="labkit-nb08-admin"),
                           pool=labkit.TEST_POOL)
     with admin.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS nb07_lost_commit"))
         conn.execute(text("CREATE TABLE nb07_lost_commit (client text PRIMARY KEY)"))
-    inserted, go = threading.Barrier(len(_COMMIT_CASES) + 1), threading.Event()
+    everyone = len(_COMMIT_SYNC_CASES) + len(_COMMIT_ASYNC_CASES)
+    # every sync client, the async clients' loop, and this thread
+    inserted = threading.Barrier(len(_COMMIT_SYNC_CASES) + 2, timeout=30)
+    go, gave_up, async_done = threading.Event(), threading.Event(), threading.Event()
     committing: dict[str, float] = {}
     ended: dict[str, tuple[float, str | None]] = {}
-    engines = {name: _engine(net, "commit", **changes) for name, changes in _COMMIT_CASES.items()}
+    engines = {name: _engine(net, "commit", **changes)
+               for name, changes in _COMMIT_SYNC_CASES.items()}
 
     def client(name: str) -> None:
         def work(session: Any) -> None:
@@ -475,22 +498,75 @@ def lost_commit_reply(net: FaultNetwork, *, cap: float = 6.0) -> dict[str, Any]:
             error = type(exc).__name__
         ended[name] = (time.perf_counter(), error)
 
+    async def async_clients() -> None:
+        loop = asyncio.get_running_loop()
+        aengines: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
+        for name, (tcp, connect_args, driver, deadline) in _COMMIT_ASYNC_CASES.items():
+            settings = Settings(url=net.url, application_name="labkit-nb08-commit-async",
+                                driver="psycopg" if driver == "psycopg" else None)
+            aengines[name] = (
+                create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
+                else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
+                                                            connect_args=connect_args))
+            if deadline is not None:
+                bound_statements(aengines[name].sync_engine, deadline)
+            event.listen(aengines[name].sync_engine, "connect",
+                         lambda dbapi, record, n=name: raw.__setitem__(n, dbapi))
+        all_in, go_async, count = asyncio.Event(), asyncio.Event(), [0]
+
+        async def aclient(name: str) -> None:
+            async def work(session: Any) -> None:
+                await session.execute(text("INSERT INTO nb07_lost_commit VALUES (:c)"),
+                                      {"c": name})
+                count[0] += 1
+                if count[0] == len(_COMMIT_ASYNC_CASES):
+                    all_in.set()
+                await go_async.wait()
+                committing[name] = time.perf_counter()    # the COMMIT follows at once
+
+            try:
+                await async_run_in_transaction(create_async_sessionmaker(aengines[name]), work)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - CommitOutcomeUnknownError expected
+                error = type(exc).__name__
+            ended[name] = (time.perf_counter(), error)
+
+        tasks = {name: asyncio.ensure_future(aclient(name)) for name in _COMMIT_ASYNC_CASES}
+        await asyncio.wait_for(all_in.wait(), 10)
+        await loop.run_in_executor(None, inserted.wait)   # every INSERT answered
+        await loop.run_in_executor(None, go.wait)
+        go_async.set()
+        await loop.run_in_executor(None, gave_up.wait)
+        for name, task in tasks.items():
+            if not task.done() and name in raw:             # end the waits we gave up on
+                with contextlib.suppress(Exception):
+                    _shut(raw[name])
+        async_done.set()
+        await asyncio.wait(tasks.values(), timeout=10)
+        for aengine in aengines.values():
+            with contextlib.suppress(Exception):
+                await aengine.dispose()
+
     threads = [threading.Thread(target=client, args=(name,), daemon=True) for name in engines]
+    threads.append(threading.Thread(target=asyncio.run, args=(async_clients(),), daemon=True))
     for thread in threads:
         thread.start()
     inserted.wait()                                        # every INSERT answered
-    with net.replies_lost(len(engines)) as fault:
+    with net.replies_lost(everyone) as fault:
         go.set()
         start = time.perf_counter()
-        while time.perf_counter() - start < cap + 0.2 and len(ended) < len(engines):
+        while time.perf_counter() - start < cap + 0.2 and len(ended) < everyone:
             time.sleep(0.05)
         dropped = fault.dropped()
+        gave_up.set()
         for eng in engines.values():
             _cut(eng)                                      # end the waits we gave up on
+        async_done.wait(5)
     for thread in threads:
         thread.join(10)
     waits: dict[str, tuple[float, str | None]] = {}
-    for name in engines:
+    for name in [*_COMMIT_SYNC_CASES, *_COMMIT_ASYNC_CASES]:
         at, error = ended.get(name, (None, None))
         waited = None if at is None else at - committing.get(name, start)
         waits[name] = (cap, STILL_WAITING) if waited is None or waited >= cap else (waited, error)
@@ -499,5 +575,5 @@ def lost_commit_reply(net: FaultNetwork, *, cap: float = 6.0) -> dict[str, Any]:
     for eng in engines.values():
         _dispose(eng)
     admin.dispose()
-    return {"waits": waits, "committed": int(committed), "clients": len(engines),
+    return {"waits": waits, "committed": int(committed), "clients": everyone,
             "dropped": dropped}
