@@ -70,11 +70,12 @@ db-down: install
 lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-# Two workers (a module's tests stay on one; each notebook is a unit of its own and has
-# its own database or server: tests/conftest.py), then the site, built from the notebooks
-# just executed.
+# Three workers on two cores: most tests wait on the server, on timeouts or on faults, not
+# on the CPU (a suite run keeps the cores about 40 % busy). A module's tests stay on one
+# worker; each notebook is a unit of its own and has its own database or server
+# (tests/conftest.py). Then the site, built from the notebooks just executed.
 test: install system-tools
-	$(PY) -m pytest -n 2 --dist loadscope --ignore=tests/test_site.py
+	$(PY) -m pytest -n 3 --dist loadscope --ignore=tests/test_site.py
 	$(PY) -m pytest tests/test_site.py
 
 # Execute the notebooks once; executed copies go to build/notebooks/ for the site.

@@ -227,7 +227,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- running on two workers (``make test``: ``pytest -n 2``) -------------------------------
+# --- running on several workers (``make test``: ``pytest -n 3``) ---------------------------
 
 # A module's tests share tables and servers, so each module runs on one worker.
 _NOTEBOOKS = "tests/test_notebooks.py"
@@ -239,7 +239,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     Notebooks are the longest tests (30-90 s each) and need nothing from one another (they
     have their own database, or a throwaway server each), so they start first, spread over
-    both workers, and the short modules fill the gaps.
+    the workers, and the short modules fill the gaps.
     """
     from xdist.scheduler import LoadScopeScheduling
 
