@@ -71,7 +71,7 @@ lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
 # Three workers on two cores: most tests wait on the server, on timeouts or on faults, not
-# on the CPU (a suite run keeps the cores about 40 % busy). A module's tests stay on one
+# on the CPU (with three workers the cores are still idle a third of the run). A module's tests stay on one
 # worker; each notebook is a unit of its own and has its own database or server
 # (tests/conftest.py). Then the site, built from the notebooks just executed.
 test: install system-tools
