@@ -71,9 +71,9 @@ lab: db-up
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
 # Three workers on two cores: most tests wait on the server, on timeouts or on faults, not
-# on the CPU (with three workers the cores are still idle a third of the run). A module's tests stay on one
-# worker; each notebook is a unit of its own and has its own database or server
-# (tests/conftest.py). Then the site, built from the notebooks just executed.
+# on the CPU (with three workers the cores are still idle a third of the run). A module's
+# tests stay on one worker; each notebook is a unit of its own and has its own database
+# or server (tests/conftest.py). Then the site, built from the notebooks just executed.
 test: install system-tools
 	$(PY) -m pytest -n 3 --dist loadscope --ignore=tests/test_site.py
 	$(PY) -m pytest tests/test_site.py
