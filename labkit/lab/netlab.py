@@ -186,6 +186,18 @@ def _engine(net: FaultNetwork, name: str, pool: labkit.PoolProfile = ONE,
     return _tracked(eng)
 
 
+def _async_engine(net: FaultNetwork, name: str, tcp: TcpSettings | None,
+                  connect_args: dict[str, Any], driver: str | None) -> Any:
+    """An async engine to the server (asyncpg, or psycopg 3 if ``driver == "psycopg"``),
+    with labkit.network.tcp's settings if given."""
+    settings = Settings(url=net.url, application_name=f"labkit-nb08-{name}",
+                        driver="psycopg" if driver == "psycopg" else None)
+    if tcp is None:
+        return create_async_engine(settings, pool=ONE, connect_args=connect_args)
+    return labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
+                                                  connect_args=connect_args)
+
+
 def _tracked(eng: Engine) -> Engine:
     """Keep a duplicate of each connection's socket, so that a stuck request can be cut."""
     sockets: list[socket.socket] = []
@@ -363,12 +375,7 @@ def partition_mid_query(net: FaultNetwork, *, start_after: float = 0.3,
     async def async_clients() -> None:
         engines, conns = {}, {}
         for name, (tcp, connect_args, driver, _) in _ASYNC_CASES.items():
-            settings = Settings(url=net.url, application_name="labkit-nb08-part-async",
-                                driver="psycopg" if driver == "psycopg" else None)
-            engines[name] = (
-                create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
-                else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
-                                                    connect_args=connect_args))
+            engines[name] = _async_engine(net, "part-async", tcp, connect_args, driver)
             conns[name] = await engines[name].connect()
             await conns[name].execute(text("SELECT 1"))   # warm, inside a transaction
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
@@ -503,12 +510,7 @@ def lost_commit_reply(net: FaultNetwork, *, cap: float = 6.0) -> dict[str, Any]:
         aengines: dict[str, Any] = {}
         raw: dict[str, Any] = {}
         for name, (tcp, connect_args, driver, deadline) in _COMMIT_ASYNC_CASES.items():
-            settings = Settings(url=net.url, application_name="labkit-nb08-commit-async",
-                                driver="psycopg" if driver == "psycopg" else None)
-            aengines[name] = (
-                create_async_engine(settings, pool=ONE, connect_args=connect_args) if tcp is None
-                else labkit.network.tcp.create_async_engine(settings, tcp, pool=ONE,
-                                                            connect_args=connect_args))
+            aengines[name] = _async_engine(net, "commit-async", tcp, connect_args, driver)
             if deadline is not None:
                 bound_statements(aengines[name].sync_engine, deadline)
             event.listen(aengines[name].sync_engine, "connect",

@@ -68,6 +68,7 @@ __all__ = [
     "ExerciseFailed",
     "check",
     "exercise",
+    "is_number",
     "registry",
     "require",
     "scratch_async_engine",
@@ -222,6 +223,11 @@ def require(namespace: Mapping[str, Any], name: str,
     if not ok:
         raise ExerciseFailed(f"`{name}` should be {what}, not {type(value).__name__}")
     return value
+
+
+def is_number(value: Any) -> bool:
+    """True for an int or a float, not a bool: a ``require`` predicate for numbers."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def unique_name(prefix: str = "ex") -> str:

@@ -12,16 +12,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from labkit.lab.exercises import ExerciseFailed, exercise, require, scratch_engine, unique_name
+from labkit.lab.exercises import (ExerciseFailed, exercise, is_number, require, scratch_engine,
+                                  unique_name)
 
 BURST = 12            # requests arriving at once
 HOLD_S = 0.3          # each holds its connection this long
 MAX_TIMEOUT_S = 0.5   # the longest a request may wait for a connection
 BUDGET = 8            # connections this process may hold on the server
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @exercise("02.1", title="A pool too small for its burst",
@@ -35,9 +32,9 @@ def burst_pool(namespace: Mapping[str, Any], url: URL) -> str:
     Passes when every request gets a connection (no pool timeout) within 0.5 s, with
     ``pool_timeout`` at most 0.5 s and at most 8 connections in all.
     """
-    size = require(namespace, "POOL_SIZE", _number, what="a number")
-    overflow = require(namespace, "MAX_OVERFLOW", _number, what="a number")
-    timeout = require(namespace, "POOL_TIMEOUT", _number, what="a number of seconds")
+    size = require(namespace, "POOL_SIZE", is_number, what="a number")
+    overflow = require(namespace, "MAX_OVERFLOW", is_number, what="a number")
+    timeout = require(namespace, "POOL_TIMEOUT", is_number, what="a number of seconds")
     if size < 1 or overflow < 0 or timeout <= 0:
         raise ExerciseFailed(f"POOL_SIZE={size}, MAX_OVERFLOW={overflow}, POOL_TIMEOUT="
                              f"{timeout}: the size must be >= 1, the overflow >= 0 and the "

@@ -12,16 +12,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from sqlalchemy.engine import URL
 
 from labkit.lab.drivers import libpq_conninfo
-from labkit.lab.exercises import ExerciseFailed, exercise, require, unique_name
+from labkit.lab.exercises import ExerciseFailed, exercise, is_number, require, unique_name
 
 BURST = 10            # requests arriving at once
 HOLD_S = 0.3          # each holds its connection this long
 MAX_TIMEOUT_S = 0.5   # the longest a request may wait for a connection
 BUDGET = 6            # connections this process may hold on the server
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @exercise("11.1", title="A psycopg_pool too small for its burst",
@@ -36,9 +32,9 @@ def burst_psycopg_pool(namespace: Mapping[str, Any], url: URL) -> str:
     Passes when every request gets a connection within 0.5 s (no ``PoolTimeout``), with
     ``timeout`` at most 0.5 s and at most 6 connections.
     """
-    min_size = require(namespace, "MIN_SIZE", _number, what="a number")
-    max_size = require(namespace, "MAX_SIZE", _number, what="a number")
-    timeout = require(namespace, "TIMEOUT", _number, what="a number of seconds")
+    min_size = require(namespace, "MIN_SIZE", is_number, what="a number")
+    max_size = require(namespace, "MAX_SIZE", is_number, what="a number")
+    timeout = require(namespace, "TIMEOUT", is_number, what="a number of seconds")
     if min_size < 0 or max_size < 1 or min_size > max_size or timeout <= 0:
         raise ExerciseFailed(f"MIN_SIZE={min_size}, MAX_SIZE={max_size}, TIMEOUT={timeout}: "
                              "psycopg_pool needs 0 <= min_size <= max_size, max_size >= 1 "
